@@ -1,0 +1,310 @@
+"""RoBERTa encoder with an MLM head (flax.nnx), plus the reference's attention-only variant.
+
+The forward pass returns ``(mlm_logits, aux)``. ``aux["guidance"]`` holds, for each guided layer,
+the per-group guidance losses computed inside that layer, so the guided heads' probabilities
+never leave it and the unguided heads' are never kept. Parameters carry ``logical_axes``
+metadata (embed, heads, kv, mlp, vocab) for sharding rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from guided_jax.attention import attention_bias, attention_probs, dense_attention
+from guided_jax.guidance import Guide
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyper-parameters (names follow HuggingFace's RobertaConfig)."""
+
+    vocab_size: int = 52000
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072  # 0 = attention-only layers (reference roberta_self_*)
+    max_position_embeddings: int = 514
+    type_vocab_size: int = 1
+    layer_norm_eps: float = 1e-5
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    initializer_range: float = 0.02
+    pad_token_id: int = 1
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown model config keys {unknown}; expected some of {sorted(known)}"
+            )
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "max_position_embeddings",
+            "type_vocab_size",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_heads={self.num_heads}"
+            )
+        if self.intermediate_size < 0:
+            raise ValueError(
+                f"model.intermediate_size must be >= 0 (0 = attention-only), got "
+                f"{self.intermediate_size}"
+            )
+        for name in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def max_block_size(self) -> int:
+        """Longest input: RoBERTa positions start after the padding index."""
+        return self.max_position_embeddings - self.pad_token_id - 1
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+
+def _init(config: ModelConfig) -> nnx.Initializer:
+    return nnx.initializers.normal(config.initializer_range)
+
+
+def _layer_norm(config: ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(
+        config.hidden_size,
+        epsilon=config.layer_norm_eps,
+        dtype=config.compute_dtype,
+        rngs=rngs,
+        scale_metadata={"logical_axes": ("embed",)},
+        bias_metadata={"logical_axes": ("embed",)},
+    )
+
+
+def _dense(
+    config: ModelConfig, d_in: int, d_out: int, axes: tuple[str, str], rngs: nnx.Rngs
+) -> nnx.Linear:
+    return nnx.Linear(
+        d_in,
+        d_out,
+        kernel_init=_init(config),
+        dtype=config.compute_dtype,
+        rngs=rngs,
+        kernel_metadata={"logical_axes": axes},
+        bias_metadata={"logical_axes": axes[1:]},
+    )
+
+
+def _fold(key: jax.Array | None, index: int) -> jax.Array | None:
+    return None if key is None else jax.random.fold_in(key, index)
+
+
+def roberta_position_ids(input_ids: jax.Array, pad_token_id: int) -> jax.Array:
+    """Positions count non-pad tokens from ``pad_token_id + 1``; pads sit at ``pad_token_id``."""
+    not_pad = (input_ids != pad_token_id).astype(jnp.int32)
+    return jnp.cumsum(not_pad, axis=1) * not_pad + pad_token_id
+
+
+class Embeddings(nnx.Module):
+    """Word + learned absolute position + token-type embeddings, then LayerNorm and dropout."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        self.config = config
+        dtype = config.compute_dtype
+        self.word = nnx.Embed(
+            config.vocab_size,
+            config.hidden_size,
+            embedding_init=_init(config),
+            dtype=dtype,
+            rngs=rngs,
+            embedding_metadata={"logical_axes": ("vocab", "embed")},
+        )
+        self.position = nnx.Embed(
+            config.max_position_embeddings,
+            config.hidden_size,
+            embedding_init=_init(config),
+            dtype=dtype,
+            rngs=rngs,
+            embedding_metadata={"logical_axes": (None, "embed")},
+        )
+        self.token_type = nnx.Embed(
+            config.type_vocab_size,
+            config.hidden_size,
+            embedding_init=_init(config),
+            dtype=dtype,
+            rngs=rngs,
+            embedding_metadata={"logical_axes": (None, "embed")},
+        )
+        # Like torch's padding_idx, the pad rows start at zero.
+        pad = config.pad_token_id
+        self.word.embedding[...] = self.word.embedding[...].at[pad].set(0.0)
+        self.position.embedding[...] = self.position.embedding[...].at[pad].set(0.0)
+        self.norm = _layer_norm(config, rngs)
+        self.dropout = nnx.Dropout(config.dropout)
+
+    def __call__(self, input_ids: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
+        positions = roberta_position_ids(input_ids, self.config.pad_token_id)
+        x = (
+            self.word(input_ids)
+            + self.position(positions)
+            + self.token_type(jnp.zeros_like(input_ids))
+        )
+        x = self.norm(x)
+        return self.dropout(x, deterministic=dropout_key is None, rngs=dropout_key)
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head self-attention with a fused QKV projection."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        d, h, hd = config.hidden_size, config.num_heads, config.head_dim
+        self.qkv = nnx.Einsum(
+            "bsd,cdhk->cbshk",
+            (3, d, h, hd),
+            (3, h, hd),
+            kernel_init=_init(config),
+            dtype=config.compute_dtype,
+            rngs=rngs,
+            kernel_metadata={"logical_axes": (None, "embed", "heads", "kv")},
+            bias_metadata={"logical_axes": (None, "heads", "kv")},
+        )
+        self.out = nnx.Einsum(
+            "bshk,hkd->bsd",
+            (h, hd, d),
+            (d,),
+            kernel_init=_init(config),
+            dtype=config.compute_dtype,
+            rngs=rngs,
+            kernel_metadata={"logical_axes": ("heads", "kv", "embed")},
+            bias_metadata={"logical_axes": ("embed",)},
+        )
+        self.attention_dropout = nnx.Dropout(config.attention_dropout)
+
+    def __call__(
+        self, x: jax.Array, bias: jax.Array, dropout_key: jax.Array | None, guide: Guide | None
+    ) -> tuple[jax.Array, jax.Array | None]:
+        q, k, v = self.qkv(x)
+        values, losses = dense_attention(
+            q, k, v, bias, dropout=self.attention_dropout, dropout_key=dropout_key, guide=guide
+        )
+        return self.out(values), losses
+
+
+class FeedForward(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        self.up = _dense(
+            config, config.hidden_size, config.intermediate_size, ("embed", "mlp"), rngs
+        )
+        self.down = _dense(
+            config, config.intermediate_size, config.hidden_size, ("mlp", "embed"), rngs
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down(jax.nn.gelu(self.up(x), approximate=False))
+
+
+class EncoderLayer(nnx.Module):
+    """Post-LN block: ``LN(x + attn(x))`` then ``LN(x + ffn(x))`` (no FFN when attention-only)."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        self.attention = SelfAttention(config, rngs)
+        self.attention_norm = _layer_norm(config, rngs)
+        self.ffn = FeedForward(config, rngs) if config.intermediate_size else None
+        self.ffn_norm = _layer_norm(config, rngs) if config.intermediate_size else None
+        self.dropout = nnx.Dropout(config.dropout)
+
+    def __call__(
+        self, x: jax.Array, bias: jax.Array, dropout_key: jax.Array | None, guide: Guide | None
+    ) -> tuple[jax.Array, jax.Array | None]:
+        def drop(y: jax.Array, site: int) -> jax.Array:
+            key = _fold(dropout_key, site)
+            return self.dropout(y, deterministic=key is None, rngs=key)
+
+        h, losses = self.attention(x, bias, _fold(dropout_key, 0), guide)
+        x = self.attention_norm(x + drop(h, 1))
+        if self.ffn is not None:
+            x = self.ffn_norm(x + drop(self.ffn(x), 2))
+        return x, losses
+
+
+class MLMHead(nnx.Module):
+    """Dense + GELU + LayerNorm, then the decoder tied to the word embeddings plus a bias."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        self.dense = _dense(
+            config, config.hidden_size, config.hidden_size, ("embed", "embed"), rngs
+        )
+        self.norm = _layer_norm(config, rngs)
+        self.bias = nnx.Param(jnp.zeros((config.vocab_size,), jnp.float32), logical_axes=("vocab",))
+
+    def __call__(self, x: jax.Array, word_embedding: nnx.Embed) -> jax.Array:
+        x = self.norm(jax.nn.gelu(self.dense(x), approximate=False))
+        return word_embedding.attend(x) + self.bias[...].astype(x.dtype)
+
+
+class RobertaForMLM(nnx.Module):
+    """The encoder and its MLM head; see the module docstring for the returned ``aux``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embeddings = Embeddings(config, rngs)
+        self.layers = nnx.List([EncoderLayer(config, rngs) for _ in range(config.num_layers)])
+        self.head = MLMHead(config, rngs)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        *,
+        dropout_key: jax.Array | None = None,
+        guide: Guide | None = None,
+        return_attentions: bool = False,
+    ) -> tuple[jax.Array, dict[str, Any]]:
+        """``dropout_key=None`` runs deterministically (eval); ``guide`` turns on the guidance
+        statistics; ``return_attentions`` also returns every layer's full maps (for analysis)."""
+        bias = attention_bias(input_ids != self.config.pad_token_id)
+        x = self.embeddings(input_ids, _fold(dropout_key, 0))
+        guidance, attentions = [], []
+        for index, layer in enumerate(self.layers):
+            key = _fold(dropout_key, index + 1)
+            layer_guide = guide if guide is not None and guide.spec.guides_layer(index) else None
+            if return_attentions:
+                q, k, _ = layer.attention.qkv(x)
+                attentions.append(attention_probs(q, k, bias))
+            x, losses = layer(x, bias, key, layer_guide)
+            if losses is not None:
+                guidance.append(losses)
+        logits = self.head(x, self.embeddings.word).astype(jnp.float32)
+        aux: dict[str, Any] = {}
+        if guidance:
+            aux["guidance"] = jnp.stack(guidance)  # [guided layers, groups]
+        if return_attentions:
+            aux["attentions"] = tuple(attentions)
+        return logits, aux
