@@ -1,0 +1,391 @@
+"""Tests for guided_jax.data: reading corpora, the default corpus, packing, splitting, batching."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from guided_jax import data
+from guided_jax.data import (
+    BatchSampler,
+    CorpusError,
+    default_corpus,
+    eval_batches,
+    load_corpus,
+    pack_blocks,
+    read_text_files,
+    split_blocks,
+    tokenize_and_pack,
+)
+from guided_jax.tokenizer import train_tokenizer
+
+BOS, EOS = 0, 2
+
+# ---------------------------------------------------------------------------------------------
+# read_text_files
+# ---------------------------------------------------------------------------------------------
+
+
+def test_read_text_files_lines_in_order(tmp_path: Path) -> None:
+    a = tmp_path / "a.txt"
+    b = tmp_path / "b.txt"
+    a.write_bytes("\ufefffirst line\r\n\n   \nsecond  line \n".encode())
+    b.write_text("third: café ✓\n\nfourth\fwith form feed", encoding="utf-8")
+    assert read_text_files([a, str(b)]) == [
+        "first line",
+        "second  line ",
+        "third: café ✓",
+        "fourth\fwith form feed",
+    ]
+    assert read_text_files([b, a])[0] == "third: café ✓"
+
+
+def test_read_text_files_no_paths() -> None:
+    with pytest.raises(CorpusError, match="no corpus files"):
+        read_text_files([])
+
+
+def test_read_text_files_missing(tmp_path: Path) -> None:
+    good = tmp_path / "good.txt"
+    good.write_text("text\n", encoding="utf-8")
+    missing = tmp_path / "missing.txt"
+    with pytest.raises(ValueError, match="does not exist") as err:
+        read_text_files([good, missing])
+    assert str(missing) in str(err.value)
+
+
+def test_read_text_files_directory(tmp_path: Path) -> None:
+    with pytest.raises(CorpusError, match="is a directory") as err:
+        read_text_files([tmp_path])
+    assert str(tmp_path) in str(err.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n", b"  \t\n \r\n"])
+def test_read_text_files_empty(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "empty.txt"
+    path.write_bytes(content)
+    with pytest.raises(CorpusError, match="empty or only whitespace") as err:
+        read_text_files([path])
+    assert str(path) in str(err.value)
+
+
+def test_read_text_files_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(b"fine\nna\xefve\n")
+    with pytest.raises(CorpusError, match="not valid UTF-8") as err:
+        read_text_files([path])
+    message = str(err.value)
+    assert str(path) in message
+    assert "byte offset 7" in message and "line 2" in message and "0xef" in message
+
+
+def test_read_text_files_binary(tmp_path: Path) -> None:
+    path = tmp_path / "model.bin"
+    path.write_bytes(b"abc\x00\x01\x02")
+    with pytest.raises(CorpusError, match="binary") as err:
+        read_text_files([path])
+    assert str(path) in str(err.value) and "offset 3" in str(err.value)
+
+
+def test_load_corpus_dispatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "c.txt"
+    path.write_text("one\ntwo\n", encoding="utf-8")
+    assert load_corpus([str(path)]) == ["one", "two"]
+    monkeypatch.setattr(data, "default_corpus", lambda: ["from the default corpus"])
+    assert load_corpus([]) == ["from the default corpus"]
+
+
+# ---------------------------------------------------------------------------------------------
+# default_corpus
+# ---------------------------------------------------------------------------------------------
+
+
+def _write(path: Path, source: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(source), encoding="utf-8")
+
+
+def _fake_stdlib(root: Path) -> None:
+    # Written in reverse order so the directory listing is unlikely to be sorted already.
+    _write(root / "zeta.py", '"""Zeta module is the last file in sorted order."""\n')
+    _write(
+        root / "pkg" / "inner.py",
+        '''
+        """Inner module docstring, first paragraph
+        continues on a second line.
+
+            Second paragraph, indented, kept as well.
+
+        Tiny.
+        """
+
+        class Widget:
+            """Widget class docstring with enough words."""
+
+            def method(self):
+                """Method docstring has several words."""
+
+                def nested():
+                    """Nested function docstring counts too."""
+
+        if True:
+            try:
+                pass
+            except Exception:
+                def handler():
+                    """Defined inside an except clause body."""
+        match 1:
+            case 1:
+                def in_case():
+                    """Defined inside a match case body."""
+
+        async def coroutine():
+            """Inner module docstring, first paragraph continues on a second line."""
+        ''',
+    )
+    _write(
+        root / "alpha.py", '"""Alpha module docstring with words."""\nx = "not a docstring here"\n'
+    )
+    _write(root / "broken.py", '"""Broken file is skipped entirely."""\ndef (:\n')
+    for skipped in ("test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__"):
+        _write(root / skipped / "mod.py", f'"""Skipped {skipped} docstring text."""\n')
+    _write(root / "test_thing.py", '"""A test module docstring, skipped."""\n')
+    _write(
+        root / "pydoc_data" / "topics.py",
+        '"""Autogenerated by the documentation build."""\n'
+        "topics = {'zz': 'Zed topic text comes last.\\n\\nToo short.', "
+        "'aa': 'Alpha topic text comes first.\\nSame paragraph.'}\n",
+    )
+
+
+def test_default_corpus_from_sources(tmp_path: Path) -> None:
+    _fake_stdlib(tmp_path)
+    expected = [
+        "Alpha module docstring with words.",
+        "Inner module docstring, first paragraph continues on a second line.",
+        "Second paragraph, indented, kept as well.",
+        "Widget class docstring with enough words.",
+        "Method docstring has several words.",
+        "Nested function docstring counts too.",
+        "Defined inside an except clause body.",
+        "Defined inside a match case body.",
+        # coroutine's docstring repeats the first paragraph above: kept once.
+        "Autogenerated by the documentation build.",  # pydoc_data/topics.py's own docstring
+        "Zeta module is the last file in sorted order.",
+        "Alpha topic text comes first. Same paragraph.",
+        "Zed topic text comes last.",
+    ]
+    assert default_corpus(tmp_path) == expected
+
+
+def test_default_corpus_missing_dir(tmp_path: Path) -> None:
+    with pytest.raises(CorpusError, match="does not exist"):
+        default_corpus(tmp_path / "nowhere")
+    with pytest.raises(CorpusError, match="no docstrings"):
+        default_corpus(tmp_path)
+
+
+def test_default_corpus_real_stdlib() -> None:
+    corpus = default_corpus()
+    assert len(corpus) > 5000
+    assert sum(len(doc) for doc in corpus) > 1_000_000
+    assert all("\n" not in doc and len(doc.split()) >= 4 for doc in corpus)
+    assert len(set(corpus)) == len(corpus)
+    assert default_corpus() == corpus
+
+
+# ---------------------------------------------------------------------------------------------
+# pack_blocks / tokenize_and_pack
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pack_blocks_exact() -> None:
+    docs = [[10, 11, 12], [13, 14], np.array([15, 16, 17, 18]), [19]]
+    blocks = pack_blocks(docs, block_size=5, bos_id=BOS, eos_id=EOS)
+    assert blocks.dtype == np.int32
+    np.testing.assert_array_equal(
+        blocks,
+        [
+            [BOS, 10, 11, 12, EOS],
+            [BOS, 13, 14, 15, EOS],
+            [BOS, 16, 17, 18, EOS],
+        ],  # 19 is the dropped remainder
+    )
+    # Generators work; exactly one block's worth of tokens gives one block.
+    one = pack_blocks((d for d in [[7], [8, 9]]), block_size=5, bos_id=5, eos_id=6)
+    np.testing.assert_array_equal(one, [[5, 7, 8, 9, 6]])
+
+
+def test_pack_blocks_errors() -> None:
+    with pytest.raises(ValueError, match=r"only 5 tokens.*block_size 8"):
+        pack_blocks([[1, 2], [3, 4, 5]], block_size=8, bos_id=BOS, eos_id=EOS)
+    with pytest.raises(ValueError, match="only 0 tokens"):
+        pack_blocks([], block_size=8, bos_id=BOS, eos_id=EOS)
+    with pytest.raises(ValueError, match="at least 3"):
+        pack_blocks([[1, 2, 3]], block_size=2, bos_id=BOS, eos_id=EOS)
+    with pytest.raises(ValueError, match="non-negative"):
+        pack_blocks([[1, -2, 3]], block_size=3, bos_id=BOS, eos_id=EOS)
+
+
+class _CharTokenizer:
+    """Stand-in tokenizer: one id per character, so packed content is easy to predict."""
+
+    bos_id, eos_id = 1, 2
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        self.calls += 1
+        return [[ord(c) for c in text] for text in texts]
+
+
+def test_tokenize_and_pack_keeps_order_across_chunks() -> None:
+    texts = [chr(ord("a") + i % 26) for i in range(5000)]  # spans two encoding chunks
+    tok = _CharTokenizer()
+    blocks = tokenize_and_pack(texts, tok, block_size=12, separator="")  # type: ignore[arg-type]
+    assert tok.calls == 2
+    assert blocks.shape == (500, 12)
+    assert (blocks[:, 0] == 1).all() and (blocks[:, -1] == 2).all()
+    np.testing.assert_array_equal(blocks[:, 1:-1].reshape(-1), [ord(t) for t in texts])
+
+
+def test_tokenize_and_pack_separates_documents_with_newline() -> None:
+    blocks = tokenize_and_pack(["ab", "c", "de"], _CharTokenizer(), block_size=5)  # type: ignore[arg-type]
+    # Stream "ab\nc\nde\n" (8 tokens) -> two chunks of 3; the last two tokens are dropped.
+    np.testing.assert_array_equal(blocks, [[1, *map(ord, "ab\n"), 2], [1, *map(ord, "c\nd"), 2]])
+
+
+def test_tokenize_and_pack_with_real_tokenizer(tmp_path: Path) -> None:
+    texts = [f"document number {i} talks about attention heads." for i in range(200)]
+    tok = train_tokenizer(texts, vocab_size=300, out_dir=tmp_path)
+    blocks = tokenize_and_pack(texts, tok, block_size=32)
+    assert blocks.shape[1] == 32 and len(blocks) > 10
+    assert (blocks[:, 0] == tok.bos_id).all() and (blocks[:, -1] == tok.eos_id).all()
+    assert not np.isin(blocks[:, 1:-1], [tok.pad_id, tok.mask_id, tok.bos_id]).any()
+    text = tok.decode(blocks[:, 1:-1].reshape(-1).tolist())
+    assert text.startswith("document number 0 talks about attention heads.\ndocument number 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# split_blocks
+# ---------------------------------------------------------------------------------------------
+
+
+def _numbered(n: int, length: int = 4) -> np.ndarray:
+    """Blocks whose every entry is the block's index, so rows are identifiable."""
+    return np.repeat(np.arange(n, dtype=np.int32)[:, None], length, axis=1)
+
+
+def test_split_blocks_tail_is_eval() -> None:
+    train, held = split_blocks(_numbered(10), 0.3)
+    assert train[:, 0].tolist() == list(range(7)) and held[:, 0].tolist() == [7, 8, 9]
+    train, held = split_blocks(_numbered(10), 0.25)  # ceil(2.5) = 3
+    assert len(train) == 7 and len(held) == 3
+    train, held = split_blocks(_numbered(10), 0.01)  # any positive fraction holds out a block
+    assert held[:, 0].tolist() == [9]
+    train, held = split_blocks(_numbered(10), 0.0)
+    assert len(train) == 10 and held.shape == (0, 4)
+
+
+@pytest.mark.parametrize("fraction", [1.0, -0.1, 1.5, float("nan")])
+def test_split_blocks_bad_fraction(fraction: float) -> None:
+    with pytest.raises(ValueError, match="eval_fraction"):
+        split_blocks(_numbered(10), fraction)
+
+
+def test_split_blocks_no_training_left() -> None:
+    with pytest.raises(ValueError, match="no training block"):
+        split_blocks(_numbered(10), 0.95)
+    with pytest.raises(ValueError, match="no training block"):
+        split_blocks(_numbered(1), 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchSampler
+# ---------------------------------------------------------------------------------------------
+
+
+def _stream(sampler: BatchSampler, steps: int) -> list[int]:
+    return [int(row[0]) for s in range(steps) for row in sampler.batch(s)]
+
+
+def test_batch_sampler_shape_and_content() -> None:
+    blocks = _numbered(10, length=6)
+    sampler = BatchSampler(blocks, batch_size=4, seed=3)
+    batch = sampler.batch(0)
+    assert batch.shape == (4, 6) and batch.dtype == np.int32
+    for row in batch:  # rows are whole blocks
+        np.testing.assert_array_equal(row, blocks[row[0]])
+    assert sampler.steps_per_epoch == 2
+    assert sampler.num_blocks == 10 and sampler.batch_size == 4
+
+
+def test_batch_sampler_epochs_are_the_documented_permutations() -> None:
+    n, b, seed = 10, 4, 7
+    sampler = BatchSampler(_numbered(n), batch_size=b, seed=seed)
+    stream = _stream(sampler, 15)  # 60 items = 6 epochs; batches straddle epoch boundaries
+    expected = np.concatenate(
+        [np.random.default_rng((seed, epoch)).permutation(n) for epoch in range(6)]
+    )
+    assert stream == expected.tolist()
+    for epoch in range(6):
+        assert sorted(stream[epoch * n : (epoch + 1) * n]) == list(range(n))
+    epochs = {tuple(stream[e * n : (e + 1) * n]) for e in range(6)}
+    assert len(epochs) > 1  # epochs are reshuffled
+
+
+def test_batch_sampler_is_pure_function_of_step() -> None:
+    blocks = _numbered(10)
+    in_order = [BatchSampler(blocks, 4, seed=1).batch(s) for s in range(12)]
+    sampler = BatchSampler(blocks, 4, seed=1)
+    for s in [11, 3, 7, 0, 11, 5, 2, 9, 1, 10, 4, 6, 8]:
+        np.testing.assert_array_equal(sampler.batch(s), in_order[s])
+    fresh = BatchSampler(blocks, 4, seed=1)  # e.g. after a restart at step 7
+    np.testing.assert_array_equal(fresh.batch(7), in_order[7])
+    np.testing.assert_array_equal(fresh.batch(np.int64(8)), in_order[8])
+
+
+def test_batch_sampler_seeds_differ() -> None:
+    blocks = _numbered(50)
+    a = _stream(BatchSampler(blocks, 5, seed=0), 10)
+    b = _stream(BatchSampler(blocks, 5, seed=1), 10)
+    assert a != b
+    assert sorted(a) == sorted(b) == list(range(50))
+
+
+def test_batch_sampler_errors() -> None:
+    with pytest.raises(ValueError, match="3 blocks of 4 tokens, fewer than one batch of 8"):
+        BatchSampler(_numbered(3), batch_size=8, seed=0)
+    with pytest.raises(ValueError, match="seed"):
+        BatchSampler(_numbered(10), batch_size=2, seed=-1)
+    with pytest.raises(ValueError, match="batch_size"):
+        BatchSampler(_numbered(10), batch_size=0, seed=0)
+    with pytest.raises(ValueError, match="step"):
+        BatchSampler(_numbered(10), batch_size=2, seed=0).batch(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# eval_batches
+# ---------------------------------------------------------------------------------------------
+
+
+def test_eval_batches_in_order_full_batches() -> None:
+    batches = eval_batches(_numbered(10), batch_size=4, max_batches=None)
+    assert [b[:, 0].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    batches = eval_batches(_numbered(10), batch_size=4, max_batches=1)
+    assert [b[:, 0].tolist() for b in batches] == [[0, 1, 2, 3]]
+    batches = eval_batches(_numbered(10), batch_size=5, max_batches=10)
+    assert [b[:, 0].tolist() for b in batches] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+
+
+def test_eval_batches_small_and_empty() -> None:
+    (only,) = eval_batches(_numbered(3), batch_size=4, max_batches=5)
+    assert only[:, 0].tolist() == [0, 1, 2]
+    assert eval_batches(_numbered(0), batch_size=4, max_batches=5) == []
+    assert eval_batches(_numbered(10), batch_size=4, max_batches=0) == []
+    with pytest.raises(ValueError, match="max_batches"):
+        eval_batches(_numbered(10), batch_size=4, max_batches=-1)

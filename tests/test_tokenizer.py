@@ -1,0 +1,244 @@
+"""Tests for guided_jax.tokenizer: training, save/load round trip, lookups, errors and CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from guided_jax import data
+from guided_jax import tokenizer as tok_mod
+from guided_jax.tokenizer import SPECIAL_TOKENS, Tokenizer, load_tokenizer, train_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+_FUNCTION_WORDS = ("the", "a", "of", "to", "and", "in", "is", "was", "for", "on", "with", "as")
+_CONTENT_WORDS = ("model", "attention", "head", "token", "layer", "mask", "guide", "pattern")
+_WORDS = _FUNCTION_WORDS + _CONTENT_WORDS + ("sentence", "period", "word", "by", "at", "from")
+
+
+def _corpus(n: int = 300) -> list[str]:
+    """A small deterministic corpus with enough repetition for a few hundred merges."""
+    texts = []
+    for i in range(n):
+        words = [_WORDS[(i * 7 + j * 3) % len(_WORDS)] for j in range(6 + i % 5)]
+        texts.append(" ".join(words).capitalize() + ".")
+    return texts
+
+
+SAMPLE_TEXTS = [
+    "The model has an attention head.",
+    "A word, then another word; and the period.",
+    "Unicode too: café — naïve ünïcödé ✓",
+    "  leading and trailing spaces  ",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Tokenizer, Path]:
+    out = tmp_path_factory.mktemp("tok")
+    return train_tokenizer(_corpus(), vocab_size=400, out_dir=out), out
+
+
+def test_train_writes_files_and_specials_first(trained: tuple[Tokenizer, Path]) -> None:
+    tok, out = trained
+    assert (out / "vocab.json").is_file() and (out / "merges.txt").is_file()
+    assert tok.directory == out
+    assert tok.special_ids == (0, 1, 2, 3, 4)
+    assert (tok.bos_id, tok.pad_id, tok.eos_id, tok.unk_id, tok.mask_id) == (0, 1, 2, 3, 4)
+    vocab = json.loads((out / "vocab.json").read_text(encoding="utf-8"))
+    assert [vocab[t] for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    # 256 byte symbols + 5 specials + learned merges, never above the requested size.
+    assert 261 < tok.vocab_size <= 400
+    assert tok.vocab_size == len(vocab)
+
+
+def test_round_trip_save_load_same_ids(trained: tuple[Tokenizer, Path]) -> None:
+    tok, out = trained
+    reloaded = load_tokenizer(out)
+    ids = tok.encode_batch(SAMPLE_TEXTS)
+    assert reloaded.encode_batch(SAMPLE_TEXTS) == ids
+    assert reloaded.vocab_size == tok.vocab_size
+    assert reloaded.special_ids == tok.special_ids
+    # Byte-level BPE is lossless, and encode_batch adds no special tokens.
+    for text, seq in zip(SAMPLE_TEXTS, ids, strict=True):
+        assert reloaded.decode(seq) == text
+        assert not set(seq) & set(tok.special_ids)
+    # Learned merges are used: common words are fewer tokens than bytes.
+    assert len(ids[0]) < len(SAMPLE_TEXTS[0].encode())
+
+
+def test_special_tokens_in_text_are_single_tokens(trained: tuple[Tokenizer, Path]) -> None:
+    tok, _ = trained
+    (ids,) = tok.encode_batch(["the <mask> head.<s>x</s>"])
+    assert ids.count(tok.mask_id) == 1
+    assert ids.count(tok.bos_id) == 1 and ids.count(tok.eos_id) == 1
+    # "<mask>" must not also show up as byte pieces such as "<" or "mask".
+    assert tok.token_to_id("<") not in ids
+    plain = tok.encode_batch(["the"])[0]
+    assert ids[: len(plain)] == plain
+
+
+def test_token_to_id_exact_entries(trained: tuple[Tokenizer, Path]) -> None:
+    tok, out = trained
+    vocab = json.loads((out / "vocab.json").read_text(encoding="utf-8"))
+    assert tok.token_to_id("</s>") == 2
+    assert tok.token_to_id("<s>") == 0
+    assert tok.token_to_id("<mask>") == tok.mask_id
+    assert tok.token_to_id(".") == vocab["."]
+    # A learned multi-byte entry: the space-prefixed word as the model sees it mid-sentence.
+    assert "Ġattention" in vocab
+    assert tok.token_to_id("Ġattention") == vocab["Ġattention"]
+    # And that id is what encoding the word after a space gives.
+    assert tok.encode_batch(["a attention"])[0][-1] == vocab["Ġattention"]
+
+
+def test_token_to_id_rejects_non_entries(trained: tuple[Tokenizer, Path]) -> None:
+    tok, out = trained
+    # Would be split into several pieces: must be an error, not the first piece.
+    assert len(tok.encode_batch(["zebra"])[0]) > 1
+    with pytest.raises(ValueError, match="'zebra'") as err:
+        tok.token_to_id("zebra")
+    assert str(out) in str(err.value)
+    # Only the space-prefixed spelling is an entry; the message points to it.
+    assert "attention" not in json.loads((out / "vocab.json").read_text(encoding="utf-8"))
+    with pytest.raises(ValueError, match="Ġattention"):
+        tok.token_to_id("attention")
+    with pytest.raises(ValueError, match="'<cls>'"):
+        tok.token_to_id("<cls>")
+
+
+def test_train_validates_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="greater than 261"):
+        train_tokenizer(_corpus(), vocab_size=261, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="min_frequency"):
+        train_tokenizer(_corpus(), vocab_size=300, out_dir=tmp_path, min_frequency=0)
+    with pytest.raises(ValueError, match="empty corpus"):
+        train_tokenizer(["", "  "], vocab_size=300, out_dir=tmp_path / "empty")
+    assert not (tmp_path / "empty").exists()
+
+
+def test_load_missing_directory(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match="does not exist") as err:
+        load_tokenizer(missing)
+    assert str(missing) in str(err.value)
+
+
+def test_load_path_is_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "vocab.json"
+    path.write_text("{}", encoding="utf-8")
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        load_tokenizer(path)
+
+
+@pytest.mark.parametrize("missing", ["merges.txt", "vocab.json"])
+def test_load_missing_file(trained: tuple[Tokenizer, Path], tmp_path: Path, missing: str) -> None:
+    _, out = trained
+    for name in ("vocab.json", "merges.txt"):
+        if name != missing:
+            shutil.copy(out / name, tmp_path / name)
+    with pytest.raises(FileNotFoundError, match=missing) as err:
+        load_tokenizer(tmp_path)
+    assert str(tmp_path) in str(err.value)
+
+
+def test_load_ignores_extra_files(trained: tuple[Tokenizer, Path], tmp_path: Path) -> None:
+    tok, out = trained
+    shutil.copytree(out, tmp_path / "ag_config")
+    (tmp_path / "ag_config" / "config.json").write_text('{"model_type": "roberta"}')
+    (tmp_path / "ag_config" / "tokenizer_config.json").write_text('{"max_len": 128}')
+    loaded = load_tokenizer(tmp_path / "ag_config")
+    assert loaded.encode_batch(SAMPLE_TEXTS) == tok.encode_batch(SAMPLE_TEXTS)
+
+
+def test_load_vocab_without_specials(trained: tuple[Tokenizer, Path], tmp_path: Path) -> None:
+    _, out = trained
+    vocab = json.loads((out / "vocab.json").read_text(encoding="utf-8"))
+    del vocab["<mask>"], vocab["<pad>"]
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    shutil.copy(out / "merges.txt", tmp_path / "merges.txt")
+    with pytest.raises(ValueError, match="lacks special tokens") as err:
+        load_tokenizer(tmp_path)
+    message = str(err.value)
+    assert "'<pad>'" in message and "'<mask>'" in message
+    assert "'</s>'" in message  # the expected list is spelled out
+    assert str(tmp_path / "vocab.json") in message
+
+
+def test_load_invalid_vocab_json(trained: tuple[Tokenizer, Path], tmp_path: Path) -> None:
+    _, out = trained
+    shutil.copy(out / "merges.txt", tmp_path / "merges.txt")
+    (tmp_path / "vocab.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match="not a valid JSON"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "vocab.json").write_text('["<s>"]', encoding="utf-8")
+    with pytest.raises(ValueError, match="mapping tokens to integer ids"):
+        load_tokenizer(tmp_path)
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-W", "error", "-m", "guided_jax.tokenizer", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_cli_trains_from_files(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(_corpus()) + "\n", encoding="utf-8")
+    out = tmp_path / "tok"
+    result = _run_cli("--files", str(corpus), "--vocab-size", "350", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert str(out) in result.stdout and "vocab size" in result.stdout
+    loaded = load_tokenizer(out)
+    assert 261 < loaded.vocab_size <= 350
+    assert loaded.special_ids == (0, 1, 2, 3, 4)
+
+
+def test_cli_bad_file_fails_with_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.txt"
+    out = tmp_path / "tok"
+    result = _run_cli("--files", str(missing), "--vocab-size", "300", "--out", str(out))
+    assert result.returncode != 0
+    assert str(missing) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_in_process_errors_and_default_corpus(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9\n".encode("latin-1"))
+    assert tok_mod.main(["--files", str(bad), "--vocab-size", "300", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert str(bad) in err and "UTF-8" in err
+
+    good = tmp_path / "good.txt"
+    good.write_text("hello world\n", encoding="utf-8")
+    assert tok_mod.main(["--files", str(good), "--vocab-size", "100", "--out", str(tmp_path)]) == 1
+    assert "vocab_size" in capsys.readouterr().err
+
+    # --default-corpus trains on data.default_corpus(); a small stand-in keeps this fast.
+    monkeypatch.setattr(data, "default_corpus", lambda: _corpus(100))
+    out = tmp_path / "default"
+    assert tok_mod.main(["--default-corpus", "--vocab-size", "300", "--out", str(out)]) == 0
+    assert "trained on 100 documents" in capsys.readouterr().out
+    assert load_tokenizer(out).vocab_size <= 300
+
+    # --files and --default-corpus are exclusive, and one of them is required.
+    for argv in ([], ["--default-corpus", "--files", "x"]):
+        with pytest.raises(SystemExit) as exit_info:
+            tok_mod.main([*argv, "--vocab-size", "300", "--out", str(out)])
+        assert exit_info.value.code == 2
+    capsys.readouterr()
