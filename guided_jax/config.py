@@ -1,0 +1,99 @@
+"""Default experiment config and the reference's model shapes (``ml_collections``).
+
+Files under ``configs/`` start from :func:`base_config` and change what their experiment needs;
+every key can be overridden on the command line, e.g. ``--config.train.steps=100``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import ml_collections
+
+# The reference's ag_config/ shapes: layers, width, heads, FFN (0 = attention-only layers).
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    "roberta_4": dict(num_layers=4, hidden_size=512, num_heads=8, intermediate_size=2048),
+    "roberta_8": dict(num_layers=8, hidden_size=768, num_heads=12, intermediate_size=3072),
+    "roberta_12": dict(num_layers=12, hidden_size=768, num_heads=12, intermediate_size=3072),
+    "roberta_16": dict(num_layers=16, hidden_size=768, num_heads=16, intermediate_size=3072),
+    "roberta_self_24": dict(num_layers=24, hidden_size=768, num_heads=12, intermediate_size=0),
+    "roberta_self_48": dict(num_layers=48, hidden_size=768, num_heads=12, intermediate_size=0),
+}
+
+
+def model_config(preset: str | None = None, **overrides: object) -> ml_collections.ConfigDict:
+    """RoBERTa hyper-parameters of the reference (vocab 52,000, 514 positions, dropout 0.1)."""
+    config = ml_collections.ConfigDict()
+    config.vocab_size = 52000  # -1: take the tokenizer's size
+    config.hidden_size = 768
+    config.num_layers = 12
+    config.num_heads = 12
+    config.intermediate_size = 3072
+    config.max_position_embeddings = 514
+    config.type_vocab_size = 1
+    config.layer_norm_eps = 1e-5
+    config.dropout = 0.1
+    config.attention_dropout = 0.1
+    config.initializer_range = 0.02
+    config.dtype = "float32"
+    if preset is not None:
+        if preset not in MODEL_PRESETS:
+            raise ValueError(
+                f"unknown model preset {preset!r}; expected one of {sorted(MODEL_PRESETS)}"
+            )
+        config.update(MODEL_PRESETS[preset])
+    config.update(overrides)
+    return config
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The reference run: blocks of 512, AdamW 5e-5 with linear decay, clip 1.0, spec 0,1,1,4."""
+    config = ml_collections.ConfigDict()
+    config.model = model_config("roberta_12")
+
+    config.data = ml_collections.ConfigDict()
+    config.data.train_files = ""  # comma-separated paths or globs; "" = embedded default corpus
+    config.data.eval_files = ""  # "" = hold out the last data.eval_fraction of the train blocks
+    config.data.eval_fraction = 0.05
+    config.data.block_size = 512
+    config.data.tokenizer_dir = ""  # vocab.json + merges.txt; "" = train one into WORKDIR
+    config.data.tokenizer_vocab_size = 52000
+    config.data.mlm_probability = 0.15
+
+    config.train = ml_collections.ConfigDict()
+    config.train.steps = 10000
+    config.train.batch_size = 4
+    config.train.seed = 42
+    config.train.learning_rate = 5e-5
+    config.train.warmup_steps = 0
+    config.train.weight_decay = 0.0
+    config.train.adam_b1 = 0.9
+    config.train.adam_b2 = 0.999
+    config.train.adam_eps = 1e-8
+    config.train.grad_clip_norm = 1.0
+    config.train.log_every = 50
+    config.train.eval_every = 500
+    config.train.eval_batches = 20
+    config.train.checkpoint_every = 1000  # 0 = only at the end
+    config.train.keep_checkpoints = 2
+
+    config.guidance = ml_collections.ConfigDict()
+    config.guidance.enabled = True
+    config.guidance.heads = "0,1,1,4"  # self,next,prev,first; or "next:1,prev:1,token[</s>]:2"
+    config.guidance.tokens = ""  # comma-separated tokens for counts after the fourth
+    config.guidance.start_layer = 0
+    config.guidance.scale = 100.0
+    config.guidance.stagnant_steps = 20000
+    config.guidance.after_dropout = True  # reference: the loss sees dropped-out probabilities
+    return config
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Loads ``path/to/config.py[:arg]`` the way ``--config`` does, for scripts and tests."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("guided_jax_config_file", path)
+    if module_spec is None or module_spec.loader is None:
+        raise FileNotFoundError(f"config file {path} not found")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()

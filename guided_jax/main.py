@@ -1,0 +1,38 @@
+"""Command line: ``python -m guided_jax.main --config configs/default.py --workdir DIR``.
+
+Only parses flags; the work happens in :func:`guided_jax.train.train_and_evaluate`. Any config
+key can be overridden, e.g. ``--config.train.steps=200 --config.guidance.enabled=false``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints, tokenizer.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from guided_jax import train
+
+    if not flags.FLAGS["verbosity"].present:  # keep orbax's INFO lines out of the progress bar
+        logging.set_verbosity(logging.WARNING)
+    try:
+        last = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (ValueError, OSError) as error:  # bad input: say what is wrong, no traceback
+        sys.exit(f"guided_jax: error: {error}")
+    if not last:
+        print(f"{_WORKDIR.value} already holds a finished run of this config")
+        return
+    summary = " ".join(f"{k}={v:.4g}" for k, v in last.items() if k != "step")
+    print(f"finished at step {last['step']}: {summary}")
+
+
+if __name__ == "__main__":
+    app.run(main)

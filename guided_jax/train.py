@@ -1,0 +1,434 @@
+"""The training loop: ``train_and_evaluate(config, workdir)``.
+
+Steps, in order: check the config and inputs (before anything is written) → tokenizer → packed
+blocks → model and optimizer → restore if WORKDIR has a checkpoint of the same config → jitted
+steps with dynamic masking and the guidance loss → JSONL metrics (fetched one step late) →
+periodic eval → orbax checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx, struct
+from tqdm import tqdm
+
+from guided_jax import checkpointing, data
+from guided_jax.guidance import Guide, HeadSpec, guidance_weight, token_masks
+from guided_jax.masking import mask_tokens, mlm_loss
+from guided_jax.metrics import MetricsWriter
+from guided_jax.model import ModelConfig, RobertaForMLM
+from guided_jax.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work, or a workdir that belongs to another config."""
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State
+    opt_state: optax.OptState
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """Everything resolved from the config and the corpus before a file is written."""
+
+    config: ml_collections.ConfigDict
+    model: ModelConfig
+    spec: HeadSpec | None
+    token_ids: tuple[int, ...]
+    tokenizer: Tokenizer
+    train_blocks: np.ndarray
+    eval_blocks: np.ndarray
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def _split_paths(value: str) -> list[str]:
+    return [p.strip() for p in value.split(",") if p.strip()]
+
+
+def _check_positive(config: ml_collections.ConfigDict, *keys: str) -> None:
+    for key in keys:
+        section, name = key.split(".")
+        value = config[section][name]
+        if value <= 0:
+            raise ConfigError(f"config {key} must be positive, got {value}")
+
+
+def build_model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+    values = config.model.to_dict()
+    if values.get("vocab_size", -1) == -1:
+        values["vocab_size"] = vocab_size
+    elif values["vocab_size"] < vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={values['vocab_size']} is smaller than the "
+            f"tokenizer's vocabulary ({vocab_size}); use -1 to follow the tokenizer"
+        )
+    model = ModelConfig.from_mapping(values)
+    if config.data.block_size > model.max_block_size:
+        raise ConfigError(
+            f"data.block_size={config.data.block_size} exceeds what "
+            f"model.max_position_embeddings={model.max_position_embeddings} allows "
+            f"({model.max_block_size} tokens with RoBERTa's padding offset)"
+        )
+    return model
+
+
+def head_spec(config: ml_collections.ConfigDict) -> HeadSpec | None:
+    """The parsed ``guidance.heads`` (also used to measure the baseline), or None if empty."""
+    if not config.guidance.heads.strip():
+        if config.guidance.enabled:
+            raise ConfigError("guidance.enabled is true but guidance.heads is empty")
+        return None
+    return HeadSpec.parse(
+        config.guidance.heads,
+        tokens=_split_paths(config.guidance.tokens),
+        start_layer=config.guidance.start_layer,
+    )
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Value checks that need no tokenizer or corpus."""
+    _check_positive(
+        config,
+        "train.steps",
+        "train.batch_size",
+        "train.learning_rate",
+        "train.log_every",
+        "data.block_size",
+    )
+    if config.train.warmup_steps < 0 or config.train.warmup_steps > config.train.steps:
+        raise ConfigError(
+            f"train.warmup_steps={config.train.warmup_steps} must be in "
+            f"[0, train.steps={config.train.steps}]"
+        )
+    if config.data.block_size < 3:
+        raise ConfigError(
+            f"data.block_size={config.data.block_size} leaves no room for text between <s> and </s>"
+        )
+    if not 0.0 < config.data.mlm_probability < 1.0:
+        raise ConfigError(
+            f"data.mlm_probability must be in (0, 1), got {config.data.mlm_probability}"
+        )
+    model = build_model_config(config, vocab_size=1)  # shape checks; vocab resolved later
+    spec = head_spec(config)
+    if spec is not None:
+        spec.validate(num_heads=model.num_heads, num_layers=model.num_layers)
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """A workdir belongs to one config: resuming it with another would mix two runs."""
+    saved = workdir / "config.json"
+    if not saved.exists():
+        return
+    previous = json.loads(saved.read_text())
+    current = json.loads(config.to_json())
+    diffs = _config_diff(previous, current)
+    if diffs:
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:8])
+        raise ConfigError(
+            f"workdir {workdir} holds a run of a different config ({shown}); "
+            f"use a new --workdir or the same config"
+        )
+
+
+def _config_diff(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [
+            d
+            for key in sorted(set(a) | set(b))
+            for d in _config_diff(a.get(key), b.get(key), f"{prefix}{key}.")
+        ]
+    return [] if a == b else [(prefix.rstrip("."), a, b)]
+
+
+def _tokenizer(
+    config: ml_collections.ConfigDict, workdir: Path, texts: list[str]
+) -> tuple[Tokenizer, str | None]:
+    """The configured tokenizer, the one of a previous run in WORKDIR, or a new one trained on
+    the corpus into a temporary directory (moved into WORKDIR once every check passed)."""
+    if config.data.tokenizer_dir:
+        return load_tokenizer(config.data.tokenizer_dir), None
+    if (workdir / "tokenizer" / "vocab.json").exists():
+        return load_tokenizer(workdir / "tokenizer"), None
+    scratch = tempfile.mkdtemp(prefix="guided_jax_tokenizer_")
+    return train_tokenizer(texts, config.data.tokenizer_vocab_size, scratch), scratch
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Experiment:
+    """Resolves config, tokenizer and data; raises before writing anything on bad input."""
+    workdir = Path(workdir)
+    check_config(config)
+    check_workdir(config, workdir)
+    train_texts = data.load_corpus(_split_paths(config.data.train_files))
+    tokenizer, scratch = _tokenizer(config, workdir, train_texts)
+    try:
+        model = build_model_config(config, tokenizer.vocab_size)
+        spec = head_spec(config)
+        token_ids = spec.token_ids(tokenizer) if spec is not None else ()
+        blocks = data.tokenize_and_pack(train_texts, tokenizer, config.data.block_size)
+        if config.data.eval_files:
+            eval_texts = data.read_text_files(_split_paths(config.data.eval_files))
+            train_blocks = blocks
+            eval_blocks = data.tokenize_and_pack(eval_texts, tokenizer, config.data.block_size)
+        else:
+            train_blocks, eval_blocks = data.split_blocks(blocks, config.data.eval_fraction)
+        data.BatchSampler(train_blocks, config.train.batch_size, config.train.seed)
+        workdir.mkdir(parents=True, exist_ok=True)
+        if scratch is not None:
+            shutil.copytree(scratch, workdir / "tokenizer", dirs_exist_ok=True)
+            tokenizer = load_tokenizer(workdir / "tokenizer")
+        (workdir / "config.json").write_text(config.to_json(indent=2))
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return Experiment(config, model, spec, token_ids, tokenizer, train_blocks, eval_blocks)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def make_optimizer(
+    train: ml_collections.ConfigDict,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warmup then linear decay to 0, after global-norm clipping.
+
+    Biases and LayerNorm parameters (the 1-D ones) get no weight decay, as in HF's Trainer.
+    """
+    schedule = optax.join_schedules(
+        [
+            optax.linear_schedule(0.0, train.learning_rate, max(train.warmup_steps, 1)),
+            optax.linear_schedule(
+                train.learning_rate, 0.0, max(train.steps - train.warmup_steps, 1)
+            ),
+        ],
+        [train.warmup_steps],
+    )
+    decay_mask = functools.partial(jax.tree.map, lambda p: p.ndim > 1)
+    adamw = optax.adamw(
+        schedule,
+        b1=train.adam_b1,
+        b2=train.adam_b2,
+        eps=train.adam_eps,
+        weight_decay=train.weight_decay,
+        mask=decay_mask,
+    )
+    if train.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(train.grad_clip_norm), adamw), schedule
+    return adamw, schedule
+
+
+def make_train_step(
+    exp: Experiment,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+):
+    """``(state, batch) -> (state, metrics)``: mask, forward, MLM + weighted guidance, update."""
+    cfg = exp.config
+    guided = cfg.guidance.enabled and exp.spec is not None
+    base_key = jax.random.key(cfg.train.seed)
+    mask_kwargs = dict(
+        vocab_size=exp.tokenizer.vocab_size,
+        mask_id=exp.tokenizer.mask_id,
+        special_ids=exp.tokenizer.special_ids,
+        mlm_probability=cfg.data.mlm_probability,
+    )
+
+    def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict[str, Any]]:
+        mask_key, dropout_key = jax.random.split(jax.random.fold_in(base_key, state.step))
+        inputs, selected = mask_tokens(mask_key, batch, **mask_kwargs)
+        weight = jnp.zeros((), jnp.float32)
+        if guided:
+            weight = guidance_weight(
+                state.step,
+                scale=cfg.guidance.scale,
+                stagnant_steps=cfg.guidance.stagnant_steps,
+                total_steps=cfg.train.steps,
+            )
+
+        def loss_fn(params: nnx.State):
+            model = nnx.merge(graphdef, params)
+            guide = None
+            if guided:
+                masks = token_masks(inputs, exp.token_ids) if exp.token_ids else None
+                guide = Guide(exp.spec, masks, after_dropout=cfg.guidance.after_dropout)
+            logits, aux = model(inputs, dropout_key=dropout_key, guide=guide)
+            mlm = mlm_loss(logits, batch, selected)
+            groups = aux["guidance"].sum(axis=0) if guided else jnp.zeros((0,))
+            ag = jnp.sum(groups)
+            return mlm + weight * ag, (mlm, ag, groups)
+
+        (loss, (mlm, ag, groups)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(
+            loss=loss,
+            mlm_loss=mlm,
+            ag_loss=ag,
+            ag_weight=weight,
+            learning_rate=schedule(state.step),
+            grad_norm=optax.global_norm(grads),
+        )
+        if guided:
+            metrics.update({f"ag_loss/{g.name}": groups[i] for i, g in enumerate(exp.spec.groups)})
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(exp: Experiment, graphdef: nnx.GraphDef):
+    """``(params, batch, index) -> (nll_sum, count, ag_loss)`` with fixed masks per index and no
+    dropout, so evals of one run compare like for like; AG is measured even for the baseline."""
+    cfg = exp.config
+    eval_key = jax.random.fold_in(jax.random.key(cfg.train.seed), 2**31 - 1)
+
+    def eval_step(params: nnx.State, batch: jax.Array, index: jax.Array):
+        inputs, selected = mask_tokens(
+            jax.random.fold_in(eval_key, index),
+            batch,
+            vocab_size=exp.tokenizer.vocab_size,
+            mask_id=exp.tokenizer.mask_id,
+            special_ids=exp.tokenizer.special_ids,
+            mlm_probability=cfg.data.mlm_probability,
+        )
+        guide = None
+        if exp.spec is not None:
+            masks = token_masks(inputs, exp.token_ids) if exp.token_ids else None
+            guide = Guide(exp.spec, masks)
+        logits, aux = nnx.merge(graphdef, params)(inputs, guide=guide)
+        count = jnp.sum(selected)
+        nll = mlm_loss(logits, batch, selected) * jnp.maximum(count, 1)
+        ag = jnp.sum(aux["guidance"]) if guide is not None else jnp.zeros(())
+        return nll, count, ag
+
+    return jax.jit(eval_step)
+
+
+def evaluate(eval_step, params: nnx.State, batches: list[np.ndarray]) -> dict[str, float]:
+    nll = count = ag = 0.0
+    for index, batch in enumerate(batches):
+        b_nll, b_count, b_ag = jax.device_get(eval_step(params, batch, index))
+        nll, count, ag = nll + float(b_nll), count + float(b_count), ag + float(b_ag)
+    return {"eval_mlm_loss": nll / max(count, 1.0), "eval_ag_loss": ag / len(batches)}
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def _check_finite(metrics: dict[str, float], step: int) -> None:
+    bad = [
+        k
+        for k in ("loss", "mlm_loss", "ag_loss", "grad_norm")
+        if k in metrics and not math.isfinite(metrics[k])
+    ]
+    if bad:
+        values = ", ".join(f"{k}={metrics[k]}" for k in bad)
+        raise FloatingPointError(
+            f"non-finite {values} at step {step}; stopping without saving "
+            f"(the last checkpoint is the last good state)"
+        )
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+) -> dict[str, float]:
+    """Trains per ``config`` into ``workdir``; returns the last logged metrics."""
+    exp = prepare(config, workdir)
+    cfg = exp.config
+    model = RobertaForMLM(exp.model, rngs=nnx.Rngs(params=cfg.train.seed))
+    graphdef, params = nnx.split(model)
+    tx, schedule = make_optimizer(cfg.train)
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+    manager = checkpointing.checkpoint_manager(workdir, cfg.train.keep_checkpoints)
+    restored = checkpointing.restore_latest(manager, state)
+    if restored is not None:
+        state = restored[1]
+    start = int(state.step)
+    writer = MetricsWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
+
+    sampler = data.BatchSampler(exp.train_blocks, cfg.train.batch_size, cfg.train.seed)
+    eval_sets = data.eval_batches(exp.eval_blocks, cfg.train.batch_size, cfg.train.eval_batches)
+    train_step = make_train_step(exp, graphdef, tx, schedule)
+    eval_step = make_eval_step(exp, graphdef)
+    total = cfg.train.steps
+    tokens_per_step = cfg.train.batch_size * cfg.data.block_size
+
+    last: dict[str, float] = {}
+    pending: tuple[int, Any, dict[str, float]] | None = None
+    clock = {"time": time.perf_counter(), "step": start}
+
+    def emit(record_step: int, device_metrics: Any, extra: dict[str, float]) -> None:
+        record: dict[str, float] = {"step": record_step}
+        if device_metrics is not None:
+            host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+            _check_finite(host, record_step)
+            now = time.perf_counter()
+            elapsed = max(now - clock["time"], 1e-9)
+            host["tokens_per_sec"] = (record_step - clock["step"]) * tokens_per_step / elapsed
+            clock.update(time=now, step=record_step)
+            record.update(host)
+        record.update(extra)
+        writer.write(record)
+        last.update(record)
+        bar.set_postfix(
+            {k: f"{record[k]:.4g}" for k in ("mlm_loss", "ag_loss", "eval_mlm_loss") if k in record}
+        )
+
+    with tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True) as bar:
+        for step in range(start, total):
+            state, metrics = train_step(state, sampler.batch(step))
+            if step == start:  # exclude compilation from the throughput
+                jax.block_until_ready(metrics)
+                clock.update(time=time.perf_counter(), step=step + 1)
+            if pending is not None:
+                emit(*pending)
+                pending = None
+            done = step + 1
+            log_due = done % cfg.train.log_every == 0 or done == total
+            eval_due = (
+                bool(eval_sets)
+                and cfg.train.eval_every > 0
+                and (done % cfg.train.eval_every == 0 or done == total)
+            )
+            ckpt_due = done == total or (
+                cfg.train.checkpoint_every > 0 and done % cfg.train.checkpoint_every == 0
+            )
+            extra = {}
+            if eval_due:
+                jax.block_until_ready(state)
+                eval_start = time.perf_counter()
+                extra = evaluate(eval_step, state.params, eval_sets)
+                clock["time"] += time.perf_counter() - eval_start  # keep eval out of tokens/s
+            if log_due or eval_due:
+                pending = (done, metrics if log_due else None, extra)
+            if ckpt_due:
+                _check_finite({k: float(v) for k, v in jax.device_get(metrics).items()}, done)
+                checkpointing.save(manager, done, state)
+            bar.update(1)
+        if pending is not None:
+            emit(*pending)
+    manager.wait_until_finished()
+    manager.close()
+    return last

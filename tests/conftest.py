@@ -1,0 +1,62 @@
+"""Test setup: CPU only, 8 fake devices, set before jax is imported anywhere."""
+
+import os
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture
+def wikitext_valid() -> pathlib.Path:
+    """The shared WikiText-2 validation file; tests using it skip where it is absent."""
+    path = SHARED_DATA / "wikitext-2" / "valid.txt"
+    if not path.exists():
+        pytest.skip(
+            f"shared corpus {path.name} not present (expected beside the repo in "
+            f"shared/data/wikitext-2)"
+        )
+    return path
+
+
+def write_corpus(path: pathlib.Path, lines: int = 300, seed: int = 0) -> pathlib.Path:
+    """A small synthetic English-like corpus with learnable structure (no download)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    subjects = ["the cat", "a dog", "my sister", "the old man", "our teacher", "a small bird"]
+    verbs = ["sees", "likes", "finds", "follows", "draws", "calls"]
+    objects = ["the ball", "a red apple", "the river", "her friend", "the garden", "a letter"]
+    endings = [".", "!", " today.", " again.", " at night."]
+    rows = []
+    for _ in range(lines):
+        words = [
+            f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}{rng.choice(endings)}"
+            for _ in range(rng.integers(2, 5))
+        ]
+        rows.append(" ".join(w.capitalize() for w in words))
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture
+def corpus_file(tmp_path: pathlib.Path) -> pathlib.Path:
+    return write_corpus(tmp_path / "corpus.txt")
+
+
+@pytest.fixture
+def tiny_config(corpus_file: pathlib.Path):
+    """configs/tiny.py on the synthetic corpus."""
+    from guided_jax.config import load_config
+
+    config = load_config(str(REPO / "configs" / "tiny.py"))
+    config.data.train_files = str(corpus_file)
+    return config

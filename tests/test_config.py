@@ -1,0 +1,62 @@
+"""Every config file loads, builds a valid model, and documents the command that runs it."""
+
+import pytest
+from conftest import REPO
+
+from guided_jax import train
+from guided_jax.config import MODEL_PRESETS, load_config, model_config
+
+CONFIG_FILES = ["configs/default.py", "configs/tiny.py"] + [
+    f"configs/reference.py:{name}" for name in MODEL_PRESETS
+]
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_config_file_is_valid(name):
+    config = load_config(str(REPO / name))
+    train.check_config(config)
+    path = name.split(":")[0]
+    assert f"--config {path}" in (REPO / path).read_text()
+
+
+@pytest.mark.parametrize(
+    ("name", "layers", "width", "heads", "ffn"),
+    [
+        ("roberta_4", 4, 512, 8, 2048),
+        ("roberta_8", 8, 768, 12, 3072),
+        ("roberta_12", 12, 768, 12, 3072),
+        ("roberta_16", 16, 768, 16, 3072),
+        ("roberta_self_24", 24, 768, 12, 0),
+        ("roberta_self_48", 48, 768, 12, 0),
+    ],
+)
+def test_reference_shapes(name, layers, width, heads, ffn):
+    config = load_config(f"{REPO / 'configs/reference.py'}:{name}")
+    model = train.build_model_config(config, vocab_size=52000)
+    assert (model.num_layers, model.hidden_size, model.num_heads, model.intermediate_size) == (
+        layers,
+        width,
+        heads,
+        ffn,
+    )
+    assert (model.vocab_size, model.max_position_embeddings, model.layer_norm_eps) == (
+        52000,
+        514,
+        1e-5,
+    )
+    assert model.dropout == model.attention_dropout == 0.1
+    assert config.data.block_size == 512 and config.train.batch_size == 4
+    assert config.guidance.heads == "0,1,1,4" and config.guidance.scale == 100.0
+
+
+def test_unknown_preset_is_refused():
+    with pytest.raises(ValueError, match="roberta_7"):
+        model_config("roberta_7")
+
+
+def test_unknown_model_key_is_refused():
+    config = load_config(str(REPO / "configs/tiny.py"))
+    config.model.unlock()
+    config.model.hidden = 3
+    with pytest.raises(ValueError, match="hidden"):
+        train.check_config(config)

@@ -1,0 +1,182 @@
+"""End-to-end runs of train_and_evaluate on the tiny config, and every bad input it must refuse."""
+
+import json
+import shutil
+
+import pytest
+
+from guided_jax import train
+from guided_jax.data import CorpusError
+from guided_jax.guidance import SpecError
+from guided_jax.metrics import read_metrics
+
+REQUIRED_KEYS = {
+    "step",
+    "loss",
+    "mlm_loss",
+    "ag_loss",
+    "ag_weight",
+    "learning_rate",
+    "tokens_per_sec",
+}
+
+
+@pytest.mark.slow
+def test_tiny_run_lowers_mlm_and_guidance_losses(tiny_config, tmp_path):
+    cfg = tiny_config
+    cfg.train.steps = 40
+    cfg.train.learning_rate = 3e-3
+    cfg.train.log_every = 5
+    cfg.train.eval_every = 20
+    cfg.guidance.scale = 10.0
+    workdir = tmp_path / "run"
+    last = train.train_and_evaluate(cfg, workdir)
+
+    records = read_metrics(workdir)
+    logged = [r for r in records if "mlm_loss" in r]
+    evals = [r for r in records if "eval_mlm_loss" in r]
+    assert [r["step"] for r in logged] == list(range(5, 41, 5))
+    assert [r["step"] for r in evals] == [20, 40]
+    assert all(set(r) >= REQUIRED_KEYS for r in logged)
+    assert logged[-1]["mlm_loss"] < logged[0]["mlm_loss"] - 0.5
+    assert logged[-1]["ag_loss"] < 0.5 * logged[0]["ag_loss"]
+    assert evals[-1]["eval_mlm_loss"] < evals[0]["eval_mlm_loss"]
+    assert all(r["ag_weight"] == pytest.approx(10.0) for r in logged)
+    # Per-pattern losses add up to the total.
+    first = logged[0]
+    parts = [v for k, v in first.items() if k.startswith("ag_loss/")]
+    assert len(parts) == 3 and sum(parts) == pytest.approx(first["ag_loss"], rel=1e-5)
+    assert last["step"] == 40
+    assert (workdir / "checkpoints" / "40").is_dir()
+    assert (workdir / "tokenizer" / "vocab.json").is_file()
+    assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 40
+
+
+def test_baseline_trains_without_guidance_but_measures_it(tiny_config, tmp_path):
+    tiny_config.guidance.enabled = False
+    train.train_and_evaluate(tiny_config, tmp_path / "run")
+    records = read_metrics(tmp_path / "run")
+    logged = [r for r in records if "mlm_loss" in r]
+    assert all(r["ag_weight"] == 0.0 and r["ag_loss"] == 0.0 for r in logged)
+    assert all(r["loss"] == pytest.approx(r["mlm_loss"]) for r in logged)
+    assert all(r["eval_ag_loss"] > 0.0 for r in records if "eval_mlm_loss" in r)
+
+
+def test_token_set_guidance_trains(tiny_config, tmp_path):
+    tiny_config.guidance.heads = "next:1,token[</s>]:1,token[.]:1"
+    last = train.train_and_evaluate(tiny_config, tmp_path / "run")
+    assert {"ag_loss/next", "ag_loss/token[</s>]", "ag_loss/token[.]"} <= set(last)
+    assert last["ag_loss/token[.]"] > 0.0
+
+
+def _without_timing(records):
+    return [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in records]
+
+
+def test_rerun_resumes_from_last_checkpoint_identically(tiny_config, tmp_path):
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(tiny_config, workdir)
+    uninterrupted = read_metrics(workdir)
+    # Lose the final checkpoint, as if the run had died after step 3's save.
+    shutil.rmtree(workdir / "checkpoints" / "6")
+    train.train_and_evaluate(tiny_config, workdir)
+    resumed = read_metrics(workdir)
+    assert [r["step"] for r in resumed] == [2, 3, 4, 6]
+    assert _without_timing(resumed) == _without_timing(uninterrupted)
+
+
+def test_finished_run_is_not_repeated(tiny_config, tmp_path):
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(tiny_config, workdir)
+    before = (workdir / "metrics.jsonl").read_text()
+    assert train.train_and_evaluate(tiny_config, workdir) == {}
+    assert (workdir / "metrics.jsonl").read_text() == before
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _refused(config, workdir, error, match):
+    with pytest.raises(error, match=match):
+        train.train_and_evaluate(config, workdir)
+
+
+def test_missing_corpus_file_is_refused_before_writing(tiny_config, tmp_path):
+    tiny_config.data.train_files = str(tmp_path / "nope.txt")
+    _refused(tiny_config, tmp_path / "run", CorpusError, "nope.txt")
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_corpus_file_is_refused(tiny_config, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    tiny_config.data.train_files = str(tmp_path / "empty.txt")
+    _refused(tiny_config, tmp_path / "run", CorpusError, "empty.txt")
+    assert not (tmp_path / "run").exists()
+
+
+def test_undecodable_corpus_file_is_refused(tiny_config, tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 50)
+    tiny_config.data.train_files = str(tmp_path / "latin1.txt")
+    _refused(tiny_config, tmp_path / "run", CorpusError, "latin1.txt")
+    assert not (tmp_path / "run").exists()
+
+
+def test_corpus_shorter_than_a_block_is_refused(tiny_config, tmp_path):
+    (tmp_path / "short.txt").write_text("just a few words\n")
+    tiny_config.data.train_files = str(tmp_path / "short.txt")
+    tiny_config.data.tokenizer_vocab_size = 300
+    _refused(tiny_config, tmp_path / "run", ValueError, "block")
+    assert not (tmp_path / "run").exists()
+
+
+def test_corpus_smaller_than_a_batch_is_refused(tiny_config, tmp_path):
+    tiny_config.train.batch_size = 4096
+    _refused(tiny_config, tmp_path / "run", ValueError, "batch")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("heads", "match"),
+    [
+        ("2,2,2,2", "needs 8 heads but the model has 4"),
+        ("next:1,diagonal:2", "diagonal"),
+        ("0,1,x,1", "'x'"),
+    ],
+)
+def test_bad_head_spec_is_refused(tiny_config, tmp_path, heads, match):
+    tiny_config.guidance.heads = heads
+    _refused(tiny_config, tmp_path / "run", SpecError, match)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_guidance_token_is_refused(tiny_config, tmp_path):
+    tiny_config.guidance.heads = "next:1,token[<sep>]:1"
+    _refused(tiny_config, tmp_path / "run", ValueError, "<sep>")
+    assert not (tmp_path / "run").exists()
+
+
+def test_start_layer_out_of_range_is_refused(tiny_config, tmp_path):
+    tiny_config.guidance.start_layer = 2
+    _refused(tiny_config, tmp_path / "run", SpecError, "start layer 2")
+
+
+def test_block_size_above_max_positions_is_refused(tiny_config, tmp_path):
+    tiny_config.data.block_size = 65
+    _refused(tiny_config, tmp_path / "run", train.ConfigError, "max_position_embeddings=66")
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_vocab_smaller_than_tokenizer_is_refused(tiny_config, tmp_path):
+    tiny_config.model.vocab_size = 100
+    _refused(tiny_config, tmp_path / "run", train.ConfigError, "vocab_size=100")
+
+
+def test_workdir_of_another_config_is_refused_and_kept(tiny_config, tmp_path):
+    workdir = tmp_path / "run"
+    tiny_config.train.steps = 2
+    train.train_and_evaluate(tiny_config, workdir)
+    saved = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
+    tiny_config.train.learning_rate = 5e-3
+    _refused(tiny_config, workdir, train.ConfigError, r"train\.learning_rate: 0\.001 -> 0\.005")
+    assert {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()} == saved
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2"]
