@@ -75,6 +75,17 @@ class ModelConfig:
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(
+                f"model.pad_token_id={self.pad_token_id} must be a vocabulary id in "
+                f"[0, {self.vocab_size})"
+            )
+        if self.max_block_size < 1:
+            raise ValueError(
+                f"model.max_position_embeddings={self.max_position_embeddings} leaves no "
+                f"position after RoBERTa's padding offset (pad_token_id + 1 = "
+                f"{self.pad_token_id + 1})"
+            )
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(
                 f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}"
@@ -283,13 +294,25 @@ class RobertaForMLM(nnx.Module):
         self,
         input_ids: jax.Array,
         *,
+        attention_mask: jax.Array | None = None,
         dropout_key: jax.Array | None = None,
         guide: Guide | None = None,
         return_attentions: bool = False,
     ) -> tuple[jax.Array, dict[str, Any]]:
-        """``dropout_key=None`` runs deterministically (eval); ``guide`` turns on the guidance
-        statistics; ``return_attentions`` also returns every layer's full maps (for analysis)."""
-        bias = attention_bias(input_ids != self.config.pad_token_id)
+        """``attention_mask`` ``[B, n]`` marks the keys to attend to (default: the non-pad
+        ids; pass the unmasked batch's when MLM noise may have drawn the pad id, as the
+        reference takes it from the tokenizer); ``dropout_key=None`` runs deterministically
+        (eval); ``guide`` turns on the guidance statistics; ``return_attentions`` also returns
+        every layer's full maps (for analysis)."""
+        if input_ids.shape[-1] > self.config.max_block_size:
+            raise ValueError(
+                f"input of {input_ids.shape[-1]} tokens is longer than the model's "
+                f"{self.config.max_block_size} positions (max_position_embeddings="
+                f"{self.config.max_position_embeddings}, pad_token_id={self.config.pad_token_id})"
+            )
+        if attention_mask is None:
+            attention_mask = input_ids != self.config.pad_token_id
+        bias = attention_bias(attention_mask.astype(bool))
         x = self.embeddings(input_ids, _fold(dropout_key, 0))
         guidance, attentions = [], []
         for index, layer in enumerate(self.layers):

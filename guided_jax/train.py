@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import json
 import math
 import os
@@ -64,6 +65,20 @@ class Experiment:
 
 def _split_paths(value: str) -> list[str]:
     return [p.strip() for p in value.split(",") if p.strip()]
+
+
+def corpus_files(value: str, key: str) -> list[str]:
+    """Comma-separated paths or globs → files; a glob that matches nothing is an error."""
+    files: list[str] = []
+    for item in _split_paths(value):
+        if glob.has_magic(item):
+            matches = sorted(glob.glob(item))
+            if not matches:
+                raise ConfigError(f"{key}: the pattern {item!r} matches no file")
+            files.extend(matches)
+        else:
+            files.append(item)
+    return files
 
 
 def _check_positive(config: ml_collections.ConfigDict, *keys: str) -> None:
@@ -129,7 +144,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"data.mlm_probability must be in (0, 1), got {config.data.mlm_probability}"
         )
-    model = build_model_config(config, vocab_size=1)  # shape checks; vocab resolved later
+    model = build_model_config(config, vocab_size=512)  # shape checks; vocab resolved later
     spec = head_spec(config)
     if spec is not None:
         spec.validate(num_heads=model.num_heads, num_layers=model.num_layers)
@@ -179,7 +194,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Ex
     workdir = Path(workdir)
     check_config(config)
     check_workdir(config, workdir)
-    train_texts = data.load_corpus(_split_paths(config.data.train_files))
+    train_texts = data.load_corpus(corpus_files(config.data.train_files, "data.train_files"))
     tokenizer, scratch = _tokenizer(config, workdir, train_texts)
     try:
         model = build_model_config(config, tokenizer.vocab_size)
@@ -187,7 +202,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Ex
         token_ids = spec.token_ids(tokenizer) if spec is not None else ()
         blocks = data.tokenize_and_pack(train_texts, tokenizer, config.data.block_size)
         if config.data.eval_files:
-            eval_texts = data.read_text_files(_split_paths(config.data.eval_files))
+            eval_texts = data.read_text_files(
+                corpus_files(config.data.eval_files, "data.eval_files")
+            )
             train_blocks = blocks
             eval_blocks = data.tokenize_and_pack(eval_texts, tokenizer, config.data.block_size)
         else:
@@ -237,6 +254,38 @@ def make_optimizer(
     return adamw, schedule
 
 
+def mlm_forward(
+    exp: Experiment,
+    model: RobertaForMLM,
+    batch: jax.Array,
+    mask_key: jax.Array,
+    *,
+    guided: bool,
+    dropout_key: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Masks ``batch`` and runs the model: ``(mlm_loss, per-group AG losses [G], #selected)``.
+
+    Token-set targets are read from the model's (masked) input, as the reference does; the
+    attention mask comes from the unmasked batch, as the reference's tokenizer gives it.
+    """
+    inputs, selected = mask_tokens(
+        mask_key,
+        batch,
+        vocab_size=exp.tokenizer.vocab_size,
+        mask_id=exp.tokenizer.mask_id,
+        special_ids=exp.tokenizer.special_ids,
+        mlm_probability=exp.config.data.mlm_probability,
+    )
+    guide = None
+    if guided:
+        masks = token_masks(inputs, exp.token_ids) if exp.token_ids else None
+        guide = Guide(exp.spec, masks, after_dropout=exp.config.guidance.after_dropout)
+    attend = batch != exp.model.pad_token_id
+    logits, aux = model(inputs, attention_mask=attend, dropout_key=dropout_key, guide=guide)
+    groups = aux["guidance"].sum(axis=0) if guided else jnp.zeros((0,), jnp.float32)
+    return mlm_loss(logits, batch, selected), groups, jnp.sum(selected)
+
+
 def make_train_step(
     exp: Experiment,
     graphdef: nnx.GraphDef,
@@ -247,16 +296,9 @@ def make_train_step(
     cfg = exp.config
     guided = cfg.guidance.enabled and exp.spec is not None
     base_key = jax.random.key(cfg.train.seed)
-    mask_kwargs = dict(
-        vocab_size=exp.tokenizer.vocab_size,
-        mask_id=exp.tokenizer.mask_id,
-        special_ids=exp.tokenizer.special_ids,
-        mlm_probability=cfg.data.mlm_probability,
-    )
 
     def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict[str, Any]]:
         mask_key, dropout_key = jax.random.split(jax.random.fold_in(base_key, state.step))
-        inputs, selected = mask_tokens(mask_key, batch, **mask_kwargs)
         weight = jnp.zeros((), jnp.float32)
         if guided:
             weight = guidance_weight(
@@ -268,13 +310,9 @@ def make_train_step(
 
         def loss_fn(params: nnx.State):
             model = nnx.merge(graphdef, params)
-            guide = None
-            if guided:
-                masks = token_masks(inputs, exp.token_ids) if exp.token_ids else None
-                guide = Guide(exp.spec, masks, after_dropout=cfg.guidance.after_dropout)
-            logits, aux = model(inputs, dropout_key=dropout_key, guide=guide)
-            mlm = mlm_loss(logits, batch, selected)
-            groups = aux["guidance"].sum(axis=0) if guided else jnp.zeros((0,))
+            mlm, groups, _ = mlm_forward(
+                exp, model, batch, mask_key, guided=guided, dropout_key=dropout_key
+            )
             ag = jnp.sum(groups)
             return mlm + weight * ag, (mlm, ag, groups)
 
@@ -287,7 +325,7 @@ def make_train_step(
             ag_loss=ag,
             ag_weight=weight,
             learning_rate=schedule(state.step),
-            grad_norm=optax.global_norm(grads),
+            grad_norm=optax.tree.norm(grads),
         )
         if guided:
             metrics.update({f"ag_loss/{g.name}": groups[i] for i, g in enumerate(exp.spec.groups)})
@@ -299,27 +337,14 @@ def make_train_step(
 def make_eval_step(exp: Experiment, graphdef: nnx.GraphDef):
     """``(params, batch, index) -> (nll_sum, count, ag_loss)`` with fixed masks per index and no
     dropout, so evals of one run compare like for like; AG is measured even for the baseline."""
-    cfg = exp.config
-    eval_key = jax.random.fold_in(jax.random.key(cfg.train.seed), 2**31 - 1)
+    eval_key = jax.random.fold_in(jax.random.key(exp.config.train.seed), 2**31 - 1)
 
     def eval_step(params: nnx.State, batch: jax.Array, index: jax.Array):
-        inputs, selected = mask_tokens(
-            jax.random.fold_in(eval_key, index),
-            batch,
-            vocab_size=exp.tokenizer.vocab_size,
-            mask_id=exp.tokenizer.mask_id,
-            special_ids=exp.tokenizer.special_ids,
-            mlm_probability=cfg.data.mlm_probability,
+        model = nnx.merge(graphdef, params)
+        mlm, groups, count = mlm_forward(
+            exp, model, batch, jax.random.fold_in(eval_key, index), guided=exp.spec is not None
         )
-        guide = None
-        if exp.spec is not None:
-            masks = token_masks(inputs, exp.token_ids) if exp.token_ids else None
-            guide = Guide(exp.spec, masks)
-        logits, aux = nnx.merge(graphdef, params)(inputs, guide=guide)
-        count = jnp.sum(selected)
-        nll = mlm_loss(logits, batch, selected) * jnp.maximum(count, 1)
-        ag = jnp.sum(aux["guidance"]) if guide is not None else jnp.zeros(())
-        return nll, count, ag
+        return mlm * jnp.maximum(count, 1), count, jnp.sum(groups)
 
     return jax.jit(eval_step)
 

@@ -1,0 +1,497 @@
+"""Tests for guided_jax.guidance: the AG loss against an independent dense implementation of the
+reference formula, its gradient, head-spec parsing and errors, and the guidance weight schedule.
+
+The dense reference below builds the ``n x n`` targets exactly as DESIGN.md §1 describes them and
+takes ``mean((A[:, heads_g] - P_g) ** 2)`` in float64; it does not use the package's spec objects
+(each case states its head assignment by hand), so it checks the head assignment too.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from guided_jax.guidance import (
+    Guide,
+    HeadSpec,
+    PatternGroup,
+    SpecError,
+    group_losses,
+    guidance_loss,
+    guidance_weight,
+    token_masks,
+)
+
+# ----------------------------------------------------------------------------- dense reference
+
+B, H, N = 3, 8, 13  # n deliberately not a power of two
+S_ID, EOS_ID, DOT_ID, NEVER_ID = 0, 2, 7, 9  # token ids used by the token-set cases
+
+
+def dense_target(pattern: str, n: int, input_ids: np.ndarray, token_id: int | None) -> np.ndarray:
+    """``[B, n, n]`` float64 target of one pattern, written out entry by entry."""
+    batch = input_ids.shape[0]
+    target = np.zeros((batch, n, n))
+    for b in range(batch):
+        for i in range(n):
+            for j in range(n):
+                if pattern == "self":
+                    one = j == i
+                elif pattern == "next":
+                    one = j == i + 1  # the last row has no j = n, so it stays all zero
+                elif pattern == "prev":
+                    one = j == i - 1  # the first row has no j = -1, so it stays all zero
+                elif pattern == "first":
+                    one = j == 0
+                elif pattern == "token":
+                    one = input_ids[b, j] == token_id  # same in every row, per example
+                else:
+                    raise AssertionError(pattern)
+                target[b, i, j] = float(one)
+    return target
+
+
+def dense_loss_and_grad(
+    attentions: list[np.ndarray],
+    groups: list[tuple[str, list[int], int | None]],
+    start_layer: int,
+    input_ids: np.ndarray,
+) -> tuple[float, list[np.ndarray]]:
+    """Reference loss ``sum_l sum_g mean((A[l][:, heads_g] - P_g)^2)`` and its gradient."""
+    total = 0.0
+    grads = [np.zeros(a.shape, np.float64) for a in attentions]
+    for layer, attention in enumerate(attentions):
+        if layer < start_layer:
+            continue
+        a = attention.astype(np.float64)
+        n = a.shape[-1]
+        for pattern, heads, token_id in groups:
+            target = dense_target(pattern, n, input_ids, token_id)[:, None]  # [B, 1, n, n]
+            diff = a[:, heads] - target
+            total += np.mean(diff**2)
+            grads[layer][:, heads] = 2.0 * diff / diff.size
+    return total, grads
+
+
+def random_attention(rng: np.random.Generator, layers: int, shape=(B, H, N, N)) -> list:
+    """Post-softmax float32 maps with a mix of flat and peaked rows."""
+    out = []
+    for _ in range(layers):
+        logits = rng.normal(size=shape) * rng.uniform(0.5, 4.0, size=(*shape[:-1], 1))
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        out.append((probs / probs.sum(-1, keepdims=True)).astype(np.float32))
+    return out
+
+
+def example_ids(rng: np.random.Generator) -> np.ndarray:
+    """``[B, N]`` ids: example 0 has no '.', example 1 has many, no example has NEVER_ID."""
+    ids = rng.integers(10, 50, size=(B, N))
+    ids[:, 0] = S_ID
+    ids[:, -1] = EOS_ID
+    ids[1, 2:11] = DOT_ID  # many occurrences
+    ids[2, 5] = DOT_ID  # one occurrence
+    ids[2, 8] = EOS_ID  # </s> twice in example 2
+    assert not (ids[0] == DOT_ID).any() and not (ids == NEVER_ID).any()
+    return ids
+
+
+# (spec text, tokens, start layer, hand-written head assignment, number of layers)
+CASES = {
+    "self": ("1,0,0,0", (), 0, [("self", [0], None)], 1),
+    "next": ("0,1,0,0", (), 0, [("next", [0], None)], 1),
+    "prev": ("0,0,1,0", (), 0, [("prev", [0], None)], 1),
+    "first": ("0,0,0,1", (), 0, [("first", [0], None)], 1),
+    "reference_0114": (
+        "0,1,1,4",
+        (),
+        0,
+        [("next", [0], None), ("prev", [1], None), ("first", [2, 3, 4, 5], None)],
+        2,
+    ),
+    "uneven_1203_start1": (
+        "1,2,0,3",
+        (),
+        1,
+        [("self", [0], None), ("next", [1, 2], None), ("first", [3, 4, 5], None)],
+        3,
+    ),
+    "all_four_start2": (
+        "2,1,1,3",
+        (),
+        2,
+        [
+            ("self", [0, 1], None),
+            ("next", [2], None),
+            ("prev", [3], None),
+            ("first", [4, 5, 6], None),
+        ],
+        4,
+    ),
+    "probing_tokens": (
+        "0,1,1,0,3,3",
+        ("<s>", "</s>"),
+        0,
+        [
+            ("next", [0], None),
+            ("prev", [1], None),
+            ("token", [2, 3, 4], S_ID),
+            ("token", [5, 6, 7], EOS_ID),
+        ],
+        2,
+    ),
+    "everything_start1": (
+        "1,1,1,1,2,1",
+        (".", "<never>"),
+        1,
+        [
+            ("self", [0], None),
+            ("next", [1], None),
+            ("prev", [2], None),
+            ("first", [3], None),
+            ("token", [4, 5], DOT_ID),
+            ("token", [6], NEVER_ID),
+        ],
+        2,
+    ),
+    "token_sparse_dense_absent_start1": (
+        "0,0,1,1,2,1,1",
+        (".", "</s>", "<never>"),
+        1,
+        [
+            ("prev", [0], None),
+            ("first", [1], None),
+            ("token", [2, 3], DOT_ID),
+            ("token", [4], EOS_ID),
+            ("token", [5], NEVER_ID),
+        ],
+        3,
+    ),
+}
+TOKEN_IDS = {"<s>": S_ID, "</s>": EOS_ID, ".": DOT_ID, "<never>": NEVER_ID}
+
+
+def _rel_err(got: float, want: float) -> float:
+    return abs(got - want) / abs(want)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_guidance_loss_matches_dense_reference(case: str) -> None:
+    text, tokens, start, groups, layers = CASES[case]
+    rng = np.random.default_rng(sorted(CASES).index(case))
+    attentions = random_attention(rng, layers)
+    ids = example_ids(rng)
+    spec = HeadSpec.parse(text, tokens=tokens, start_layer=start)
+    want, _ = dense_loss_and_grad(attentions, groups, start, ids)
+
+    by_map = guidance_loss([jnp.asarray(a) for a in attentions], spec, ids, TOKEN_IDS)
+    assert by_map.dtype == jnp.float32 and by_map.shape == ()
+    assert _rel_err(float(by_map), want) <= 1e-6, (float(by_map), want)
+    if tokens:
+        by_seq = guidance_loss(attentions, spec, ids, [TOKEN_IDS[t] for t in tokens])
+        assert _rel_err(float(by_seq), want) <= 1e-6
+
+
+@pytest.mark.parametrize("case", ["reference_0114", "token_sparse_dense_absent_start1"])
+def test_group_losses_and_guide_match_dense_reference_per_group(case: str) -> None:
+    text, tokens, _, groups, _ = CASES[case]
+    rng = np.random.default_rng(1)
+    (attention,) = random_attention(rng, 1)
+    ids = example_ids(rng)
+    spec = HeadSpec.parse(text, tokens=tokens)
+    masks = token_masks(jnp.asarray(ids), [TOKEN_IDS[t] for t in tokens]) if tokens else None
+    want = [dense_loss_and_grad([attention], [g], 0, ids)[0] for g in groups]
+
+    guided = attention[:, : spec.num_guided_heads]
+    per_group = np.asarray(group_losses(jnp.asarray(guided), spec, masks))
+    assert per_group.shape == (len(groups),)
+    np.testing.assert_allclose(per_group, want, rtol=1e-6)
+    # The Guide used inside the model slices the guided heads itself from the full map.
+    np.testing.assert_allclose(
+        np.asarray(Guide(spec, masks).layer_losses(jnp.asarray(attention))), want, rtol=1e-6
+    )
+
+
+def test_token_masks_mark_every_occurrence_per_example() -> None:
+    ids = example_ids(np.random.default_rng(2))
+    masks = np.asarray(token_masks(jnp.asarray(ids), [DOT_ID, EOS_ID, NEVER_ID]))
+    assert masks.shape == (3, B, N) and masks.dtype == np.float32
+    np.testing.assert_array_equal(masks[0], ids == DOT_ID)
+    np.testing.assert_array_equal(masks[1], ids == EOS_ID)
+    assert masks[0, 0].sum() == 0 and masks[0, 1].sum() == 9 and masks[2].sum() == 0
+
+
+def test_guidance_loss_gradient_matches_dense_formula() -> None:
+    text, tokens, start, groups, layers = CASES["everything_start1"]
+    rng = np.random.default_rng(3)
+    attentions = random_attention(rng, layers)
+    ids = example_ids(rng)
+    spec = HeadSpec.parse(text, tokens=tokens, start_layer=start)
+    _, want = dense_loss_and_grad(attentions, groups, start, ids)
+
+    grad_fn = jax.jit(jax.grad(lambda maps: guidance_loss(maps, spec, ids, TOKEN_IDS)))
+    grads = grad_fn([jnp.asarray(a) for a in attentions])
+    for layer, (got, expected) in enumerate(zip(grads, want, strict=True)):
+        scale = np.abs(expected).max() if layer >= start else 1.0
+        np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-6 * scale)
+        if layer < start:
+            assert not np.asarray(got).any()  # unguided layers get no gradient
+    # heads past the guided ones get no gradient in any layer
+    assert not np.asarray(grads[-1][:, spec.num_guided_heads :]).any()
+
+
+def test_attention_equal_to_targets_gives_zero_loss() -> None:
+    rng = np.random.default_rng(4)
+    ids = example_ids(rng)
+    spec = HeadSpec.parse("1,1,1,2,1", tokens=("</s>",), start_layer=0)
+    attention = np.asarray(random_attention(rng, 1)[0])
+    patterns = [("self", None), ("next", None), ("prev", None), ("first", None)]
+    patterns += [("first", None), ("token", EOS_ID)]
+    for head, (pattern, token_id) in enumerate(patterns):
+        attention[:, head] = dense_target(pattern, N, ids, token_id)
+    loss = guidance_loss([jnp.asarray(attention)] * 2, spec, ids, TOKEN_IDS)
+    assert abs(float(loss)) <= 1e-6
+    # and a single wrong entry makes it positive by exactly 1 / (B * k * n * n)
+    attention[0, 0, 3, 3] = 0.0  # a self-pattern head misses one diagonal entry
+    loss = guidance_loss([jnp.asarray(attention)], spec, ids, TOKEN_IDS)
+    np.testing.assert_allclose(float(loss), 1.0 / (B * 1 * N * N), rtol=1e-5)
+
+
+def test_unguided_heads_do_not_affect_the_loss() -> None:
+    rng = np.random.default_rng(5)
+    attentions = random_attention(rng, 2)
+    spec = HeadSpec.parse("0,1,1,4")
+    base = float(guidance_loss(attentions, spec))
+    changed = [a.copy() for a in attentions]
+    for a in changed:
+        a[:, 6:] = rng.permutation(a[:, 6:], axis=-1)
+    assert float(guidance_loss(changed, spec)) == base
+    changed[1][:, 5] = changed[1][:, 5, :, ::-1]  # a guided head (first pattern) changes it
+    assert float(guidance_loss(changed, spec)) != base
+
+
+def test_guidance_loss_under_jit_matches_eager() -> None:
+    rng = np.random.default_rng(6)
+    text, tokens, start, _, layers = CASES["probing_tokens"]
+    spec = HeadSpec.parse(text, tokens=tokens, start_layer=start)
+    attentions = [jnp.asarray(a) for a in random_attention(rng, layers)]
+    ids = jnp.asarray(example_ids(rng))
+    jitted = jax.jit(lambda maps, x: guidance_loss(maps, spec, x, TOKEN_IDS))
+    np.testing.assert_allclose(
+        float(jitted(attentions, ids)),
+        float(guidance_loss(attentions, spec, ids, TOKEN_IDS)),
+        rtol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("eps", [1e-2, 1e-4])
+def test_guidance_loss_precise_for_heads_close_to_their_pattern(eps: float) -> None:
+    # Trained heads sit this close to their pattern; an expanded-square formula cancels here.
+    rng = np.random.default_rng(7)
+    n = 256
+    target = dense_target("first", n, np.zeros((2, n), np.int64), None)[:, None]  # [2,1,n,n]
+    noise = rng.dirichlet(np.ones(n), size=(2, 1, n))
+    attention = ((1 - eps) * target + eps * noise).astype(np.float32)  # rows still sum to 1
+    want = np.mean((attention.astype(np.float64) - target) ** 2)
+    got = float(guidance_loss([jnp.asarray(attention)], HeadSpec.parse("0,0,0,1")))
+    assert _rel_err(got, want) <= 1e-5, (got, want)
+
+
+def test_guidance_loss_argument_errors() -> None:
+    attentions = random_attention(np.random.default_rng(8), 2, shape=(1, 4, 5, 5))
+    with pytest.raises(ValueError, match="at least one layer"):
+        guidance_loss([], HeadSpec.parse("0,0,0,1"))
+    with pytest.raises(SpecError, match="needs 6 heads"):
+        guidance_loss(attentions, HeadSpec.parse("0,1,1,4"))
+    with pytest.raises(SpecError, match="start layer 2"):
+        guidance_loss(attentions, HeadSpec.parse("0,0,0,1", start_layer=2))
+    spec = HeadSpec.parse("0,0,0,1,1", tokens=("</s>",))
+    with pytest.raises(ValueError, match="input_ids and token_ids"):
+        guidance_loss(attentions, spec)
+    ids = np.zeros((1, 5), np.int32)
+    with pytest.raises(ValueError, match=re.escape("['</s>']")):
+        guidance_loss(attentions, spec, ids, {"<s>": 0})
+    with pytest.raises(ValueError, match="2 token ids for 1 token groups"):
+        guidance_loss(attentions, spec, ids, [2, 3])
+
+
+# ----------------------------------------------------------------------------- head specs
+
+
+def test_parse_reference_numeric_form() -> None:
+    spec = HeadSpec.parse("0,1,1,4")
+    assert spec.groups == (
+        PatternGroup("next", 1),
+        PatternGroup("prev", 1),
+        PatternGroup("first", 4),
+    )
+    assert spec.head_ranges == ((0, 1), (1, 2), (2, 6))
+    assert spec.num_guided_heads == 6
+    assert spec.tokens == ()
+    assert spec.start_layer == 0
+    assert str(spec) == "next:1,prev:1,first:4"
+    assert HeadSpec.parse(" 0 , 1,1 ,4 ") == spec
+
+
+def test_parse_uneven_counts_keep_head_order() -> None:
+    spec = HeadSpec.parse("1,2,0,3", start_layer=2)
+    assert [g.name for g in spec.groups] == ["self", "next", "first"]
+    assert spec.head_ranges == ((0, 1), (1, 3), (3, 6))
+    assert spec.start_layer == 2
+    assert not spec.guides_layer(1) and spec.guides_layer(2) and spec.guides_layer(5)
+
+
+def test_parse_probing_form_with_tokens() -> None:
+    spec = HeadSpec.parse("0,1,1,0,3,3", tokens=("<s>", "</s>"))
+    assert spec.groups == (
+        PatternGroup("next", 1),
+        PatternGroup("prev", 1),
+        PatternGroup("token", 3, "<s>"),
+        PatternGroup("token", 3, "</s>"),
+    )
+    assert spec.tokens == ("<s>", "</s>")
+    assert spec.head_ranges == ((0, 1), (1, 2), (2, 5), (5, 8))
+    assert spec.num_guided_heads == 8
+    assert str(spec) == "next:1,prev:1,token[<s>]:3,token[</s>]:3"
+    # a zero token count drops that token's group, and its token
+    assert HeadSpec.parse("0,0,0,1,0,2", tokens=("<s>", "</s>")).tokens == ("</s>",)
+
+
+def test_named_form_equals_numeric_form_and_str_round_trips() -> None:
+    named = HeadSpec.parse("next:1, prev:1 ,first : 4")
+    assert named == HeadSpec.parse("0,1,1,4")
+    assert HeadSpec.parse("self:0,next:1,prev:1,first:4") == named  # zero groups dropped
+    probing = HeadSpec.parse("0,1,1,0,3,3", tokens=("<s>", "</s>"), start_layer=1)
+    assert HeadSpec.parse("next:1,prev:1,token[<s>]:3,token[</s>]:3", start_layer=1) == probing
+    for spec in (named, probing, HeadSpec.parse("first:2,self:1,token[.]:2,next:3")):
+        assert HeadSpec.parse(str(spec), start_layer=spec.start_layer) == spec
+
+
+def test_named_form_assigns_heads_in_listed_order() -> None:
+    spec = HeadSpec.parse("first:2,token[.]:1,self:3")
+    assert [g.name for g in spec.groups] == ["first", "token[.]", "self"]
+    assert spec.head_ranges == ((0, 2), (2, 3), (3, 6))
+    assert spec.tokens == (".",)
+
+
+def test_validate_accepts_a_spec_that_fits() -> None:
+    HeadSpec.parse("0,1,1,4", start_layer=3).validate(num_heads=6, num_layers=4)
+
+
+class _FakeTokenizer:
+    def __init__(self, vocab: dict[str, int]):
+        self.vocab = vocab
+
+    def token_to_id(self, token: str) -> int:
+        if token not in self.vocab:
+            raise ValueError(f"token {token!r} is not in the vocabulary")
+        return self.vocab[token]
+
+
+def test_token_ids_from_tokenizer() -> None:
+    spec = HeadSpec.parse("0,1,1,0,3,3", tokens=("<s>", "</s>"))
+    assert spec.token_ids(_FakeTokenizer({"<s>": 0, "</s>": 2, ".": 4})) == (0, 2)
+    assert HeadSpec.parse("0,1,1,4").token_ids(_FakeTokenizer({})) == ()
+
+
+def test_token_ids_unknown_token_names_it() -> None:
+    spec = HeadSpec.parse("0,1,1,0,3,3", tokens=("<s>", "<unknown-tok>"))
+    with pytest.raises(ValueError, match=re.escape("'<unknown-tok>'")) as info:
+        spec.token_ids(_FakeTokenizer({"<s>": 0}))
+    assert "'<s>'" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "tokens", "match"),
+    [
+        ("", (), "empty"),
+        ("   ", (), "empty"),
+        ("next:1,diag:2", (), "'diag:2'"),
+        ("next:1,prev:-1", (), "'-1' for prev"),
+        ("first:1.5", (), "'1.5' for first"),
+        ("first:x", (), "'x' for first"),
+        ("0,-1,1,4", (), "-1"),
+        ("0,1.5,1,4", (), "1.5"),
+        ("0,1,,4", (), "empty entry"),
+        ("0,1,1", (), "has 3 counts"),
+        ("0,1,1,0,3", ("<s>", "</s>"), "1 token-set counts .* but 2 tokens"),
+        ("0,1,1,0,3,3", ("<s>",), "2 token-set counts .* but 1 tokens"),
+        ("0,1,1,4,2", (), "1 token-set counts .* but 0 tokens"),
+        ("next:1,token[.]:2", ("<s>",), "only used with the numeric"),
+        ("next:1,prev:1,next:2", (), "'next' is listed twice"),
+        ("token[.]:1,token[.]:2", (), r"'token\[\.\]' is listed twice"),
+        ("0,0,0,0", (), "'0,0,0,0' guides no head"),
+        ("next:0,first:0", (), "guides no head"),
+    ],
+)
+def test_parse_errors_name_the_offending_value(text: str, tokens: tuple, match: str) -> None:
+    with pytest.raises(SpecError, match=match):
+        HeadSpec.parse(text, tokens=tokens)
+
+
+def test_spec_error_is_a_value_error() -> None:
+    assert issubclass(SpecError, ValueError)
+
+
+@pytest.mark.parametrize("start", [-1, 1.5, True])
+def test_parse_rejects_bad_start_layer(start) -> None:
+    with pytest.raises(SpecError, match=re.escape(repr(start))):
+        HeadSpec.parse("0,1,1,4", start_layer=start)
+
+
+def test_validate_rejects_more_heads_than_the_model_has() -> None:
+    spec = HeadSpec.parse("0,1,1,4,3", tokens=("</s>",))
+    with pytest.raises(SpecError, match="needs 9 heads but the model has 8 per layer"):
+        spec.validate(num_heads=8, num_layers=4)
+    spec.validate(num_heads=9, num_layers=4)
+
+
+def test_validate_rejects_start_layer_out_of_range() -> None:
+    spec = HeadSpec.parse("0,1,1,4", start_layer=4)
+    with pytest.raises(SpecError, match=r"start layer 4 is out of range .* 4 layers"):
+        spec.validate(num_heads=12, num_layers=4)
+    spec.validate(num_heads=12, num_layers=5)
+
+
+# ----------------------------------------------------------------------------- weight schedule
+
+SCHEDULE = dict(scale=10.0, stagnant_steps=100, total_steps=300)
+# step -> scale * w(step): constant before 100, then (300 - step) / 200, then 0
+EXPECTED_WEIGHTS = {
+    0: 10.0,
+    1: 10.0,
+    99: 10.0,
+    100: 10.0,
+    150: 7.5,
+    200: 5.0,
+    299: 0.05,
+    300: 0.0,
+    301: 0.0,
+    10_000: 0.0,
+}
+
+
+def test_guidance_weight_schedule() -> None:
+    for step, want in EXPECTED_WEIGHTS.items():
+        np.testing.assert_allclose(float(guidance_weight(step, **SCHEDULE)), want, atol=1e-6)
+
+
+def test_guidance_weight_under_jit_with_traced_step() -> None:
+    weight = jax.jit(lambda step: guidance_weight(step, **SCHEDULE))
+    steps = jnp.asarray(list(EXPECTED_WEIGHTS), jnp.int32)
+    got = [float(weight(s)) for s in steps]  # one compilation, traced scalar steps
+    np.testing.assert_allclose(got, list(EXPECTED_WEIGHTS.values()), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(jax.vmap(weight))(steps)), list(EXPECTED_WEIGHTS.values()), atol=1e-6
+    )
+
+
+def test_guidance_weight_when_stagnant_covers_the_whole_run() -> None:
+    # The reference default stagnant_steps=20000 with a shorter run: full weight throughout.
+    kwargs = dict(scale=100.0, stagnant_steps=20_000, total_steps=1_000)
+    assert float(guidance_weight(0, **kwargs)) == 100.0
+    assert float(guidance_weight(999, **kwargs)) == 100.0
+    assert float(guidance_weight(20_000, **kwargs)) == 0.0

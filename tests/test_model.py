@@ -1,0 +1,393 @@
+"""Tests for guided_jax.model: shapes, RoBERTa positions, the tied decoder, parameter counts,
+dropout, in-layer guidance vs the public guidance_loss, padding, sharding metadata, config."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from guided_jax.guidance import Guide, HeadSpec, guidance_loss, token_masks
+from guided_jax.model import ModelConfig, RobertaForMLM, roberta_position_ids
+
+PAD, BOS, EOS = 1, 0, 2
+# Models that run: sizes shared between parameters where possible (V = P = FFN = 64), because
+# every distinct initializer shape costs an XLA compilation on CPU.
+SMALL = ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=8,
+    intermediate_size=64,
+    max_position_embeddings=64,
+)
+NO_DROPOUT = dataclasses.replace(SMALL, dropout=0.0, attention_dropout=0.0)
+ATTENTION_ONLY = dataclasses.replace(SMALL, intermediate_size=0)
+# Models that are only counted (abstractly): all sizes distinct, so no term stands in for another.
+COUNTED = ModelConfig(
+    vocab_size=61,
+    hidden_size=24,
+    num_layers=3,
+    num_heads=4,
+    intermediate_size=40,
+    max_position_embeddings=19,
+    type_vocab_size=2,
+)
+LOGICAL_AXES = {None, "embed", "heads", "kv", "mlp", "vocab"}
+MAX_WORD = 50  # inputs use ids below this, so ids MAX_WORD.. never occur
+
+
+def _ids(rows: int = 2, length: int = 9, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, MAX_WORD, size=(rows, length)).astype(np.int32)
+    ids[:, 0], ids[:, -1] = BOS, EOS
+    ids[0, 4] = EOS  # a sentence boundary inside, for the token-set pattern
+    return ids
+
+
+@pytest.fixture(scope="module")
+def model() -> RobertaForMLM:
+    return RobertaForMLM(SMALL, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def plain_model() -> RobertaForMLM:
+    return RobertaForMLM(NO_DROPOUT, rngs=nnx.Rngs(1))
+
+
+def _params(model: nnx.Module) -> dict[tuple, nnx.Variable]:
+    return dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+
+
+def _num_params(model: nnx.Module) -> int:
+    return sum(int(np.prod(v.get_value().shape)) for v in _params(model).values())
+
+
+def _closed_form_count(c: ModelConfig) -> int:
+    d, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
+    embeddings = v * d + c.max_position_embeddings * d + c.type_vocab_size * d + 2 * d
+    layer = 3 * (d * d + d) + (d * d + d) + 2 * d
+    if f:
+        layer += d * f + f + f * d + d + 2 * d
+    head = d * d + d + 2 * d + v
+    return embeddings + c.num_layers * layer + head
+
+
+# ----------------------------------------------------------------------------- shapes, positions
+
+
+def test_logits_shape_and_dtype(model: RobertaForMLM) -> None:
+    logits, aux = model(jnp.asarray(_ids()))
+    assert logits.shape == (2, 9, SMALL.vocab_size) and logits.dtype == jnp.float32
+    assert np.isfinite(np.asarray(logits)).all()
+    assert aux == {}  # no guide, no attentions requested
+
+
+def test_roberta_position_ids() -> None:
+    ids = jnp.asarray([[0, 5, 6, 2, 1, 1], [1, 1, 0, 7, 2, 1]])
+    np.testing.assert_array_equal(
+        np.asarray(roberta_position_ids(ids, 1)), [[2, 3, 4, 5, 1, 1], [1, 1, 2, 3, 4, 1]]
+    )
+    np.testing.assert_array_equal(
+        np.asarray(roberta_position_ids(jnp.asarray([[3, 0, 4, 0]]), 0)), [[1, 0, 2, 0]]
+    )
+
+
+def test_attention_maps_are_row_stochastic_and_hide_pads(plain_model: RobertaForMLM) -> None:
+    ids = _ids()
+    ids[1, -3:] = PAD
+    _, aux = plain_model(jnp.asarray(ids), return_attentions=True)
+    maps = aux["attentions"]
+    assert isinstance(maps, tuple) and len(maps) == SMALL.num_layers
+    for attention in maps:
+        attention = np.asarray(attention)
+        assert attention.shape == (2, SMALL.num_heads, 9, 9)
+        np.testing.assert_allclose(attention.sum(-1), 1.0, atol=1e-5)
+        assert np.abs(attention[1, :, :, -3:]).max() < 1e-12  # no query attends to a pad key
+
+
+# ----------------------------------------------------------------------------- tied decoder, counts
+
+
+def test_decoder_is_tied_to_word_embeddings() -> None:
+    abstract = nnx.eval_shape(lambda: RobertaForMLM(COUNTED, rngs=nnx.Rngs(0)))
+    vocab_sized = sorted(
+        ".".join(map(str, path))
+        for path, v in _params(abstract).items()
+        if COUNTED.vocab_size in v.get_value().shape
+    )
+    assert vocab_sized == ["embeddings.word.embedding", "head.bias"]  # no decoder kernel
+
+    model = RobertaForMLM(NO_DROPOUT, rngs=nnx.Rngs(2))
+    ids = jnp.asarray(_ids())
+    unused = MAX_WORD + 3  # a word that is not in the input, so only the decoder sees its row
+    assert not (np.asarray(ids) == unused).any()
+    before, _ = model(ids)
+    embedding = model.embeddings.word.embedding
+    direction = jax.random.normal(jax.random.key(0), (SMALL.hidden_size,))
+    embedding[...] = embedding[...].at[unused].add(direction)
+    after, _ = model(ids)
+    before, after = np.asarray(before), np.asarray(after)
+    assert np.abs(after[..., unused] - before[..., unused]).min() > 1e-3
+    np.testing.assert_array_equal(np.delete(after, unused, -1), np.delete(before, unused, -1))
+
+
+@pytest.mark.parametrize("intermediate_size", [40, 0], ids=["full", "attention_only"])
+def test_parameter_count_matches_closed_form(intermediate_size: int) -> None:
+    config = dataclasses.replace(COUNTED, intermediate_size=intermediate_size)
+    model = nnx.eval_shape(lambda: RobertaForMLM(config, rngs=nnx.Rngs(0)))
+    assert _num_params(model) == _closed_form_count(config)
+
+
+def test_attention_only_variant_has_no_ffn() -> None:
+    lean_config = dataclasses.replace(COUNTED, intermediate_size=0)
+    full = nnx.eval_shape(lambda: RobertaForMLM(COUNTED, rngs=nnx.Rngs(0)))
+    lean = nnx.eval_shape(lambda: RobertaForMLM(lean_config, rngs=nnx.Rngs(0)))
+    assert any("ffn" in map(str, path) for path in _params(full))
+    assert not any(p.startswith("ffn") for path in _params(lean) for p in map(str, path))
+    d, f = COUNTED.hidden_size, COUNTED.intermediate_size
+    ffn_and_norm = d * f + f + f * d + d + 2 * d
+    assert _num_params(full) - _num_params(lean) == COUNTED.num_layers * ffn_and_norm
+
+
+def test_attention_only_forward() -> None:
+    lean = RobertaForMLM(dataclasses.replace(ATTENTION_ONLY, dropout=0.0), rngs=nnx.Rngs(1))
+    spec = HeadSpec.parse("0,1,1,4")
+    logits, aux = lean(jnp.asarray(_ids()), guide=Guide(spec))
+    assert logits.shape == (2, 9, SMALL.vocab_size) and np.isfinite(np.asarray(logits)).all()
+    assert aux["guidance"].shape == (SMALL.num_layers, 3)
+
+
+# ----------------------------------------------------------------------------- dropout
+
+
+def test_dropout_key_none_is_deterministic_and_keys_vary(model: RobertaForMLM) -> None:
+    ids = jnp.asarray(_ids())
+    eval_a, _ = model(ids)
+    eval_b, _ = model(ids, dropout_key=None)
+    np.testing.assert_array_equal(np.asarray(eval_a), np.asarray(eval_b))
+    train_a, _ = model(ids, dropout_key=jax.random.key(1))
+    train_a2, _ = model(ids, dropout_key=jax.random.key(1))
+    train_b, _ = model(ids, dropout_key=jax.random.key(2))
+    np.testing.assert_array_equal(np.asarray(train_a), np.asarray(train_a2))
+    assert np.abs(np.asarray(train_a) - np.asarray(train_b)).max() > 1e-3
+    assert np.abs(np.asarray(train_a) - np.asarray(eval_a)).max() > 1e-3
+
+
+def test_zero_dropout_ignores_the_key(plain_model: RobertaForMLM) -> None:
+    ids = jnp.asarray(_ids())
+    eval_logits, _ = plain_model(ids)
+    train_logits, _ = plain_model(ids, dropout_key=jax.random.key(3))
+    np.testing.assert_allclose(np.asarray(train_logits), np.asarray(eval_logits), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- guidance
+
+
+class _Vocab:
+    def __init__(self, vocab: dict[str, int]):
+        self.vocab = vocab
+
+    def token_to_id(self, token: str) -> int:
+        return self.vocab[token]
+
+
+@pytest.mark.parametrize(
+    ("text", "tokens", "start"),
+    [("0,1,1,4", (), 0), ("1,1,1,0,2,1", ("</s>", "<s>"), 1)],
+    ids=["reference", "tokens_start1"],
+)
+def test_in_layer_guidance_equals_guidance_loss(
+    plain_model: RobertaForMLM, text: str, tokens: tuple, start: int
+) -> None:
+    ids = _ids()
+    ids[1, -2:] = PAD  # padding is not excluded from the loss (reference behaviour)
+    vocab = {"<s>": BOS, "</s>": EOS}
+    spec = HeadSpec.parse(text, tokens=tokens, start_layer=start)
+    masks = token_masks(jnp.asarray(ids), spec.token_ids(_Vocab(vocab))) if tokens else None
+    _, aux = plain_model(jnp.asarray(ids), guide=Guide(spec, masks), return_attentions=True)
+    guidance = np.asarray(aux["guidance"])
+    assert guidance.shape == (SMALL.num_layers - start, len(spec.groups))
+    assert (guidance > 0).all()
+    want = guidance_loss(aux["attentions"], spec, ids, vocab)
+    np.testing.assert_allclose(guidance.sum(), float(want), rtol=1e-5)
+    # per guided layer too: the first row belongs to layer `start`
+    first = guidance_loss(aux["attentions"][start : start + 1], HeadSpec(spec.groups), ids, vocab)
+    np.testing.assert_allclose(guidance[0].sum(), float(first), rtol=1e-5)
+
+
+def test_guidance_after_dropout_option(model: RobertaForMLM) -> None:
+    """Faithful mode scores the dropped maps; after_dropout=False the clean softmax output."""
+    ids = jnp.asarray(_ids())
+    spec = HeadSpec.parse("0,1,1,4")
+    key = jax.random.key(4)
+    _, clean = model(
+        ids, dropout_key=key, guide=Guide(spec, after_dropout=False), return_attentions=True
+    )
+    _, dropped = model(ids, dropout_key=key, guide=Guide(spec), return_attentions=True)
+    # the maps returned for analysis are the pre-dropout ones of the same forward pass
+    want = float(guidance_loss(clean["attentions"], spec))
+    np.testing.assert_allclose(float(clean["guidance"].sum()), want, rtol=1e-5)
+    assert abs(float(dropped["guidance"].sum()) - want) > 1e-3 * want
+    # without a dropout key both modes agree
+    _, a = model(ids, guide=Guide(spec, after_dropout=False))
+    _, b = model(ids, guide=Guide(spec))
+    np.testing.assert_allclose(np.asarray(a["guidance"]), np.asarray(b["guidance"]), rtol=1e-6)
+
+
+def test_gradients_of_guidance_and_mlm_reach_the_right_parameters(
+    plain_model: RobertaForMLM,
+) -> None:
+    ids = jnp.asarray(_ids())
+    spec = HeadSpec.parse("0,1,1,4", start_layer=1)
+    graphdef, params = nnx.split(plain_model, nnx.Param)
+    weights = jax.random.normal(jax.random.key(5), (2, 9, SMALL.vocab_size))
+
+    def losses(p):
+        logits, aux = nnx.merge(graphdef, p)(ids, guide=Guide(spec))
+        return jnp.stack([jnp.sum(aux["guidance"]), jnp.sum(logits * weights)])
+
+    @jax.jit
+    def both_gradients(p):
+        _, pullback = jax.vjp(losses, p)
+        return pullback(jnp.array([1.0, 0.0]))[0], pullback(jnp.array([0.0, 1.0]))[0]
+
+    ag_grads, mlm_grads = (
+        {path: np.asarray(v[...]) for path, v in nnx.to_flat_state(g)}
+        for g in both_gradients(params)
+    )
+
+    def grad(grads, *path):
+        return grads[path]
+
+    assert np.abs(grad(ag_grads, "layers", 0, "attention", "qkv", "kernel")).max() > 0
+    assert np.abs(grad(ag_grads, "layers", 1, "attention", "qkv", "kernel")).max() > 0
+    # the last layer's attention output, FFN and the MLM head do not affect the guidance loss
+    assert not grad(ag_grads, "layers", 1, "attention", "out", "kernel").any()
+    assert not grad(ag_grads, "layers", 1, "ffn", "up", "kernel").any()
+    assert not grad(ag_grads, "head", "dense", "kernel").any()
+    # the MLM output depends on every parameter (the word embeddings also as the decoder)
+    for path, value in mlm_grads.items():
+        assert np.abs(value).max() > 0, path
+    unused = MAX_WORD + 1  # not an input: its embedding row only gets the decoder's gradient
+    assert np.abs(mlm_grads[("embeddings", "word", "embedding")][unused]).max() > 0
+
+
+# ----------------------------------------------------------------------------- padding
+
+
+def test_padding_does_not_change_non_pad_logits(plain_model: RobertaForMLM) -> None:
+    ids = _ids()
+    pads = np.full((3,), PAD, np.int32)
+    # row 0 padded on the right, row 1 on the left: RoBERTa positions skip the pads either way
+    padded = np.stack([np.concatenate([ids[0], pads]), np.concatenate([pads, ids[1]])])
+    logits, _ = plain_model(jnp.asarray(ids))
+    padded_logits, _ = plain_model(jnp.asarray(padded))
+    logits, padded_logits = np.asarray(logits), np.asarray(padded_logits)
+    np.testing.assert_allclose(padded_logits[0, :9], logits[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(padded_logits[1, 3:], logits[1], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- metadata, config
+
+
+def test_every_param_has_logical_axes_matching_its_rank(model: RobertaForMLM) -> None:
+    params = _params(model)
+    assert len(params) == 10 + 12 * SMALL.num_layers
+    for path, variable in params.items():
+        axes = variable.get_metadata().get("logical_axes")
+        assert axes is not None, path
+        assert len(axes) == variable[...].ndim, (path, axes, variable[...].shape)
+        assert set(axes) <= LOGICAL_AXES, (path, axes)
+    assert params[("embeddings", "word", "embedding")].get_metadata()["logical_axes"] == (
+        "vocab",
+        "embed",
+    )
+    qkv = params[("layers", 0, "attention", "qkv", "kernel")]
+    assert qkv.get_metadata()["logical_axes"] == (None, "embed", "heads", "kv")
+    assert qkv[...].shape == (3, SMALL.hidden_size, SMALL.num_heads, SMALL.head_dim)
+
+
+def test_pad_embedding_rows_start_at_zero(model: RobertaForMLM) -> None:
+    assert not np.asarray(model.embeddings.word.embedding[...][PAD]).any()
+    assert not np.asarray(model.embeddings.position.embedding[...][PAD]).any()
+    assert np.asarray(model.embeddings.word.embedding[...][PAD + 1]).any()
+
+
+def test_config_from_mapping() -> None:
+    values = dict(vocab_size=100, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=0)
+    config = ModelConfig.from_mapping(values)
+    assert config == ModelConfig(**values)
+    assert config.head_dim == 16 and config.max_block_size == 512
+    with pytest.raises(ValueError, match="hidden_sise"):
+        ModelConfig.from_mapping({**values, "hidden_sise": 3})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.hidden_size = 8  # type: ignore[misc]
+
+
+def test_config_validate_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match=r"hidden_size=30 is not divisible by model\.num_heads=4"):
+        ModelConfig(hidden_size=30, num_heads=4).validate()
+    with pytest.raises(ValueError, match="not divisible"):
+        ModelConfig.from_mapping({"hidden_size": 30, "num_heads": 4})
+    with pytest.raises(ValueError, match="num_layers must be positive"):
+        ModelConfig(num_layers=0).validate()
+    with pytest.raises(ValueError, match="intermediate_size"):
+        ModelConfig(intermediate_size=-1).validate()
+    with pytest.raises(ValueError, match="attention_dropout"):
+        ModelConfig(attention_dropout=1.0).validate()
+    with pytest.raises(ValueError, match="float64"):
+        ModelConfig(dtype="float64").validate()
+    ModelConfig().validate()
+    SMALL.validate()
+
+
+def test_input_longer_than_positions_is_refused() -> None:
+    config = ModelConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=0,
+        max_position_embeddings=10,
+    )
+    model = RobertaForMLM(config, rngs=nnx.Rngs(0))
+    model(jnp.full((1, 8), 5))  # 8 = 10 - pad_token_id - 1 positions fit
+    with pytest.raises(ValueError, match="9 tokens is longer than the model's 8 positions"):
+        model(jnp.full((1, 9), 5))
+
+
+def test_explicit_attention_mask_overrides_pad_ids() -> None:
+    # MLM noise can draw the pad id; the attention mask must come from the clean batch.
+    config = ModelConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=20,
+    )
+    model = RobertaForMLM(config, rngs=nnx.Rngs(0))
+    ids = jnp.array([[0, 7, 8, 9, 2]])
+    noisy = ids.at[0, 2].set(config.pad_token_id)
+    _, aux = model(noisy, attention_mask=jnp.ones_like(ids, bool), return_attentions=True)
+    assert float(aux["attentions"][0][0, :, :, 2].min()) > 0.0
+    _, aux = model(noisy, return_attentions=True)
+    assert float(aux["attentions"][0][0, :, :, 2].max()) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"pad_token_id": 60}, "pad_token_id=60"),
+        ({"max_position_embeddings": 2}, "max_position_embeddings=2"),
+    ],
+)
+def test_config_rejects_inconsistent_ids_and_positions(overrides, match) -> None:
+    base = dict(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2)
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_mapping({**base, **overrides})
