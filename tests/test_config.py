@@ -1,8 +1,8 @@
 """Every config file loads, builds a valid model, and documents the command that runs it."""
 
 import pytest
-from conftest import REPO
 
+from conftest import REPO
 from guided_jax import train
 from guided_jax.config import MODEL_PRESETS, load_config, model_config
 

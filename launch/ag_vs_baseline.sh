@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Train the AG model and the plain MLM baseline of one config on this host, one after the other,
+# with identical data, seed and steps: WORKDIR/ag and WORKDIR/baseline.
+#
+#   bash launch/ag_vs_baseline.sh configs/default.py runs/compare [--config.key=value ...]
+#
+# DRY_RUN=1 prints the commands instead of running them. Rerunning resumes each arm.
+set -euo pipefail
+
+if [[ $# -lt 2 ]]; then
+  echo "usage: $0 CONFIG WORKDIR [--config.key=value ...]" >&2
+  exit 2
+fi
+config=$1
+workdir=$2
+shift 2
+python=${PYTHON:-python}
+
+run() {
+  if [[ ${DRY_RUN:-0} == 1 ]]; then
+    printf '%q ' "$@"
+    printf '\n'
+  else
+    "$@"
+  fi
+}
+
+run "$python" -m guided_jax.main --config "$config" --workdir "$workdir/ag" \
+  --config.guidance.enabled=true "$@"
+run "$python" -m guided_jax.main --config "$config" --workdir "$workdir/baseline" \
+  --config.guidance.enabled=false "$@"
