@@ -25,8 +25,10 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     try:
         last = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, OSError) as error:  # bad input: say what is wrong, no traceback
+    except (ValueError, OSError, FloatingPointError) as error:  # say what is wrong, no traceback
         sys.exit(f"guided_jax: error: {error}")
+    except train.Interrupted as stop:
+        sys.exit(f"guided_jax: {stop}")
     if not last:
         print(f"{_WORKDIR.value} already holds a finished run of this config")
         return

@@ -8,6 +8,7 @@ periodic eval → orbax checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -15,7 +16,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -360,7 +363,29 @@ def evaluate(eval_step, params: nnx.State, batches: list[np.ndarray]) -> dict[st
 # ----------------------------------------------------------------------------- loop
 
 
-def _check_finite(metrics: dict[str, float], step: int) -> None:
+class Interrupted(RuntimeError):
+    """Training stopped by Ctrl-C or SIGTERM after saving a checkpoint."""
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """Turns SIGTERM (preemption, ``kill``) into KeyboardInterrupt so the loop can save first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _check_finite(metrics: dict[str, Any], step: int) -> None:
+    metrics = {k: float(v) for k, v in metrics.items()}
     bad = [
         k
         for k in ("loss", "mlm_loss", "ag_loss", "grad_norm")
@@ -421,39 +446,58 @@ def train_and_evaluate(
             {k: f"{record[k]:.4g}" for k in ("mlm_loss", "ag_loss", "eval_mlm_loss") if k in record}
         )
 
-    with tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True) as bar:
-        for step in range(start, total):
-            state, metrics = train_step(state, sampler.batch(step))
-            if step == start:  # exclude compilation from the throughput
-                jax.block_until_ready(metrics)
-                clock.update(time=time.perf_counter(), step=step + 1)
+    metrics = None
+    try:
+        with (
+            _stop_on_sigterm(),
+            tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True) as bar,
+        ):
+            for step in range(start, total):
+                state, metrics = train_step(state, sampler.batch(step))
+                if step == start:  # exclude compilation from the throughput
+                    jax.block_until_ready(metrics)
+                    clock.update(time=time.perf_counter(), step=step + 1)
+                if pending is not None:
+                    emit(*pending)
+                    pending = None
+                done = step + 1
+                log_due = done % cfg.train.log_every == 0 or done == total
+                eval_due = (
+                    bool(eval_sets)
+                    and cfg.train.eval_every > 0
+                    and (done % cfg.train.eval_every == 0 or done == total)
+                )
+                ckpt_due = done == total or (
+                    cfg.train.checkpoint_every > 0 and done % cfg.train.checkpoint_every == 0
+                )
+                extra = {}
+                if eval_due:
+                    jax.block_until_ready(state)
+                    eval_start = time.perf_counter()
+                    extra = evaluate(eval_step, state.params, eval_sets)
+                    clock["time"] += time.perf_counter() - eval_start  # not part of tokens/s
+                if log_due or eval_due:
+                    pending = (done, metrics if log_due else None, extra)
+                if ckpt_due:
+                    _check_finite(jax.device_get(metrics), done)
+                    checkpointing.save(manager, done, state)
+                bar.update(1)
             if pending is not None:
                 emit(*pending)
-                pending = None
-            done = step + 1
-            log_due = done % cfg.train.log_every == 0 or done == total
-            eval_due = (
-                bool(eval_sets)
-                and cfg.train.eval_every > 0
-                and (done % cfg.train.eval_every == 0 or done == total)
-            )
-            ckpt_due = done == total or (
-                cfg.train.checkpoint_every > 0 and done % cfg.train.checkpoint_every == 0
-            )
-            extra = {}
-            if eval_due:
-                jax.block_until_ready(state)
-                eval_start = time.perf_counter()
-                extra = evaluate(eval_step, state.params, eval_sets)
-                clock["time"] += time.perf_counter() - eval_start  # keep eval out of tokens/s
-            if log_due or eval_due:
-                pending = (done, metrics if log_due else None, extra)
-            if ckpt_due:
-                _check_finite({k: float(v) for k, v in jax.device_get(metrics).items()}, done)
-                checkpointing.save(manager, done, state)
-            bar.update(1)
-        if pending is not None:
-            emit(*pending)
+    except KeyboardInterrupt:
+        # Ctrl-C or SIGTERM: keep everything trained so far, then stop.
+        step = int(state.step)
+        if metrics is not None and step > (manager.latest_step() or 0):
+            if pending is not None:
+                emit(*pending)
+            _check_finite(jax.device_get(metrics), step)
+            checkpointing.save(manager, step, state)
+        manager.wait_until_finished()
+        manager.close()
+        raise Interrupted(
+            f"interrupted at step {step}; saved a checkpoint there, rerun the "
+            f"same command to resume"
+        ) from None
     manager.wait_until_finished()
     manager.close()
     return last

@@ -1,7 +1,10 @@
 """The command line, run as users run it (a fresh process per call)."""
 
+import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -54,3 +57,38 @@ def test_cli_reports_bad_corpus_without_traceback(tmp_path):
     assert "missing.txt" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_before_exiting(corpus_file, tmp_path):
+    workdir = tmp_path / "run"
+    args = [
+        "--config",
+        "configs/tiny.py",
+        "--workdir",
+        str(workdir),
+        f"--config.data.train_files={corpus_file}",
+        "--config.train.steps=100000",
+        "--config.train.log_every=1",
+        "--config.train.checkpoint_every=0",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "guided_jax.main", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert "interrupted at step" in stderr and "rerun the same command" in stderr
+    saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and saved[0] >= 3
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert max(steps) <= saved[0]

@@ -209,3 +209,10 @@ def _with(config, **data_overrides):
     config = config.copy_and_resolve_references()
     config.data.update(data_overrides)
     return config
+
+
+def test_non_finite_loss_stops_without_saving_it(tiny_config, tmp_path):
+    tiny_config.train.learning_rate = 1e38  # the first update overflows the parameters
+    with pytest.raises(FloatingPointError, match=r"non-finite .* at step \d"):
+        train.train_and_evaluate(tiny_config, tmp_path / "run")
+    assert not any((tmp_path / "run" / "checkpoints").glob("[0-9]*"))
