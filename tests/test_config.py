@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import REPO
-from guided_jax import train
+from guided_jax import experiment
 from guided_jax.config import MODEL_PRESETS, load_config, model_config
 
 CONFIG_FILES = ["configs/default.py", "configs/tiny.py"] + [
@@ -14,7 +14,7 @@ CONFIG_FILES = ["configs/default.py", "configs/tiny.py"] + [
 @pytest.mark.parametrize("name", CONFIG_FILES)
 def test_config_file_is_valid(name):
     config = load_config(str(REPO / name))
-    train.check_config(config)
+    experiment.check_config(config)
     path = name.split(":")[0]
     assert f"--config {path}" in (REPO / path).read_text()
 
@@ -32,7 +32,7 @@ def test_config_file_is_valid(name):
 )
 def test_reference_shapes(name, layers, width, heads, ffn):
     config = load_config(f"{REPO / 'configs/reference.py'}:{name}")
-    model = train.build_model_config(config, vocab_size=52000)
+    model = experiment.build_model_config(config, vocab_size=52000)
     assert (model.num_layers, model.hidden_size, model.num_heads, model.intermediate_size) == (
         layers,
         width,
@@ -59,4 +59,4 @@ def test_unknown_model_key_is_refused():
     config.model.unlock()
     config.model.hidden = 3
     with pytest.raises(ValueError, match="hidden"):
-        train.check_config(config)
+        experiment.check_config(config)

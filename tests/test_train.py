@@ -6,8 +6,6 @@ import shutil
 import pytest
 
 from guided_jax import train
-from guided_jax.data import CorpusError
-from guided_jax.guidance import SpecError
 from guided_jax.metrics import read_metrics
 
 REQUIRED_KEYS = {
@@ -93,122 +91,6 @@ def test_finished_run_is_not_repeated(tiny_config, tmp_path):
     before = (workdir / "metrics.jsonl").read_text()
     assert train.train_and_evaluate(tiny_config, workdir) == {}
     assert (workdir / "metrics.jsonl").read_text() == before
-
-
-# ----------------------------------------------------------------------------- bad input
-
-
-def _refused(config, workdir, error, match):
-    with pytest.raises(error, match=match):
-        train.train_and_evaluate(config, workdir)
-
-
-def test_missing_corpus_file_is_refused_before_writing(tiny_config, tmp_path):
-    tiny_config.data.train_files = str(tmp_path / "nope.txt")
-    _refused(tiny_config, tmp_path / "run", CorpusError, "nope.txt")
-    assert not (tmp_path / "run").exists()
-
-
-def test_empty_corpus_file_is_refused(tiny_config, tmp_path):
-    (tmp_path / "empty.txt").write_text("\n\n")
-    tiny_config.data.train_files = str(tmp_path / "empty.txt")
-    _refused(tiny_config, tmp_path / "run", CorpusError, "empty.txt")
-    assert not (tmp_path / "run").exists()
-
-
-def test_undecodable_corpus_file_is_refused(tiny_config, tmp_path):
-    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 50)
-    tiny_config.data.train_files = str(tmp_path / "latin1.txt")
-    _refused(tiny_config, tmp_path / "run", CorpusError, "latin1.txt")
-    assert not (tmp_path / "run").exists()
-
-
-def test_corpus_shorter_than_a_block_is_refused(tiny_config, tmp_path):
-    (tmp_path / "short.txt").write_text("just a few words\n")
-    tiny_config.data.train_files = str(tmp_path / "short.txt")
-    tiny_config.data.tokenizer_vocab_size = 300
-    _refused(tiny_config, tmp_path / "run", ValueError, "block")
-    assert not (tmp_path / "run").exists()
-
-
-def test_corpus_smaller_than_a_batch_is_refused(tiny_config, tmp_path):
-    tiny_config.train.batch_size = 4096
-    _refused(tiny_config, tmp_path / "run", ValueError, "batch")
-    assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.parametrize(
-    ("heads", "match"),
-    [
-        ("2,2,2,2", "needs 8 heads but the model has 4"),
-        ("next:1,diagonal:2", "diagonal"),
-        ("0,1,x,1", "'x'"),
-    ],
-)
-def test_bad_head_spec_is_refused(tiny_config, tmp_path, heads, match):
-    tiny_config.guidance.heads = heads
-    _refused(tiny_config, tmp_path / "run", SpecError, match)
-    assert not (tmp_path / "run").exists()
-
-
-def test_unknown_guidance_token_is_refused(tiny_config, tmp_path):
-    tiny_config.guidance.heads = "next:1,token[<sep>]:1"
-    _refused(tiny_config, tmp_path / "run", ValueError, "<sep>")
-    assert not (tmp_path / "run").exists()
-
-
-def test_start_layer_out_of_range_is_refused(tiny_config, tmp_path):
-    tiny_config.guidance.start_layer = 2
-    _refused(tiny_config, tmp_path / "run", SpecError, "start layer 2")
-
-
-def test_block_size_above_max_positions_is_refused(tiny_config, tmp_path):
-    tiny_config.data.block_size = 65
-    _refused(tiny_config, tmp_path / "run", train.ConfigError, "max_position_embeddings=66")
-    assert not (tmp_path / "run").exists()
-
-
-def test_model_vocab_smaller_than_tokenizer_is_refused(tiny_config, tmp_path):
-    tiny_config.model.vocab_size = 100
-    _refused(tiny_config, tmp_path / "run", train.ConfigError, "vocab_size=100")
-
-
-def test_workdir_of_another_config_is_refused_and_kept(tiny_config, tmp_path):
-    workdir = tmp_path / "run"
-    tiny_config.train.steps = 2
-    train.train_and_evaluate(tiny_config, workdir)
-    saved = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
-    tiny_config.train.learning_rate = 5e-3
-    _refused(tiny_config, workdir, train.ConfigError, r"train\.learning_rate: 0\.001 -> 0\.005")
-    assert {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()} == saved
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2"]
-
-
-def test_globbed_train_files_and_separate_eval_file(tiny_config, tmp_path):
-    from conftest import write_corpus
-
-    write_corpus(tmp_path / "part-a.txt", lines=150, seed=1)
-    write_corpus(tmp_path / "part-b.txt", lines=150, seed=2)
-    write_corpus(tmp_path / "held-out.txt", lines=60, seed=3)
-    tiny_config.data.train_files = str(tmp_path / "part-*.txt")
-    tiny_config.data.eval_files = str(tmp_path / "held-out.txt")
-    exp = train.prepare(tiny_config, tmp_path / "run")
-    single = train.prepare(
-        _with(tiny_config, train_files=str(tmp_path / "part-a.txt")), tmp_path / "run-a"
-    )
-    assert len(exp.train_blocks) > 1.5 * len(single.train_blocks)
-    assert len(exp.eval_blocks) > 0
-
-
-def test_glob_matching_nothing_is_refused(tiny_config, tmp_path):
-    tiny_config.data.train_files = str(tmp_path / "nothing-*.txt")
-    _refused(tiny_config, tmp_path / "run", train.ConfigError, "matches no file")
-
-
-def _with(config, **data_overrides):
-    config = config.copy_and_resolve_references()
-    config.data.update(data_overrides)
-    return config
 
 
 def test_non_finite_loss_stops_without_saving_it(tiny_config, tmp_path):
