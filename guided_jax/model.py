@@ -149,31 +149,20 @@ class Embeddings(nnx.Module):
 
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
         self.config = config
-        dtype = config.compute_dtype
-        self.word = nnx.Embed(
-            config.vocab_size,
-            config.hidden_size,
-            embedding_init=_init(config),
-            dtype=dtype,
-            rngs=rngs,
-            embedding_metadata={"logical_axes": ("vocab", "embed")},
-        )
-        self.position = nnx.Embed(
-            config.max_position_embeddings,
-            config.hidden_size,
-            embedding_init=_init(config),
-            dtype=dtype,
-            rngs=rngs,
-            embedding_metadata={"logical_axes": (None, "embed")},
-        )
-        self.token_type = nnx.Embed(
-            config.type_vocab_size,
-            config.hidden_size,
-            embedding_init=_init(config),
-            dtype=dtype,
-            rngs=rngs,
-            embedding_metadata={"logical_axes": (None, "embed")},
-        )
+
+        def embed(rows: int, row_axis: str | None) -> nnx.Embed:
+            return nnx.Embed(
+                rows,
+                config.hidden_size,
+                embedding_init=_init(config),
+                dtype=config.compute_dtype,
+                rngs=rngs,
+                embedding_metadata={"logical_axes": (row_axis, "embed")},
+            )
+
+        self.word = embed(config.vocab_size, "vocab")
+        self.position = embed(config.max_position_embeddings, None)
+        self.token_type = embed(config.type_vocab_size, None)
         # Like torch's padding_idx, the pad rows start at zero.
         pad = config.pad_token_id
         self.word.embedding[...] = self.word.embedding[...].at[pad].set(0.0)

@@ -346,37 +346,24 @@ def test_config_validate_rejects_bad_values() -> None:
     SMALL.validate()
 
 
-def test_input_longer_than_positions_is_refused() -> None:
-    config = ModelConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_layers=1,
-        num_heads=2,
-        intermediate_size=0,
-        max_position_embeddings=10,
-    )
-    model = RobertaForMLM(config, rngs=nnx.Rngs(0))
-    model(jnp.full((1, 8), 5))  # 8 = 10 - pad_token_id - 1 positions fit
-    with pytest.raises(ValueError, match="9 tokens is longer than the model's 8 positions"):
-        model(jnp.full((1, 9), 5))
+def test_input_longer_than_positions_is_refused(plain_model: RobertaForMLM) -> None:
+    def logits_shape(length: int):
+        ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
+        return jax.eval_shape(lambda x: plain_model(x)[0], ids).shape
+
+    fits = SMALL.max_position_embeddings - SMALL.pad_token_id - 1
+    assert logits_shape(fits) == (1, fits, SMALL.vocab_size)
+    with pytest.raises(ValueError, match=f"{fits + 1} tokens is longer than the model's {fits}"):
+        logits_shape(fits + 1)
 
 
-def test_explicit_attention_mask_overrides_pad_ids() -> None:
+def test_explicit_attention_mask_overrides_pad_ids(plain_model: RobertaForMLM) -> None:
     # MLM noise can draw the pad id; the attention mask must come from the clean batch.
-    config = ModelConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_layers=1,
-        num_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=20,
-    )
-    model = RobertaForMLM(config, rngs=nnx.Rngs(0))
-    ids = jnp.array([[0, 7, 8, 9, 2]])
-    noisy = ids.at[0, 2].set(config.pad_token_id)
-    _, aux = model(noisy, attention_mask=jnp.ones_like(ids, bool), return_attentions=True)
+    ids = jnp.asarray(_ids(rows=1))
+    noisy = ids.at[0, 2].set(SMALL.pad_token_id)
+    _, aux = plain_model(noisy, attention_mask=jnp.ones_like(ids, bool), return_attentions=True)
     assert float(aux["attentions"][0][0, :, :, 2].min()) > 0.0
-    _, aux = model(noisy, return_attentions=True)
+    _, aux = plain_model(noisy, return_attentions=True)
     assert float(aux["attentions"][0][0, :, :, 2].max()) == 0.0
 
 
