@@ -8,7 +8,6 @@ step late) → periodic eval → orbax checkpoints.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
@@ -183,21 +182,28 @@ class Interrupted(RuntimeError):
     """Training stopped by Ctrl-C or SIGTERM after saving a checkpoint."""
 
 
-@contextlib.contextmanager
-def _stop_on_sigterm():
-    """Turns SIGTERM (preemption, ``kill``) into KeyboardInterrupt so the loop can save first."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class _StopRequests:
+    """Ctrl-C or SIGTERM (preemption, ``kill``) asks the loop to stop after the current step,
+    so it can save a consistent state; a second signal interrupts at once."""
 
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __enter__(self) -> _StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def _check_finite(metrics: dict[str, Any], step: int) -> None:
@@ -262,58 +268,52 @@ def train_and_evaluate(
             {k: f"{record[k]:.4g}" for k in ("mlm_loss", "ag_loss", "eval_mlm_loss") if k in record}
         )
 
-    metrics = None
-    try:
-        with (
-            _stop_on_sigterm(),
-            tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True) as bar,
-        ):
-            for step in range(start, total):
-                state, metrics = train_step(state, sampler.batch(step))
-                if step == start:  # exclude compilation from the throughput
-                    jax.block_until_ready(metrics)
-                    clock.update(time=time.perf_counter(), step=step + 1)
-                if pending is not None:
-                    emit(*pending)
-                    pending = None
-                done = step + 1
-                log_due = done % cfg.train.log_every == 0 or done == total
-                eval_due = (
-                    bool(eval_sets)
-                    and cfg.train.eval_every > 0
-                    and (done % cfg.train.eval_every == 0 or done == total)
-                )
-                ckpt_due = done == total or (
-                    cfg.train.checkpoint_every > 0 and done % cfg.train.checkpoint_every == 0
-                )
-                extra = {}
-                if eval_due:
-                    jax.block_until_ready(state)
-                    eval_start = time.perf_counter()
-                    extra = evaluate(eval_step, state.params, eval_sets)
-                    clock["time"] += time.perf_counter() - eval_start  # not part of tokens/s
-                if log_due or eval_due:
-                    pending = (done, metrics if log_due else None, extra)
-                if ckpt_due:
-                    _check_finite(jax.device_get(metrics), done)
-                    checkpointing.save(manager, done, state)
-                bar.update(1)
+    step = start
+    with (
+        _StopRequests() as stop,
+        tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True) as bar,
+    ):
+        for step in range(start, total):
+            state, metrics = train_step(state, sampler.batch(step))
+            if step == start:  # exclude compilation from the throughput
+                jax.block_until_ready(metrics)
+                clock.update(time=time.perf_counter(), step=step + 1)
             if pending is not None:
                 emit(*pending)
-    except KeyboardInterrupt:
-        # Ctrl-C or SIGTERM: keep everything trained so far, then stop.
-        step = int(state.step)
-        if metrics is not None and step > (manager.latest_step() or 0):
-            if pending is not None:
-                emit(*pending)
-            _check_finite(jax.device_get(metrics), step)
-            checkpointing.save(manager, step, state)
-        manager.wait_until_finished()
-        manager.close()
-        raise Interrupted(
-            f"interrupted at step {step}; saved a checkpoint there, rerun the "
-            f"same command to resume"
-        ) from None
+                pending = None
+            done = step + 1
+            log_due = done % cfg.train.log_every == 0 or done == total
+            eval_due = (
+                bool(eval_sets)
+                and cfg.train.eval_every > 0
+                and (done % cfg.train.eval_every == 0 or done == total)
+            )
+            ckpt_due = (
+                done == total
+                or stop.signal is not None
+                or (cfg.train.checkpoint_every > 0 and done % cfg.train.checkpoint_every == 0)
+            )
+            extra = {}
+            if eval_due:
+                jax.block_until_ready(state)
+                eval_start = time.perf_counter()
+                extra = evaluate(eval_step, state.params, eval_sets)
+                clock["time"] += time.perf_counter() - eval_start  # not part of tokens/s
+            if log_due or eval_due:
+                pending = (done, metrics if log_due else None, extra)
+            if ckpt_due:
+                _check_finite(jax.device_get(metrics), done)
+                checkpointing.save(manager, done, state)
+            bar.update(1)
+            if stop.signal is not None:
+                break
+        if pending is not None:
+            emit(*pending)
     manager.wait_until_finished()
     manager.close()
+    if stop.signal is not None:
+        raise Interrupted(
+            f"stopped by signal {stop.signal} at step {int(state.step)} after saving a checkpoint "
+            f"there; rerun the same command to resume"
+        )
     return last

@@ -87,7 +87,7 @@ def test_sigterm_saves_a_checkpoint_before_exiting(corpus_file, tmp_path):
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode != 0
-    assert "interrupted at step" in stderr and "rerun the same command" in stderr
+    assert "stopped by signal 15 at step" in stderr and "rerun the same command" in stderr
     saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and saved[0] >= 3
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
