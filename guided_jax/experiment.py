@@ -188,6 +188,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Ex
             eval_blocks = data.tokenize_and_pack(eval_texts, tokenizer, config.data.block_size)
         else:
             train_blocks, eval_blocks = data.split_blocks(blocks, config.data.eval_fraction)
+        # A corpus smaller than one batch fails here, before anything is written.
         data.BatchSampler(train_blocks, config.train.batch_size, config.train.seed)
         workdir.mkdir(parents=True, exist_ok=True)
         if scratch is not None:
