@@ -39,6 +39,7 @@ class Experiment:
     token_ids: tuple[int, ...]
     tokenizer: Tokenizer
     train_blocks: np.ndarray
+    sampler: data.BatchSampler
     eval_blocks: np.ndarray
 
 
@@ -189,7 +190,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Ex
         else:
             train_blocks, eval_blocks = data.split_blocks(blocks, config.data.eval_fraction)
         # A corpus smaller than one batch fails here, before anything is written.
-        data.BatchSampler(train_blocks, config.train.batch_size, config.train.seed)
+        sampler = data.BatchSampler(train_blocks, config.train.batch_size, config.train.seed)
         workdir.mkdir(parents=True, exist_ok=True)
         if scratch is not None:
             shutil.copytree(scratch, workdir / "tokenizer", dirs_exist_ok=True)
@@ -198,4 +199,4 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Ex
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
-    return Experiment(config, model, spec, token_ids, tokenizer, train_blocks, eval_blocks)
+    return Experiment(config, model, spec, token_ids, tokenizer, train_blocks, sampler, eval_blocks)

@@ -112,7 +112,7 @@ def make_train_step(
 ):
     """``(state, batch) -> (state, metrics)``: mask, forward, MLM + weighted guidance, update."""
     cfg = exp.config
-    guided = cfg.guidance.enabled and exp.spec is not None
+    guided = cfg.guidance.enabled  # experiment.head_spec refuses enabled without a spec
     base_key = jax.random.key(cfg.train.seed)
 
     def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict[str, Any]]:
@@ -240,7 +240,6 @@ def train_and_evaluate(
     start = int(state.step)
     writer = MetricsWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
 
-    sampler = data.BatchSampler(exp.train_blocks, cfg.train.batch_size, cfg.train.seed)
     eval_sets = data.eval_batches(exp.eval_blocks, cfg.train.batch_size, cfg.train.eval_batches)
     train_step = make_train_step(exp, graphdef, tx, schedule)
     eval_step = make_eval_step(exp, graphdef)
@@ -268,13 +267,12 @@ def train_and_evaluate(
             {k: f"{record[k]:.4g}" for k in ("mlm_loss", "ag_loss", "eval_mlm_loss") if k in record}
         )
 
-    step = start
     with (
         _StopRequests() as stop,
         tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True) as bar,
     ):
         for step in range(start, total):
-            state, metrics = train_step(state, sampler.batch(step))
+            state, metrics = train_step(state, exp.sampler.batch(step))
             if step == start:  # exclude compilation from the throughput
                 jax.block_until_ready(metrics)
                 clock.update(time=time.perf_counter(), step=step + 1)
