@@ -274,10 +274,11 @@ def guidance_loss(
         if len(token_ids) != len(spec.tokens):
             raise ValueError(f"got {len(token_ids)} token ids for {len(spec.tokens)} token groups")
         masks = token_masks(jnp.asarray(input_ids), token_ids)
+    guide = Guide(spec, masks)  # the same per-layer scoring the model runs inside its layers
     total = jnp.zeros((), jnp.float32)
     for layer, attention in enumerate(attentions):
         if spec.guides_layer(layer):
-            total += jnp.sum(group_losses(attention[:, : spec.num_guided_heads], spec, masks))
+            total += jnp.sum(guide.layer_losses(attention))
     return total
 
 
