@@ -1,11 +1,16 @@
-"""Orbax checkpoints of the train state under ``WORKDIR/checkpoints``."""
+"""Orbax checkpoints under ``WORKDIR/checkpoints``: the train state plus the data position.
+
+Saves are asynchronous (training goes on while the arrays are written) and atomic (a save
+cut short by ``kill -9`` leaves only a temporary directory that is never restored). Restores
+land on whatever shardings the caller asks for, so a run saved on 8 devices resumes on 4.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 
 
@@ -14,21 +19,40 @@ def checkpoint_manager(workdir: str | os.PathLike, keep: int) -> ocp.CheckpointM
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(keep),
         enable_async_checkpointing=True,
+        cleanup_tmp_directories=True,
     )
     return ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, "checkpoints")), options=options
     )
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
-    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+def save(
+    manager: ocp.CheckpointManager, step: int, state: Any, data_position: Mapping[str, Any]
+) -> None:
+    """Starts writing ``state`` and the JSON ``data_position`` (where the input stream is)."""
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_position))
+        ),
+        force=True,
+    )
 
 
-def restore_latest(manager: ocp.CheckpointManager, like: Any) -> tuple[int, Any] | None:
-    """``(step, state)`` of the newest checkpoint, restored onto the structure and shardings of
-    ``like``; ``None`` when there is none."""
+def restore_latest(
+    manager: ocp.CheckpointManager, abstract_state: Any
+) -> tuple[int, Any, dict[str, Any]] | None:
+    """``(step, state, data_position)`` of the newest checkpoint, or ``None`` when there is none.
+
+    ``abstract_state`` holds ``jax.ShapeDtypeStruct`` leaves whose shardings say where each
+    restored array goes."""
     step = manager.latest_step()
     if step is None:
         return None
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    return step, manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+        ),
+    )
+    return step, restored.state, dict(restored.data)

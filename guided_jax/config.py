@@ -35,7 +35,8 @@ def model_config(preset: str | None = None, **overrides: object) -> ml_collectio
     config.dropout = 0.1
     config.attention_dropout = 0.1
     config.initializer_range = 0.02
-    config.dtype = "float32"
+    config.dtype = "float32"  # compute dtype (bfloat16 on TPU/GPU); parameters stay float32
+    config.remat = "none"  # recompute layer activations in the backward: none | full | dots
     if preset is not None:
         if preset not in MODEL_PRESETS:
             raise ValueError(
@@ -76,6 +77,15 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.eval_batches = 20
     config.train.checkpoint_every = 1000  # 0 = only at the end
     config.train.keep_checkpoints = 2
+    config.train.grad_accum_steps = 1  # micro-batches per optimizer step (same global batch)
+
+    # Devices: data x fsdp x tensor (-1 = all remaining devices). Changing the mesh between
+    # runs of one workdir is allowed: checkpoints restore onto any mesh.
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1
+    config.mesh.fsdp = 1
+    config.mesh.tensor = 1
+    config.mesh.rules = "embed:fsdp,heads:tensor,mlp:tensor,vocab:tensor"  # logical:mesh axes
 
     config.guidance = ml_collections.ConfigDict()
     config.guidance.enabled = True

@@ -351,8 +351,9 @@ class BatchSampler:
             self._permutations[epoch] = perm
         return perm
 
-    def batch(self, step: int) -> np.ndarray:
-        """Return the ``[batch_size, block_size]`` int32 batch for training step ``step``."""
+    def batch(self, step: int, rows: slice | None = None) -> np.ndarray:
+        """Return the ``[batch_size, block_size]`` int32 batch for training step ``step``, or
+        only its ``rows`` (the part one host feeds to its devices)."""
         if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
         n, b = self.num_blocks, self._batch_size
@@ -363,7 +364,8 @@ class BatchSampler:
             offset = epoch * n
             lo, hi = max(start, offset) - offset, min(stop, offset + n) - offset
             indices.append(self.epoch_permutation(epoch)[lo:hi])
-        return self._blocks[np.concatenate(indices)]
+        order = np.concatenate(indices)
+        return self._blocks[order if rows is None else order[rows]]
 
 
 def eval_batches(

@@ -19,7 +19,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from guided_jax import data
+from guided_jax import data, sharding
 from guided_jax.guidance import HeadSpec
 from guided_jax.model import ModelConfig
 from guided_jax.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
@@ -109,8 +109,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         "train.batch_size",
         "train.learning_rate",
         "train.log_every",
+        "train.grad_accum_steps",
         "data.block_size",
     )
+    if config.train.batch_size % config.train.grad_accum_steps:
+        raise ConfigError(
+            f"train.batch_size={config.train.batch_size} is not a multiple of "
+            f"train.grad_accum_steps={config.train.grad_accum_steps}"
+        )
+    try:
+        sharding.parse_rules(config.mesh.rules)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if config.train.warmup_steps < 0 or config.train.warmup_steps > config.train.steps:
         raise ConfigError(
             f"train.warmup_steps={config.train.warmup_steps} must be in "
@@ -130,6 +140,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         spec.validate(num_heads=model.num_heads, num_layers=model.num_layers)
 
 
+# How a run is laid out on devices, not what it computes: these may change between restarts
+# (checkpoints restore onto any mesh).
+LAYOUT_KEYS = ("mesh.", "model.remat")
+
+
 def check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
     """A workdir belongs to one config: resuming it with another would mix two runs."""
     saved = workdir / "config.json"
@@ -137,7 +152,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
         return
     previous = json.loads(saved.read_text())
     current = json.loads(config.to_json())
-    diffs = _config_diff(previous, current)
+    diffs = [d for d in _config_diff(previous, current) if not d[0].startswith(LAYOUT_KEYS)]
     if diffs:
         shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:8])
         raise ConfigError(
@@ -169,8 +184,12 @@ def _tokenizer(
     return train_tokenizer(texts, config.data.tokenizer_vocab_size, scratch), scratch
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Experiment:
-    """Resolves config, tokenizer and data; raises before writing anything on bad input."""
+def prepare(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, write: bool = True
+) -> Experiment:
+    """Resolves config, tokenizer and data; raises before writing anything on bad input.
+
+    ``write=False`` (every process but the first of a multi-host run) only reads WORKDIR."""
     workdir = Path(workdir)
     check_config(config)
     check_workdir(config, workdir)
@@ -191,11 +210,12 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Ex
             train_blocks, eval_blocks = data.split_blocks(blocks, config.data.eval_fraction)
         # A corpus smaller than one batch fails here, before anything is written.
         sampler = data.BatchSampler(train_blocks, config.train.batch_size, config.train.seed)
-        workdir.mkdir(parents=True, exist_ok=True)
-        if scratch is not None:
-            shutil.copytree(scratch, workdir / "tokenizer", dirs_exist_ok=True)
-            tokenizer = load_tokenizer(workdir / "tokenizer")
-        (workdir / "config.json").write_text(config.to_json(indent=2))
+        if write:
+            workdir.mkdir(parents=True, exist_ok=True)
+            if scratch is not None:
+                shutil.copytree(scratch, workdir / "tokenizer", dirs_exist_ok=True)
+                tokenizer = load_tokenizer(workdir / "tokenizer")
+            (workdir / "config.json").write_text(config.to_json(indent=2))
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -19,6 +19,14 @@ from flax import nnx
 from guided_jax.attention import attention_bias, attention_probs, dense_attention
 from guided_jax.guidance import Guide
 
+# What the backward pass may keep from the forward of a layer instead of recomputing it:
+# everything, nothing, or only the weight matmuls' outputs (attention maps are recomputed).
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -37,6 +45,7 @@ class ModelConfig:
     initializer_range: float = 0.02
     pad_token_id: int = 1
     dtype: str = "float32"  # compute dtype; parameters stay float32
+    remat: str = "none"  # recompute each layer in the backward: none | full | dots
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> ModelConfig:
@@ -89,6 +98,10 @@ class ModelConfig:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(
                 f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}"
+            )
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(
+                f"model.remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}"
             )
 
     @property
@@ -279,6 +292,24 @@ class RobertaForMLM(nnx.Module):
         self.layers = nnx.List([EncoderLayer(config, rngs) for _ in range(config.num_layers)])
         self.head = MLMHead(config, rngs)
 
+    def _run_layer(
+        self,
+        layer: EncoderLayer,
+        x: jax.Array,
+        bias: jax.Array,
+        key: jax.Array | None,
+        guide: Guide | None,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """One layer, rematerialised in the backward per ``config.remat``."""
+        if self.config.remat == "none":
+            return layer(x, bias, key, guide)
+
+        def forward(layer: EncoderLayer, x: jax.Array, bias: jax.Array, key: jax.Array | None):
+            return layer(x, bias, key, guide)
+
+        policy = REMAT_POLICIES[self.config.remat]
+        return nnx.remat(forward, policy=policy)(layer, x, bias, key)
+
     def __call__(
         self,
         input_ids: jax.Array,
@@ -310,7 +341,7 @@ class RobertaForMLM(nnx.Module):
             if return_attentions:
                 q, k, _ = layer.attention.qkv(x)
                 attentions.append(attention_probs(q, k, bias))
-            x, losses = layer(x, bias, key, layer_guide)
+            x, losses = self._run_layer(layer, x, bias, key, layer_guide)
             if losses is not None:
                 guidance.append(losses)
         logits = self.head(x, self.embeddings.word).astype(jnp.float32)

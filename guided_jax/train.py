@@ -19,13 +19,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx, struct
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from guided_jax import checkpointing, data
-from guided_jax.experiment import Experiment, prepare
+from guided_jax import checkpointing, data, sharding
+from guided_jax.experiment import ConfigError, Experiment, prepare
 from guided_jax.guidance import Guide, guidance_weight, token_masks
 from guided_jax.masking import mask_tokens, mlm_loss
 from guided_jax.metrics import MetricsWriter
@@ -34,7 +36,12 @@ from guided_jax.model import RobertaForMLM
 
 @struct.dataclass
 class TrainState:
+    """Everything a checkpoint restores. Step ``s`` draws its masking and dropout keys from
+    ``fold_in(rng, s)`` and its batch from the data position, so a resumed run repeats exactly
+    what an uninterrupted one does."""
+
     step: jax.Array
+    rng: jax.Array  # raw uint32 key data (saves and restores like any array)
     params: nnx.State
     opt_state: optax.OptState
 
@@ -110,13 +117,28 @@ def make_train_step(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
 ):
-    """``(state, batch) -> (state, metrics)``: mask, forward, MLM + weighted guidance, update."""
+    """``(state, batch) -> (state, metrics)``: mask, forward, MLM + weighted guidance, update.
+
+    With ``train.grad_accum_steps = k`` the global batch is split into k micro-batches whose
+    gradients are averaged before the one optimizer update (scanned, so memory is that of one
+    micro-batch); micro-batch i draws its keys from ``fold_in(step_key, i)``.
+    """
     cfg = exp.config
     guided = cfg.guidance.enabled  # experiment.head_spec refuses enabled without a spec
-    base_key = jax.random.key(cfg.train.seed)
+    accum = cfg.train.grad_accum_steps
+
+    def loss_fn(params: nnx.State, batch: jax.Array, key: jax.Array, weight: jax.Array):
+        mask_key, dropout_key = jax.random.split(key)
+        model = nnx.merge(graphdef, params)
+        mlm, groups, _ = mlm_forward(
+            exp, model, batch, mask_key, guided=guided, dropout_key=dropout_key
+        )
+        return mlm + weight * jnp.sum(groups), (mlm, groups)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict[str, Any]]:
-        mask_key, dropout_key = jax.random.split(jax.random.fold_in(base_key, state.step))
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         weight = jnp.zeros((), jnp.float32)
         if guided:
             weight = guidance_weight(
@@ -125,18 +147,30 @@ def make_train_step(
                 stagnant_steps=cfg.guidance.stagnant_steps,
                 total_steps=cfg.train.steps,
             )
+        if accum == 1:
+            (loss, (mlm, groups)), grads = grad_fn(state.params, batch, step_key, weight)
+        else:
+            # Row j * accum + i goes to micro-batch i: each device keeps its own rows.
+            rows, length = batch.shape
+            micro = batch.reshape(rows // accum, accum, length).swapaxes(0, 1)
 
-        def loss_fn(params: nnx.State):
-            model = nnx.merge(graphdef, params)
-            mlm, groups, _ = mlm_forward(
-                exp, model, batch, mask_key, guided=guided, dropout_key=dropout_key
+            def accumulate(totals, xs):
+                index, micro_batch = xs
+                key = jax.random.fold_in(step_key, index)
+                (loss, (mlm, groups)), grads = grad_fn(state.params, micro_batch, key, weight)
+                return jax.tree.map(jnp.add, totals, (loss, mlm, groups, grads)), None
+
+            shapes = jax.eval_shape(grad_fn, state.params, micro[0], step_key, weight)
+            (loss, (mlm, groups)), grads = jax.tree.map(
+                lambda s: jnp.zeros(s.shape, s.dtype), shapes
             )
-            ag = jnp.sum(groups)
-            return mlm + weight * ag, (mlm, ag, groups)
-
-        (loss, (mlm, ag, groups)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            totals, _ = jax.lax.scan(
+                accumulate, (loss, mlm, groups, grads), (jnp.arange(accum), micro)
+            )
+            loss, mlm, groups, grads = jax.tree.map(lambda t: t / accum, totals)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        ag = jnp.sum(groups)
         metrics = dict(
             loss=loss,
             mlm_loss=mlm,
@@ -147,9 +181,9 @@ def make_train_step(
         )
         if guided:
             metrics.update({f"ag_loss/{g.name}": groups[i] for i, g in enumerate(exp.spec.groups)})
-        return TrainState(state.step + 1, params, opt_state), metrics
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    return train_step
 
 
 def make_eval_step(exp: Experiment, graphdef: nnx.GraphDef):
@@ -164,13 +198,13 @@ def make_eval_step(exp: Experiment, graphdef: nnx.GraphDef):
         )
         return mlm * jnp.maximum(count, 1), count, jnp.sum(groups)
 
-    return jax.jit(eval_step)
+    return eval_step
 
 
-def evaluate(eval_step, params: nnx.State, batches: list[np.ndarray]) -> dict[str, float]:
+def evaluate(eval_step, params: nnx.State, batches: list[jax.Array]) -> dict[str, float]:
     nll = count = ag = 0.0
     for index, batch in enumerate(batches):
-        b_nll, b_count, b_ag = jax.device_get(eval_step(params, batch, index))
+        b_nll, b_count, b_ag = sharding.to_host(eval_step(params, batch, index))
         nll, count, ag = nll + float(b_nll), count + float(b_count), ag + float(b_ag)
     return {"eval_mlm_loss": nll / max(count, 1.0), "eval_ag_loss": ag / len(batches)}
 
@@ -184,11 +218,15 @@ class Interrupted(RuntimeError):
 
 class _StopRequests:
     """Ctrl-C or SIGTERM (preemption, ``kill``) asks the loop to stop after the current step,
-    so it can save a consistent state; a second signal interrupts at once."""
+    so it can save a consistent state; a second signal interrupts at once.
+
+    With several processes a signal reaches each at a different step, so SIGTERM is left to
+    JAX's preemption service, which picks one step at which all processes stop together."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
         self._previous: dict[int, Any] = {}
+        self._multi_process = jax.process_count() > 1
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signal is not None:
@@ -196,7 +234,7 @@ class _StopRequests:
         self.signal = signum
 
     def __enter__(self) -> _StopRequests:
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and not self._multi_process:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
@@ -204,6 +242,12 @@ class _StopRequests:
     def __exit__(self, *exc_info: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+    def requested(self, step: int) -> bool:
+        """Whether to save and stop after ``step`` (the same answer on every process)."""
+        if self._multi_process and multihost_utils.reached_preemption_sync_point(step):
+            self.signal = signal.SIGTERM
+        return self.signal is not None
 
 
 def _check_finite(metrics: dict[str, Any], step: int) -> None:
@@ -221,30 +265,110 @@ def _check_finite(metrics: dict[str, Any], step: int) -> None:
         )
 
 
+def _prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Experiment:
+    """Process 0 checks, tokenizes and writes WORKDIR's files; the others then read them
+    (WORKDIR must be on storage every host sees)."""
+    if jax.process_count() == 1:
+        return prepare(config, workdir)
+    exp = prepare(config, workdir) if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("guided_jax: workdir prepared")
+    return exp or prepare(config, workdir, write=False)
+
+
+def _data_position(exp: Experiment, step: int) -> dict[str, int]:
+    """Where the input stream stands after ``step`` steps (batches are a function of it)."""
+    return {
+        "next_batch": step,
+        "batch_size": exp.sampler.batch_size,
+        "num_blocks": exp.sampler.num_blocks,
+        "seed": exp.config.train.seed,
+    }
+
+
+def _check_data_position(saved: dict[str, Any], expected: dict[str, int]) -> None:
+    diffs = [f"{k}: {saved.get(k)} -> {v}" for k, v in expected.items() if saved.get(k) != v]
+    if diffs:
+        raise ConfigError(
+            f"the checkpoint at step {expected['next_batch']} was trained on other data "
+            f"({'; '.join(diffs)}); the corpus or batching changed since, use a new --workdir"
+        )
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str | os.PathLike,
+    *,
+    devices: list[jax.Device] | None = None,
 ) -> dict[str, float]:
-    """Trains per ``config`` into ``workdir``; returns the last logged metrics."""
-    exp = prepare(config, workdir)
+    """Trains per ``config`` into ``workdir`` on a mesh over ``devices`` (default: every device
+    of every process); returns the last logged metrics."""
+    mesh = sharding.make_mesh(config.mesh, devices)  # before anything is written
+    exp = _prepare(config, workdir)
     cfg = exp.config
-    model = RobertaForMLM(exp.model, rngs=nnx.Rngs(params=cfg.train.seed))
-    graphdef, params = nnx.split(model)
+    rules = sharding.parse_rules(cfg.mesh.rules)
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.train.batch_size % (batch_shards * cfg.train.grad_accum_steps):
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} must be a multiple of mesh data x fsdp "
+            f"({batch_shards}) x train.grad_accum_steps ({cfg.train.grad_accum_steps})"
+        )
+    is_chief = jax.process_index() == 0
     tx, schedule = make_optimizer(cfg.train)
-    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
+    def init_state() -> TrainState:
+        params = nnx.state(RobertaForMLM(exp.model, rngs=nnx.Rngs(params=cfg.train.seed)))
+        rng = jax.random.key_data(jax.random.key(cfg.train.seed))
+        return TrainState(jnp.zeros((), jnp.int32), rng, params, tx.init(params))
+
+    # Shapes and shardings first; the state is then created (or restored) directly sharded.
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: RobertaForMLM(exp.model, rngs=nnx.Rngs(0))))
+    abstract = jax.eval_shape(init_state)
+    state_shardings = sharding.tree_shardings(abstract, mesh, rules)
+    abstract = sharding.with_shardings(abstract, state_shardings)
     manager = checkpointing.checkpoint_manager(workdir, cfg.train.keep_checkpoints)
-    restored = checkpointing.restore_latest(manager, state)
-    if restored is not None:
-        state = restored[1]
-    start = int(state.step)
-    writer = MetricsWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
+    restored = checkpointing.restore_latest(manager, abstract)
+    if restored is None:
+        state = jax.jit(init_state, out_shardings=state_shardings)()
+    else:
+        step, state, position = restored
+        _check_data_position(position, _data_position(exp, step))
+    start = int(sharding.to_host(state.step))
+    if start >= cfg.train.steps:
+        manager.close()
+        return {}
 
-    eval_sets = data.eval_batches(exp.eval_blocks, cfg.train.batch_size, cfg.train.eval_batches)
-    train_step = make_train_step(exp, graphdef, tx, schedule)
-    eval_step = make_eval_step(exp, graphdef)
+    replicated = NamedSharding(mesh, P())
+    batch_shape = (cfg.train.batch_size, cfg.data.block_size)
+    batch_sharding = sharding.batch_sharding(mesh, cfg.train.batch_size)
+    train_step = (
+        jax.jit(
+            make_train_step(exp, graphdef, tx, schedule),
+            in_shardings=(state_shardings, batch_sharding),
+            out_shardings=(state_shardings, replicated),
+            donate_argnums=0,
+        )
+        .lower(abstract, jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=batch_sharding))
+        .compile()
+    )
+    eval_step = jax.jit(make_eval_step(exp, graphdef), out_shardings=replicated)
+    eval_sets = [
+        sharding.global_batch(
+            sharding.batch_sharding(mesh, len(b)), b.shape, lambda rows, b=b: b[rows]
+        )
+        for b in data.eval_batches(exp.eval_blocks, cfg.train.batch_size, cfg.train.eval_batches)
+    ]
+
+    def batch(step: int) -> jax.Array:
+        return sharding.global_batch(
+            batch_sharding, batch_shape, lambda rows: exp.sampler.batch(step, rows)
+        )
+
+    if is_chief:
+        memory = sharding.memory_summary(train_step)
+        print(f"mesh {dict(mesh.shape)} over {mesh.size} devices; train step {memory}")
     total = cfg.train.steps
     tokens_per_step = cfg.train.batch_size * cfg.data.block_size
+    writer = MetricsWriter(workdir, resume_step=start, enabled=is_chief)
 
     last: dict[str, float] = {}
     pending: tuple[int, Any, dict[str, float]] | None = None
@@ -253,7 +377,7 @@ def train_and_evaluate(
     def emit(record_step: int, device_metrics: Any, extra: dict[str, float]) -> None:
         record: dict[str, float] = {"step": record_step}
         if device_metrics is not None:
-            host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+            host = {k: float(v) for k, v in sharding.to_host(device_metrics).items()}
             _check_finite(host, record_step)
             now = time.perf_counter()
             elapsed = max(now - clock["time"], 1e-9)
@@ -268,11 +392,19 @@ def train_and_evaluate(
         )
 
     with (
+        writer,
         _StopRequests() as stop,
-        tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True) as bar,
+        tqdm(
+            total=total,
+            initial=start,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not is_chief,
+        ) as bar,
     ):
         for step in range(start, total):
-            state, metrics = train_step(state, exp.sampler.batch(step))
+            state, metrics = train_step(state, batch(step))
             if step == start:  # exclude compilation from the throughput
                 jax.block_until_ready(metrics)
                 clock.update(time=time.perf_counter(), step=step + 1)
@@ -280,6 +412,7 @@ def train_and_evaluate(
                 emit(*pending)
                 pending = None
             done = step + 1
+            stopping = stop.requested(done)
             log_due = done % cfg.train.log_every == 0 or done == total
             eval_due = (
                 bool(eval_sets)
@@ -288,7 +421,7 @@ def train_and_evaluate(
             )
             ckpt_due = (
                 done == total
-                or stop.signal is not None
+                or stopping
                 or (cfg.train.checkpoint_every > 0 and done % cfg.train.checkpoint_every == 0)
             )
             extra = {}
@@ -300,10 +433,10 @@ def train_and_evaluate(
             if log_due or eval_due:
                 pending = (done, metrics if log_due else None, extra)
             if ckpt_due:
-                _check_finite(jax.device_get(metrics), done)
-                checkpointing.save(manager, done, state)
+                _check_finite(sharding.to_host(metrics), done)
+                checkpointing.save(manager, done, state, _data_position(exp, done))
             bar.update(1)
-            if stop.signal is not None:
+            if stopping:
                 break
         if pending is not None:
             emit(*pending)
@@ -311,7 +444,7 @@ def train_and_evaluate(
     manager.close()
     if stop.signal is not None:
         raise Interrupted(
-            f"stopped by signal {stop.signal} at step {int(state.step)} after saving a checkpoint "
-            f"there; rerun the same command to resume"
+            f"stopped by signal {stop.signal} at step {int(sharding.to_host(state.step))} after "
+            f"saving a checkpoint there; rerun the same command to resume"
         )
     return last

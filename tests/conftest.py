@@ -12,7 +12,20 @@ import pathlib
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+# Many tests compile the same tiny programs, also in CLI subprocesses: share XLA's results.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".pytest_cache" / "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def cli_env(devices: int = 1) -> dict[str, str]:
+    """Environment for a CLI subprocess on ``devices`` fake CPU devices (the README's laptop
+    run has one)."""
+    flags = os.environ["XLA_FLAGS"].replace(
+        "--xla_force_host_platform_device_count=8",
+        f"--xla_force_host_platform_device_count={devices}",
+    )
+    return {**os.environ, "XLA_FLAGS": flags}
 
 
 @pytest.fixture

@@ -8,13 +8,14 @@ import time
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, cli_env
 
 
 def _main(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "guided_jax.main", *args],
         cwd=REPO,
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -75,6 +76,7 @@ def test_sigterm_saves_a_checkpoint_before_exiting(corpus_file, tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "guided_jax.main", *args],
         cwd=REPO,
+        env=cli_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

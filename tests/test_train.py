@@ -3,10 +3,13 @@
 import json
 import shutil
 
+import jax
 import pytest
 
 from guided_jax import train
 from guided_jax.metrics import read_metrics
+
+ONE_DEVICE = jax.devices()[:1]
 
 REQUIRED_KEYS = {
     "step",
@@ -27,7 +30,7 @@ def test_tiny_run_lowers_mlm_and_guidance_losses(tiny_config, tmp_path):
     cfg.train.log_every = 5
     cfg.train.eval_every = 20
     workdir = tmp_path / "run"
-    last = train.train_and_evaluate(cfg, workdir)
+    last = train.train_and_evaluate(cfg, workdir, devices=ONE_DEVICE)
 
     records = read_metrics(workdir)
     logged = [r for r in records if "mlm_loss" in r]
@@ -54,7 +57,7 @@ def test_tiny_run_lowers_mlm_and_guidance_losses(tiny_config, tmp_path):
 
 def test_baseline_trains_without_guidance_but_measures_it(tiny_config, tmp_path):
     tiny_config.guidance.enabled = False
-    train.train_and_evaluate(tiny_config, tmp_path / "run")
+    train.train_and_evaluate(tiny_config, tmp_path / "run", devices=ONE_DEVICE)
     records = read_metrics(tmp_path / "run")
     logged = [r for r in records if "mlm_loss" in r]
     assert all(r["ag_weight"] == 0.0 and r["ag_loss"] == 0.0 for r in logged)
@@ -64,7 +67,7 @@ def test_baseline_trains_without_guidance_but_measures_it(tiny_config, tmp_path)
 
 def test_token_set_guidance_trains(tiny_config, tmp_path):
     tiny_config.guidance.heads = "next:1,token[</s>]:1,token[.]:1"
-    last = train.train_and_evaluate(tiny_config, tmp_path / "run")
+    last = train.train_and_evaluate(tiny_config, tmp_path / "run", devices=ONE_DEVICE)
     assert {"ag_loss/next", "ag_loss/token[</s>]", "ag_loss/token[.]"} <= set(last)
     assert last["ag_loss/token[.]"] > 0.0
 
@@ -75,11 +78,11 @@ def _without_timing(records):
 
 def test_rerun_resumes_from_last_checkpoint_identically(tiny_config, tmp_path):
     workdir = tmp_path / "run"
-    train.train_and_evaluate(tiny_config, workdir)
+    train.train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)
     uninterrupted = read_metrics(workdir)
     # Lose the final checkpoint, as if the run had died after step 3's save.
     shutil.rmtree(workdir / "checkpoints" / "6")
-    train.train_and_evaluate(tiny_config, workdir)
+    train.train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)
     resumed = read_metrics(workdir)
     assert [r["step"] for r in resumed] == [2, 3, 4, 6]
     assert _without_timing(resumed) == _without_timing(uninterrupted)
@@ -87,14 +90,14 @@ def test_rerun_resumes_from_last_checkpoint_identically(tiny_config, tmp_path):
 
 def test_finished_run_is_not_repeated(tiny_config, tmp_path):
     workdir = tmp_path / "run"
-    train.train_and_evaluate(tiny_config, workdir)
+    train.train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)
     before = (workdir / "metrics.jsonl").read_text()
-    assert train.train_and_evaluate(tiny_config, workdir) == {}
+    assert train.train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE) == {}
     assert (workdir / "metrics.jsonl").read_text() == before
 
 
 def test_non_finite_loss_stops_without_saving_it(tiny_config, tmp_path):
     tiny_config.train.learning_rate = 1e38  # the first update overflows the parameters
     with pytest.raises(FloatingPointError, match=r"non-finite .* at step \d"):
-        train.train_and_evaluate(tiny_config, tmp_path / "run")
+        train.train_and_evaluate(tiny_config, tmp_path / "run", devices=ONE_DEVICE)
     assert not any((tmp_path / "run" / "checkpoints").glob("[0-9]*"))

@@ -1,0 +1,243 @@
+#!/usr/bin/env bash
+# Train on a Cloud TPU VM slice (one host or a pod slice of many): create the TPU, copy this
+# checkout to every worker and install it, start the same training command on all workers with
+# --distributed (JAX finds the other hosts itself), watch it, stop it, delete the TPU.
+#
+#   export TPU_NAME=ag ZONE=us-central2-b ACCELERATOR_TYPE=v4-32 BUCKET=my-bucket
+#   bash launch/tpu_vm.sh create --spot   # or --preemptible, or neither
+#   bash launch/tpu_vm.sh setup           # this checkout (less .git, venvs, runs) to ~/guided_jax,
+#                                         # a Python >= 3.11 venv, pip install -e . 'jax[tpu]'
+#   bash launch/tpu_vm.sh train --detach configs/reference.py:roberta_12 \
+#       --config.data.train_files=/mnt/gcs/data/train.txt --config.mesh.fsdp=4
+#   bash launch/tpu_vm.sh logs            # the end of ~/guided_jax/train.log on worker WORKER (0)
+#   bash launch/tpu_vm.sh status          # the TPU's state and health
+#   bash launch/tpu_vm.sh stop            # SIGTERM: every process saves a checkpoint and exits
+#   bash launch/tpu_vm.sh delete
+#
+# train without --detach runs in the foreground and shows the output of every worker.
+#
+# Settings come from the environment or from the flags named beside them:
+#   TPU_NAME         --name      guided-jax
+#   ZONE             --zone      us-central2-b
+#   ACCELERATOR_TYPE --type      v4-32 (v5litepod-16, v5p-32, v6e-16, ...)
+#   RUNTIME_VERSION  --version   the JAX base image of the TPU generation (see runtime_for)
+#   PROJECT          --project   gcloud's default project
+#   BUCKET           --bucket    none; setup and train mount gs://BUCKET at MOUNT on every worker
+#   MOUNT                        /mnt/gcs
+#   WORKDIR          --workdir   MOUNT/runs/TPU_NAME with BUCKET, else required for train
+# The workdir must be the same shared directory on every worker (the gcsfuse mount, or an
+# NFS/Filestore path): all processes write the checkpoints, process 0 the metrics. Rerunning
+# train resumes from the last checkpoint, also on a new TPU after a spot preemption.
+#
+# DRY_RUN=1 prints every command (one a line) instead of running it.
+set -euo pipefail
+
+usage() { # exit status 0 (help, on stdout) or 2 (a usage error, on stderr)
+  local out=2
+  [[ ${1:-2} != 0 ]] || out=1
+  cat >&"$out" <<'EOF'
+usage: tpu_vm.sh create [--spot | --preemptible] [OPTIONS]
+       tpu_vm.sh setup  [OPTIONS]
+       tpu_vm.sh train  [--detach] [--workdir DIR] [OPTIONS] CONFIG [--config.key=value ...]
+       tpu_vm.sh logs | stop | status | delete [OPTIONS]
+OPTIONS: --name NAME --zone ZONE --type ACCELERATOR_TYPE --version RUNTIME_VERSION
+         --project PROJECT --bucket BUCKET   (or the environment variables of the same names)
+EOF
+  exit "${1:-2}"
+}
+
+die() {
+  echo "tpu_vm.sh: $*" >&2
+  usage
+}
+
+run() {
+  if [[ ${DRY_RUN:-0} == 1 ]]; then
+    printf '%q ' "$@"
+    printf '\n'
+  else
+    "$@"
+  fi
+}
+
+# The TPU software version with a plain Ubuntu for JAX, by TPU generation.
+runtime_for() {
+  case $1 in
+    v5litepod-* | v5e-*) echo v2-alpha-tpuv5-lite ;;
+    v5p-*) echo v2-alpha-tpuv5 ;;
+    v6e-*) echo v2-alpha-tpuv6e ;;
+    *) echo tpu-ubuntu2204-base ;;
+  esac
+}
+
+[[ $# -ge 1 ]] || usage
+command=$1
+shift
+case $command in
+  create | setup | train | logs | stop | status | delete) ;;
+  -h | --help | help) usage 0 ;;
+  *) die "unknown subcommand '$command'" ;;
+esac
+
+name=${TPU_NAME:-guided-jax}
+zone=${ZONE:-us-central2-b}
+accelerator=${ACCELERATOR_TYPE:-v4-32}
+version=${RUNTIME_VERSION:-}
+project=${PROJECT:-}
+bucket=${BUCKET:-}
+mount=${MOUNT:-/mnt/gcs}
+workdir=${WORKDIR:-}
+provisioning=
+detach=0
+
+while [[ $# -gt 0 && $1 == --* ]]; do
+  option=$1
+  value=
+  case $option in
+    --spot | --preemptible)
+      [[ $command == create ]] || die "$option is for create"
+      [[ -z $provisioning ]] || die "--spot or --preemptible, not both"
+      provisioning=$option
+      shift
+      continue
+      ;;
+    --detach)
+      [[ $command == train ]] || die "--detach is for train"
+      detach=1
+      shift
+      continue
+      ;;
+    --*=*)
+      value=${option#*=}
+      option=${option%%=*}
+      shift
+      ;;
+    --name | --zone | --type | --version | --project | --bucket | --workdir)
+      [[ $# -ge 2 ]] || die "$option needs a value"
+      value=$2
+      shift 2
+      ;;
+    *) die "unknown option '$option'" ;;
+  esac
+  case $option in
+    --name) name=$value ;;
+    --zone) zone=$value ;;
+    --type) accelerator=$value ;;
+    --version) version=$value ;;
+    --project) project=$value ;;
+    --bucket) bucket=$value ;;
+    --workdir)
+      [[ $command == train ]] || die "--workdir is for train"
+      workdir=$value
+      ;;
+    *) die "unknown option '$option'" ;;
+  esac
+done
+
+if [[ $command == train ]]; then
+  [[ $# -ge 1 ]] || die "train needs a CONFIG"
+  config=$1
+  shift
+  if [[ -z $workdir ]]; then
+    [[ -n $bucket ]] || die "train needs WORKDIR (a directory every worker shares) or BUCKET"
+    workdir=$mount/runs/$name
+  fi
+elif [[ $# -gt 0 ]]; then
+  die "unexpected arguments: $*"
+fi
+[[ -n $version ]] || version=$(runtime_for "$accelerator")
+
+tpu=(gcloud compute tpus tpu-vm)
+where=(--zone="$zone")
+[[ -z $project ]] || where+=(--project="$project")
+
+# Runs one shell command line on every worker of the slice (or on worker $2).
+on_workers() {
+  run "${tpu[@]}" ssh "$name" "${where[@]}" --worker="${2:-all}" --command="$1"
+}
+
+# Remote paths are relative to the home directory of each worker.
+remote_dir=guided_jax
+remote_python=$remote_dir/.venv/bin/python
+
+mount_bucket=
+if [[ -n $bucket ]]; then
+  # Directory renames (orbax commits a checkpoint by renaming its temporary directory) need
+  # --rename-dir-limit on buckets without hierarchical namespace.
+  m=$(printf '%q' "$mount")
+  b=$(printf '%q' "$bucket")
+  mount_bucket="{ mountpoint -q $m || { sudo mkdir -p $m && sudo chown \"\$USER\" $m"
+  mount_bucket+=" && gcsfuse --implicit-dirs --rename-dir-limit=1000000 $b $m; }; }"
+fi
+
+case $command in
+  create)
+    flags=(--accelerator-type="$accelerator" --version="$version")
+    [[ -z $provisioning ]] || flags+=("$provisioning")
+    [[ -z $bucket ]] || flags+=(--scopes=https://www.googleapis.com/auth/cloud-platform)
+    run "${tpu[@]}" create "$name" "${where[@]}" "${flags[@]}"
+    ;;
+
+  setup)
+    repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+    jax=$(grep -E '^jax[<>=!~]' "$repo/requirements.txt") || {
+      echo "tpu_vm.sh: no jax requirement in $repo/requirements.txt" >&2
+      exit 1
+    }
+    jax_tpu="jax[tpu]${jax#jax}"
+    pack=${TMPDIR:-/tmp}/guided_jax-$name.tar.gz
+    run tar -czf "$pack" --exclude=.git --exclude=.venv --exclude=venv --exclude=runs \
+      --exclude=__pycache__ --exclude='*.egg-info' -C "$repo" .
+    run "${tpu[@]}" scp "$pack" "$name:guided_jax.tar.gz" "${where[@]}" --worker=all
+    run rm -f "$pack"
+    # Python >= 3.11: the image's python3 where it is new enough, else Ubuntu's python3.11.
+    apt='sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -yq'
+    script="set -e; mkdir -p $remote_dir && tar -xzf guided_jax.tar.gz -C $remote_dir"
+    script+="; py=python3; if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'"
+    script+="; then $apt update && $apt install python3.11 python3.11-venv && py=python3.11; fi"
+    script+="; [ -x $remote_python ] || \"\$py\" -m venv $remote_dir/.venv"
+    script+="; $remote_python -m pip install -q -U pip"
+    script+="; $remote_python -m pip install -q -e ./$remote_dir $(printf '%q' "$jax_tpu")"
+    if [[ -n $bucket ]]; then
+      keyring=/usr/share/keyrings/cloud.google.asc
+      # shellcheck disable=SC2016  # $(lsb_release -cs) expands on the worker
+      repo_line='https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -cs) main'
+      repo_line="deb [signed-by=$keyring] $repo_line"
+      script+="; if ! command -v gcsfuse >/dev/null; then"
+      script+=" curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg"
+      script+=" | sudo tee $keyring >/dev/null"
+      script+=" && echo \"$repo_line\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null"
+      script+=" && $apt update && $apt install gcsfuse; fi; $mount_bucket"
+    fi
+    on_workers "$script"
+    ;;
+
+  train)
+    args=(-m guided_jax.main --config "$config" --workdir "$workdir" --distributed "$@")
+    train=".venv/bin/python $(printf '%q ' "${args[@]}")"
+    if [[ $detach == 1 ]]; then
+      line="cd $remote_dir && { nohup $train> train.log 2>&1 < /dev/null & echo \$! > train.pid; }"
+    else
+      line="cd $remote_dir && $train"
+    fi
+    [[ -z $mount_bucket ]] || line="$mount_bucket && $line"
+    on_workers "$line"
+    ;;
+
+  logs)
+    on_workers "tail -n 40 $remote_dir/train.log" "${WORKER:-0}"
+    ;;
+
+  stop)
+    on_workers "kill -TERM \$(cat $remote_dir/train.pid)"
+    ;;
+
+  status)
+    run "${tpu[@]}" describe "$name" "${where[@]}" \
+      --format='table(name.basename(), state, health, acceleratorType, runtimeVersion)'
+    ;;
+
+  delete)
+    run "${tpu[@]}" delete "$name" "${where[@]}" --quiet
+    ;;
+esac
