@@ -15,9 +15,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from guided_jax.attention import attention_bias, attention_probs, dense_attention
 from guided_jax.guidance import Guide
+from guided_jax.sharding import BATCH_AXES
 
 # What the backward pass may keep from the forward of a layer instead of recomputing it:
 # everything, nothing, or only the weight matmuls' outputs (attention maps are recomputed).
@@ -151,6 +153,25 @@ def _fold(key: jax.Array | None, index: int) -> jax.Array | None:
     return None if key is None else jax.random.fold_in(key, index)
 
 
+def constrain_to_batch(x: jax.Array) -> jax.Array:
+    """Keeps activations split over the mesh's batch axes when one is set (``jax.set_mesh``),
+    so the partitioner never has to guess their layout from the parameters'."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
+
+
+def _lookup(embed: nnx.Embed, ids: jax.Array) -> jax.Array:
+    """Rows of an embedding table. On a mesh the table is gathered whole first, as FSDP does
+    with every weight before use: a lookup into an ``embed``-sharded table would come out
+    split along the features and need an all-to-all to reach the batch layout."""
+    table = embed.embedding[...]
+    if not jax.sharding.get_abstract_mesh().empty:
+        table = jax.lax.with_sharding_constraint(table, P())
+    return constrain_to_batch(jnp.take(table, ids, axis=0).astype(embed.dtype))
+
+
 def roberta_position_ids(input_ids: jax.Array, pad_token_id: int) -> jax.Array:
     """Positions count non-pad tokens from ``pad_token_id + 1``; pads sit at ``pad_token_id``."""
     not_pad = (input_ids != pad_token_id).astype(jnp.int32)
@@ -186,9 +207,9 @@ class Embeddings(nnx.Module):
     def __call__(self, input_ids: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
         positions = roberta_position_ids(input_ids, self.config.pad_token_id)
         x = (
-            self.word(input_ids)
-            + self.position(positions)
-            + self.token_type(jnp.zeros_like(input_ids))
+            _lookup(self.word, input_ids)
+            + _lookup(self.position, positions)
+            + _lookup(self.token_type, jnp.zeros_like(input_ids))
         )
         x = self.norm(x)
         return self.dropout(x, deterministic=dropout_key is None, rngs=dropout_key)
@@ -342,6 +363,7 @@ class RobertaForMLM(nnx.Module):
                 q, k, _ = layer.attention.qkv(x)
                 attentions.append(attention_probs(q, k, bias))
             x, losses = self._run_layer(layer, x, bias, key, layer_guide)
+            x = constrain_to_batch(x)
             if losses is not None:
                 guidance.append(losses)
         logits = self.head(x, self.embeddings.word).astype(jnp.float32)

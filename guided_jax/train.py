@@ -14,7 +14,8 @@ import os
 import signal
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -304,6 +305,24 @@ def train_and_evaluate(
     of every process); returns the last logged metrics."""
     mesh = sharding.make_mesh(config.mesh, devices)  # before anything is written
     exp = _prepare(config, workdir)
+    with jax.set_mesh(mesh):
+        return _train_loop(exp, mesh, workdir)
+
+
+class TrainProgram(NamedTuple):
+    """The compiled pieces of a run on one mesh."""
+
+    graphdef: nnx.GraphDef
+    abstract_state: TrainState  # ShapeDtypeStructs that carry their shardings
+    state_shardings: Any
+    batch_sharding: NamedSharding
+    init_state: Callable[[], TrainState]  # jitted: creates the state directly sharded
+    train_step: Any  # compiled (state, batch) -> (state, metrics); the state is donated
+
+
+def build_train_program(exp: Experiment, mesh: jax.sharding.Mesh) -> TrainProgram:
+    """Shapes and shardings first, then the jitted init and the compiled step: no array of
+    the model is created before its place on the mesh is known. Call under ``jax.set_mesh``."""
     cfg = exp.config
     rules = sharding.parse_rules(cfg.mesh.rules)
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -312,7 +331,6 @@ def train_and_evaluate(
             f"train.batch_size={cfg.train.batch_size} must be a multiple of mesh data x fsdp "
             f"({batch_shards}) x train.grad_accum_steps ({cfg.train.grad_accum_steps})"
         )
-    is_chief = jax.process_index() == 0
     tx, schedule = make_optimizer(cfg.train)
 
     def init_state() -> TrainState:
@@ -320,36 +338,47 @@ def train_and_evaluate(
         rng = jax.random.key_data(jax.random.key(cfg.train.seed))
         return TrainState(jnp.zeros((), jnp.int32), rng, params, tx.init(params))
 
-    # Shapes and shardings first; the state is then created (or restored) directly sharded.
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: RobertaForMLM(exp.model, rngs=nnx.Rngs(0))))
     abstract = jax.eval_shape(init_state)
     state_shardings = sharding.tree_shardings(abstract, mesh, rules)
     abstract = sharding.with_shardings(abstract, state_shardings)
-    manager = checkpointing.checkpoint_manager(workdir, cfg.train.keep_checkpoints)
-    restored = checkpointing.restore_latest(manager, abstract)
-    if restored is None:
-        state = jax.jit(init_state, out_shardings=state_shardings)()
-    else:
-        step, state, position = restored
-        _check_data_position(position, _data_position(exp, step))
-    start = int(sharding.to_host(state.step))
-    if start >= cfg.train.steps:
-        manager.close()
-        return {}
-
-    replicated = NamedSharding(mesh, P())
-    batch_shape = (cfg.train.batch_size, cfg.data.block_size)
     batch_sharding = sharding.batch_sharding(mesh, cfg.train.batch_size)
+    batch = jax.ShapeDtypeStruct(
+        (cfg.train.batch_size, cfg.data.block_size), jnp.int32, sharding=batch_sharding
+    )
     train_step = (
         jax.jit(
             make_train_step(exp, graphdef, tx, schedule),
             in_shardings=(state_shardings, batch_sharding),
-            out_shardings=(state_shardings, replicated),
+            out_shardings=(state_shardings, NamedSharding(mesh, P())),
             donate_argnums=0,
         )
-        .lower(abstract, jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=batch_sharding))
+        .lower(abstract, batch)
         .compile()
     )
+    init = jax.jit(init_state, out_shardings=state_shardings)
+    return TrainProgram(graphdef, abstract, state_shardings, batch_sharding, init, train_step)
+
+
+def _train_loop(exp: Experiment, mesh: jax.sharding.Mesh, workdir: str | os.PathLike):
+    cfg = exp.config
+    is_chief = jax.process_index() == 0
+    manager = checkpointing.checkpoint_manager(workdir, cfg.train.keep_checkpoints)
+    if (manager.latest_step() or 0) >= cfg.train.steps:  # finished: nothing to compile
+        manager.close()
+        return {}
+    program = build_train_program(exp, mesh)
+    restored = checkpointing.restore_latest(manager, program.abstract_state)
+    if restored is None:
+        state = program.init_state()
+    else:
+        step, state, position = restored
+        _check_data_position(position, _data_position(exp, step))
+    start = int(sharding.to_host(state.step))
+
+    train_step, graphdef = program.train_step, program.graphdef
+    replicated = NamedSharding(mesh, P())
+    batch_shape = (cfg.train.batch_size, cfg.data.block_size)
     eval_step = jax.jit(make_eval_step(exp, graphdef), out_shardings=replicated)
     eval_sets = [
         sharding.global_batch(
@@ -360,7 +389,7 @@ def train_and_evaluate(
 
     def batch(step: int) -> jax.Array:
         return sharding.global_batch(
-            batch_sharding, batch_shape, lambda rows: exp.sampler.batch(step, rows)
+            program.batch_sharding, batch_shape, lambda rows: exp.sampler.batch(step, rows)
         )
 
     if is_chief:
