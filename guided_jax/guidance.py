@@ -22,6 +22,7 @@ from typing import Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 POSITIONAL_PATTERNS = ("self", "next", "prev", "first")
 _NAMED_ITEM = re.compile(
@@ -223,26 +224,37 @@ def target_predicate(group: PatternGroup, n: int, mask: jax.Array | None = None)
 def group_losses(probs: jax.Array, spec: HeadSpec, masks: jax.Array | None = None) -> jax.Array:
     """Mean squared error of each group against its pattern, shape ``[num_groups]``.
 
-    ``probs`` holds the guided heads only, ``[B, spec.num_guided_heads, n, n]`` in spec order;
-    ``masks`` is ``token_masks(...)`` when the spec has token-set groups.
+    ``probs`` is ``[B, H, n, n]`` with the guided heads first, in spec order; heads past
+    ``spec.num_guided_heads`` are weighted out rather than sliced off, so an array sharded over
+    heads is reduced where each head lives. ``masks`` is ``token_masks(...)`` when the spec has
+    token-set groups.
     """
     probs = probs.astype(jnp.float32)
-    batch, _, n, n_keys = probs.shape
+    batch, heads, n, n_keys = probs.shape
     if n != n_keys:
         raise ValueError(f"attention must be square over (query, key), got shape {probs.shape}")
-    losses, token_index = [], 0
-    for group, (lo, hi) in zip(spec.groups, spec.head_ranges, strict=True):
+    if heads < spec.num_guided_heads:
+        raise ValueError(
+            f"guidance spec '{spec}' needs {spec.num_guided_heads} heads, the maps have {heads}"
+        )
+    rows = batch if spec.tokens else 1
+    per_head = [jnp.zeros((rows, n, n), bool)] * heads  # unguided: weight 0 below
+    weights = np.zeros((len(spec.groups), heads), np.float32)
+    token_index = 0
+    for index, (group, (lo, hi)) in enumerate(zip(spec.groups, spec.head_ranges, strict=True)):
         mask = None
         if group.pattern == "token":
             mask = None if masks is None else masks[token_index]
             token_index += 1
-        p = probs[:, lo:hi]
-        on_target = target_predicate(group, n, mask)
-        squared = jnp.where(on_target, jnp.square(p - 1.0), jnp.square(p))
-        # Rows first, then the rest: keeps float32 rounding of the long sum near 1e-7.
-        total = jnp.sum(jnp.sum(squared, axis=-1))
-        losses.append(total / (batch * (hi - lo) * n * n))
-    return jnp.stack(losses)
+        target = target_predicate(group, n, mask)
+        target = jnp.broadcast_to(target.reshape(-1, target.shape[-2], n), (rows, n, n))
+        per_head[lo:hi] = [target] * (hi - lo)
+        weights[index, lo:hi] = 1.0 / (batch * (hi - lo) * n * n)
+    on_target = jnp.stack(per_head, axis=1)  # [rows, H, n, n], fused away by XLA
+    squared = jnp.where(on_target, jnp.square(probs - 1.0), jnp.square(probs))
+    # Rows first, then the rest: keeps float32 rounding of the long sums near 1e-7.
+    head_sums = jnp.sum(jnp.sum(squared, axis=-1), axis=(0, 2))
+    return jnp.dot(weights, head_sums, precision=jax.lax.Precision.HIGHEST)
 
 
 def guidance_loss(
@@ -306,4 +318,4 @@ class Guide:
 
     def layer_losses(self, probs: jax.Array) -> jax.Array:
         """Per-group losses ``[G]`` from one layer's ``[B, H, n, n]`` (or guided-only) maps."""
-        return group_losses(probs[:, : self.spec.num_guided_heads], self.spec, self.masks)
+        return group_losses(probs, self.spec, self.masks)
