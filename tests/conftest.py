@@ -73,3 +73,67 @@ def tiny_config(corpus_file: pathlib.Path):
     config = load_config(str(REPO / "configs" / "tiny.py"))
     config.data.train_files = str(corpus_file)
     return config
+
+
+# ----------------------------------------------------------------------------- comparing runs
+
+STEPS = 20
+
+
+def run_config(corpus, *, data=-1, fsdp=1, tensor=1):
+    """The tiny config for STEPS steps with every step logged, on the given mesh."""
+    from guided_jax.config import load_config
+
+    config = load_config(str(REPO / "configs" / "tiny.py"))
+    config.data.train_files = str(corpus)
+    config.train.steps = STEPS
+    config.train.log_every = 1
+    config.train.eval_every = 10
+    config.train.checkpoint_every = 10
+    config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
+    return config
+
+
+def final_params(workdir):
+    """Final parameters, without the key bias: softmax ignores it (q.b is the same for every
+    key of a row), so its gradient is rounding noise that Adam scales up to +-lr steps, and
+    any change in summation order (another mesh) changes it."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+    from jax.sharding import SingleDeviceSharding
+
+    path = workdir / "checkpoints" / str(STEPS) / "state"
+    checkpointer = ocp.StandardCheckpointer()
+    on_one_device = SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_one_device),
+        checkpointer.metadata(path).item_metadata.tree,
+    )
+    params = checkpointer.restore(path, abstract)["params"]
+    for layer in params["layers"].values():
+        bias = layer["attention"]["qkv"]["bias"]["value"]
+        layer["attention"]["qkv"]["bias"]["value"] = np.delete(np.asarray(bias), 1, axis=0)
+    return params
+
+
+def assert_runs_match(reference, other, rtol=1e-5):
+    """Same logged metrics (but timing) and the same final parameters, to ``rtol``."""
+    import jax
+    import numpy as np
+
+    from guided_jax.metrics import read_metrics
+
+    ref_records, records = read_metrics(reference), read_metrics(other)
+    assert [r["step"] for r in records] == [r["step"] for r in ref_records]
+    for ref, rec in zip(ref_records, records, strict=True):
+        for key, value in ref.items():
+            if key not in ("step", "tokens_per_sec"):
+                assert rec[key] == pytest.approx(value, rel=rtol, abs=1e-7), (rec["step"], key)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-6),
+        final_params(reference),
+        final_params(other),
+    )
+
+

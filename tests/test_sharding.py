@@ -6,20 +6,14 @@ import shutil
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import PartitionSpec as P
-from jax.sharding import SingleDeviceSharding
 
-from conftest import REPO, write_corpus
+from conftest import STEPS, assert_runs_match, run_config, write_corpus
 from guided_jax import experiment, sharding, train
-from guided_jax.config import load_config
-from guided_jax.metrics import read_metrics
-
-STEPS = 20
 
 
-def _mesh_config(data: int, fsdp: int, tensor: int) -> ml_collections.ConfigDict:
+def _meshrun_config(data: int, fsdp: int, tensor: int) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, rules=""))
 
 
@@ -31,7 +25,7 @@ def _mesh_config(data: int, fsdp: int, tensor: int) -> ml_collections.ConfigDict
     [((-1, 1, 1), 8, (8, 1, 1)), ((2, -1, 2), 8, (2, 2, 2)), ((1, 2, 2), 4, (1, 2, 2))],
 )
 def test_mesh_shape_fills_one_axis(sizes, devices, expected):
-    assert sharding.mesh_shape(_mesh_config(*sizes), devices) == expected
+    assert sharding.mesh_shape(_meshrun_config(*sizes), devices) == expected
 
 
 @pytest.mark.parametrize(
@@ -45,7 +39,7 @@ def test_mesh_shape_fills_one_axis(sizes, devices, expected):
 )
 def test_mesh_shape_errors_name_the_problem(sizes, match):
     with pytest.raises(ValueError, match=match):
-        sharding.mesh_shape(_mesh_config(*sizes), 8)
+        sharding.mesh_shape(_meshrun_config(*sizes), 8)
 
 
 def test_parse_rules_and_its_errors():
@@ -62,7 +56,7 @@ def test_parse_rules_and_its_errors():
 
 
 def test_logical_spec_uses_each_mesh_axis_once_and_skips_indivisible_dims():
-    mesh = sharding.make_mesh(_mesh_config(2, 2, 2))
+    mesh = sharding.make_mesh(_meshrun_config(2, 2, 2))
     rules = sharding.parse_rules("embed:fsdp,heads:tensor,vocab:tensor,mlp:tensor")
     assert sharding.logical_spec(("embed", "embed"), (32, 32), mesh, rules) == P("fsdp", None)
     assert sharding.logical_spec(("vocab", "embed"), (181, 32), mesh, rules) == P(None, "fsdp")
@@ -72,7 +66,7 @@ def test_logical_spec_uses_each_mesh_axis_once_and_skips_indivisible_dims():
 
 
 def test_local_rows_cover_the_batch_once_per_data_shard():
-    mesh = sharding.make_mesh(_mesh_config(2, 2, 2))
+    mesh = sharding.make_mesh(_meshrun_config(2, 2, 2))
     batch_sharding = sharding.batch_sharding(mesh, 8)
     # One process holds every device here, hence every row.
     assert sharding.local_rows(batch_sharding, (8, 5)) == slice(0, 8)
@@ -108,49 +102,6 @@ def test_guidance_is_reduced_where_heads_and_examples_live(tiny_config, tmp_path
 # ----------------------------------------------------------------------------- end to end
 
 
-def _config(corpus, *, data=-1, fsdp=1, tensor=1):
-    config = load_config(str(REPO / "configs" / "tiny.py"))
-    config.data.train_files = str(corpus)
-    config.train.steps = STEPS
-    config.train.log_every = 1
-    config.train.eval_every = 10
-    config.train.checkpoint_every = 10
-    config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
-    return config
-
-
-def _final_params(workdir):
-    """Final parameters, without the key bias: softmax ignores it (q.b is the same for every
-    key of a row), so its gradient is rounding noise that Adam scales up to +-lr steps, and
-    any change in summation order (another mesh) changes it."""
-    path = workdir / "checkpoints" / str(STEPS) / "state"
-    checkpointer = ocp.StandardCheckpointer()
-    on_one_device = SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_one_device),
-        checkpointer.metadata(path).item_metadata.tree,
-    )
-    params = checkpointer.restore(path, abstract)["params"]
-    for layer in params["layers"].values():
-        bias = layer["attention"]["qkv"]["bias"]["value"]
-        layer["attention"]["qkv"]["bias"]["value"] = np.delete(np.asarray(bias), 1, axis=0)
-    return params
-
-
-def _assert_runs_match(reference, other, rtol=1e-5):
-    ref_records, records = read_metrics(reference), read_metrics(other)
-    assert [r["step"] for r in records] == [r["step"] for r in ref_records]
-    for ref, rec in zip(ref_records, records, strict=True):
-        for key, value in ref.items():
-            if key not in ("step", "tokens_per_sec"):
-                assert rec[key] == pytest.approx(value, rel=rtol, abs=1e-7), (rec["step"], key)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-6),
-        _final_params(reference),
-        _final_params(other),
-    )
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
@@ -159,20 +110,20 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_device_run(corpus, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("one_device") / "run"
-    train.train_and_evaluate(_config(corpus), workdir, devices=jax.devices()[:1])
+    train.train_and_evaluate(run_config(corpus), workdir, devices=jax.devices()[:1])
     return workdir
 
 
 @pytest.fixture(scope="module")
 def sharded_run(corpus, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("sharded") / "run"
-    train.train_and_evaluate(_config(corpus, data=2, fsdp=2, tensor=2), workdir)
+    train.train_and_evaluate(run_config(corpus, data=2, fsdp=2, tensor=2), workdir)
     return workdir
 
 
 @pytest.mark.slow
 def test_mesh_2x2x2_trains_like_one_device(one_device_run, sharded_run):
-    _assert_runs_match(one_device_run, sharded_run)
+    assert_runs_match(one_device_run, sharded_run)
 
 
 @pytest.mark.slow
@@ -180,6 +131,6 @@ def test_checkpoint_of_8_devices_resumes_on_4(one_device_run, sharded_run, corpu
     workdir = tmp_path / "run"
     shutil.copytree(sharded_run, workdir)
     shutil.rmtree(workdir / "checkpoints" / str(STEPS))  # as if stopped after step 10
-    config = _config(corpus, data=1, fsdp=2, tensor=2)
+    config = run_config(corpus, data=1, fsdp=2, tensor=2)
     train.train_and_evaluate(config, workdir, devices=jax.devices()[:4])
-    _assert_runs_match(one_device_run, workdir)
+    assert_runs_match(one_device_run, workdir)
