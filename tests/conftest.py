@@ -94,7 +94,7 @@ def run_config(corpus, *, data=-1, fsdp=1, tensor=1):
     return config
 
 
-def final_params(workdir):
+def final_params(workdir, *, step=STEPS, with_key_bias=False):
     """Final parameters, without the key bias: softmax ignores it (q.b is the same for every
     key of a row), so its gradient is rounding noise that Adam scales up to +-lr steps, and
     any change in summation order (another mesh) changes it."""
@@ -103,7 +103,7 @@ def final_params(workdir):
     import orbax.checkpoint as ocp
     from jax.sharding import SingleDeviceSharding
 
-    path = workdir / "checkpoints" / str(STEPS) / "state"
+    path = workdir / "checkpoints" / str(step) / "state"
     checkpointer = ocp.StandardCheckpointer()
     on_one_device = SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(
@@ -111,6 +111,8 @@ def final_params(workdir):
         checkpointer.metadata(path).item_metadata.tree,
     )
     params = checkpointer.restore(path, abstract)["params"]
+    if with_key_bias:
+        return params
     for layer in params["layers"].values():
         bias = layer["attention"]["qkv"]["bias"]["value"]
         layer["attention"]["qkv"]["bias"]["value"] = np.delete(np.asarray(bias), 1, axis=0)
@@ -135,5 +137,3 @@ def assert_runs_match(reference, other, rtol=1e-5):
         final_params(reference),
         final_params(other),
     )
-
-

@@ -6,9 +6,13 @@ import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 
-from conftest import REPO, cli_env
+from conftest import REPO, cli_env, final_params, run_config
+from guided_jax import train
+from guided_jax.metrics import read_metrics
 
 
 def _main(*args: str) -> subprocess.CompletedProcess:
@@ -94,3 +98,52 @@ def test_sigterm_saves_a_checkpoint_before_exiting(corpus_file, tmp_path):
     assert len(saved) == 1 and saved[0] >= 3
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert max(steps) <= saved[0]
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_equals_an_uninterrupted_run(corpus_file, tmp_path):
+    """Nothing is lost but the steps since the last checkpoint, and those are redone exactly."""
+    steps = 120
+    config = run_config(corpus_file)
+    config.train.update(steps=steps, checkpoint_every=25, eval_every=40)
+    reference = tmp_path / "reference"
+    train.train_and_evaluate(config, reference, devices=jax.devices()[:1])
+
+    workdir = tmp_path / "run"
+    args = [
+        sys.executable,
+        "-m",
+        "guided_jax.main",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        f"--config.data.train_files={corpus_file}",
+        f"--config.train.steps={steps}",
+        "--config.train.log_every=1",
+        "--config.train.eval_every=40",
+        "--config.train.checkpoint_every=25",
+    ]
+    process = subprocess.Popen(
+        args, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 60):
+        assert process.poll() is None and time.monotonic() < deadline, "run ended before the kill"
+        time.sleep(0.01)
+    process.kill()
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    logged = metrics.read_text().count("\n")
+    assert logged < steps, "the kill came too late to interrupt anything"
+
+    rerun = subprocess.run(args, cwd=REPO, env=cli_env(), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    without_timing = [
+        [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in read_metrics(run)]
+        for run in (workdir, reference)
+    ]
+    assert without_timing[0] == without_timing[1]
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        final_params(workdir, step=steps, with_key_bias=True),
+        final_params(reference, step=steps, with_key_bias=True),
+    )
