@@ -119,7 +119,7 @@ def final_params(workdir, *, step=STEPS, with_key_bias=False):
     return params
 
 
-def assert_runs_match(reference, other, rtol=1e-5):
+def assert_runs_match(reference, other, rtol=1e-5, step=STEPS):
     """Same logged metrics (but timing) and the same final parameters, to ``rtol``."""
     import jax
     import numpy as np
@@ -134,6 +134,6 @@ def assert_runs_match(reference, other, rtol=1e-5):
                 assert rec[key] == pytest.approx(value, rel=rtol, abs=1e-7), (rec["step"], key)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-6),
-        final_params(reference),
-        final_params(other),
+        final_params(reference, step=step),
+        final_params(other, step=step),
     )

@@ -1,8 +1,11 @@
 """A real multi-process run: two processes on localhost, four CPU devices each, one mesh."""
 
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -18,22 +21,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_train_like_one(corpus_file, tmp_path):
-    reference = tmp_path / "single"
-    train.train_and_evaluate(run_config(corpus_file, **MESH), reference)
-
-    workdir = tmp_path / "multi"
+def _launch(workdir, corpus_file, steps):
+    """Both processes of a run, as two users' shells would start them."""
     port = _free_port()
     overrides = [
         f"--config.data.train_files={corpus_file}",
-        "--config.train.steps=20",
+        f"--config.train.steps={steps}",
         "--config.train.log_every=1",
         "--config.train.eval_every=10",
         "--config.train.checkpoint_every=10",
         *(f"--config.mesh.{axis}={size}" for axis, size in MESH.items()),
     ]
-    processes = [
+    return [
         subprocess.Popen(
             [
                 sys.executable,
@@ -54,6 +53,9 @@ def test_two_processes_train_like_one(corpus_file, tmp_path):
         )
         for index in range(2)
     ]
+
+
+def _wait(processes):
     outputs = []
     try:
         for process in processes:
@@ -61,9 +63,39 @@ def test_two_processes_train_like_one(corpus_file, tmp_path):
     finally:
         for process in processes:
             process.kill()
-    for process, (_, stderr) in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, stderr[-3000:]
-    assert "finished at step 20" in outputs[0][0]
-    assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8 devices" in outputs[0][0]
-    assert "mesh" not in outputs[1][0]  # only process 0 reports
-    assert_runs_match(reference, workdir)
+    return [
+        (process.returncode, *output) for process, output in zip(processes, outputs, strict=True)
+    ]
+
+
+@pytest.mark.slow
+def test_two_processes_survive_preemption_and_train_like_one(corpus_file, tmp_path):
+    steps = 40
+    reference = tmp_path / "single"
+    config = run_config(corpus_file, **MESH)
+    config.train.steps = steps
+    train.train_and_evaluate(config, reference)
+
+    # SIGTERM reaches one process only; JAX's preemption service makes both stop and save
+    # at the same step.
+    workdir = tmp_path / "multi"
+    processes = _launch(workdir, corpus_file, steps)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        assert all(p.poll() is None for p in processes) and time.monotonic() < deadline
+        time.sleep(0.05)
+    processes[1].send_signal(signal.SIGTERM)
+    results = _wait(processes)
+    stops = [re.search(r"stopped by signal 15 at step (\d+)", err) for _, _, err in results]
+    assert all(stops), [err[-2000:] for _, _, err in results]
+    assert stops[0][1] == stops[1][1]
+    assert (workdir / "checkpoints" / stops[0][1]).is_dir()
+
+    # The same command again: resumes and finishes where a single process would have.
+    results = _wait(_launch(workdir, corpus_file, steps))
+    for returncode, _, stderr in results:
+        assert returncode == 0, stderr[-3000:]
+    assert f"finished at step {steps}" in results[0][1]
+    assert "over 8 devices" in results[0][1] and "over 8 devices" not in results[1][1]
+    assert_runs_match(reference, workdir, step=steps)
