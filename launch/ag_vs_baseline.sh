@@ -16,14 +16,8 @@ workdir=$2
 shift 2
 python=${PYTHON:-python}
 
-run() {
-  if [[ ${DRY_RUN:-0} == 1 ]]; then
-    printf '%q ' "$@"
-    printf '\n'
-  else
-    "$@"
-  fi
-}
+# shellcheck source=SCRIPTDIR/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 run "$python" -m guided_jax.main --config "$config" --workdir "$workdir/ag" \
   --config.guidance.enabled=true "$@"

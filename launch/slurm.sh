@@ -46,14 +46,8 @@ die() {
   usage
 }
 
-run() {
-  if [[ ${DRY_RUN:-0} == 1 ]]; then
-    printf '%q ' "$@"
-    printf '\n'
-  else
-    "$@"
-  fi
-}
+# shellcheck source=SCRIPTDIR/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 nodes=${NODES:-${SLURM_JOB_NUM_NODES:-1}} # inside an allocation: all its nodes
 gpus=${GPUS_PER_NODE:-8}

@@ -51,14 +51,8 @@ die() {
   usage
 }
 
-run() {
-  if [[ ${DRY_RUN:-0} == 1 ]]; then
-    printf '%q ' "$@"
-    printf '\n'
-  else
-    "$@"
-  fi
-}
+# shellcheck source=SCRIPTDIR/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # The TPU software version with a plain Ubuntu for JAX, by TPU generation.
 runtime_for() {
