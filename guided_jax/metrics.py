@@ -22,11 +22,14 @@ class MetricsWriter:
         self._events: SummaryWriter | None = None
         if not enabled:
             return
-        if self.path.exists():
+        restarting = self.path.exists()  # a previous attempt of this run wrote records
+        if restarting:
             kept = [r for r in _parse(self.path.read_text()) if r["step"] <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self._events = SummaryWriter(
-            str(Path(workdir) / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
+        self._events = SummaryWriter(  # one file per process start: names carry the pid
+            str(Path(workdir) / "tensorboard"),
+            purge_step=resume_step + 1 if restarting else None,
+            filename_suffix=f".{os.getpid()}",
         )
 
     def write(self, record: Mapping[str, float | int]) -> None:

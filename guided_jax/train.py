@@ -8,19 +8,21 @@ step late) → periodic eval → orbax checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+import orbax.checkpoint as ocp
 from flax import nnx, struct
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
@@ -28,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from guided_jax import checkpointing, data, sharding
-from guided_jax.experiment import ConfigError, Experiment, prepare
+from guided_jax.experiment import ConfigError, Experiment, check_config, prepare
 from guided_jax.guidance import Guide, guidance_weight, token_masks
 from guided_jax.masking import mask_tokens, mlm_loss
 from guided_jax.metrics import MetricsWriter
@@ -266,6 +268,26 @@ def _check_finite(metrics: dict[str, Any], step: int) -> None:
         )
 
 
+@contextlib.contextmanager
+def _finishing_saves(manager: ocp.CheckpointManager) -> Iterator[None]:
+    """However the loop ends (done, signal, NaN, error), a save in flight completes: it may be
+    the last good state."""
+    try:
+        yield
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+
+
+def _check_mesh_fits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.train.batch_size % (batch_shards * config.train.grad_accum_steps):
+        raise ConfigError(
+            f"train.batch_size={config.train.batch_size} must be a multiple of mesh data x fsdp "
+            f"({batch_shards}) x train.grad_accum_steps ({config.train.grad_accum_steps})"
+        )
+
+
 def _prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Experiment:
     """Process 0 checks, tokenizes and writes WORKDIR's files; the others then read them
     (WORKDIR must be on storage every host sees)."""
@@ -304,6 +326,8 @@ def train_and_evaluate(
     """Trains per ``config`` into ``workdir`` on a mesh over ``devices`` (default: every device
     of every process); returns the last logged metrics."""
     mesh = sharding.make_mesh(config.mesh, devices)  # before anything is written
+    check_config(config)
+    _check_mesh_fits(config, mesh)
     exp = _prepare(config, workdir)
     with jax.set_mesh(mesh):
         return _train_loop(exp, mesh, workdir)
@@ -325,12 +349,7 @@ def build_train_program(exp: Experiment, mesh: jax.sharding.Mesh) -> TrainProgra
     the model is created before its place on the mesh is known. Call under ``jax.set_mesh``."""
     cfg = exp.config
     rules = sharding.parse_rules(cfg.mesh.rules)
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.train.batch_size % (batch_shards * cfg.train.grad_accum_steps):
-        raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} must be a multiple of mesh data x fsdp "
-            f"({batch_shards}) x train.grad_accum_steps ({cfg.train.grad_accum_steps})"
-        )
+    _check_mesh_fits(cfg, mesh)
     tx, schedule = make_optimizer(cfg.train)
 
     def init_state() -> TrainState:
@@ -421,6 +440,7 @@ def _train_loop(exp: Experiment, mesh: jax.sharding.Mesh, workdir: str | os.Path
         )
 
     with (
+        _finishing_saves(manager),
         writer,
         _StopRequests() as stop,
         tqdm(
@@ -463,14 +483,15 @@ def _train_loop(exp: Experiment, mesh: jax.sharding.Mesh, workdir: str | os.Path
                 pending = (done, metrics if log_due else None, extra)
             if ckpt_due:
                 _check_finite(sharding.to_host(metrics), done)
+                if pending is not None:  # on disk before the state that resumes after it
+                    emit(*pending)
+                    pending = None
                 checkpointing.save(manager, done, state, _data_position(exp, done))
             bar.update(1)
             if stopping:
                 break
         if pending is not None:
             emit(*pending)
-    manager.wait_until_finished()
-    manager.close()
     if stop.signal is not None:
         raise Interrupted(
             f"stopped by signal {stop.signal} at step {int(sharding.to_host(state.step))} after "

@@ -4,6 +4,7 @@ dropout, in-layer guidance vs the public guidance_loss, padding, sharding metada
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import pytest
 from flax import nnx
 
 from guided_jax.guidance import Guide, HeadSpec, guidance_loss, token_masks
-from guided_jax.model import ModelConfig, RobertaForMLM, roberta_position_ids
+from guided_jax.model import REMAT_POLICIES, ModelConfig, RobertaForMLM, roberta_position_ids
 
 PAD, BOS, EOS = 1, 0, 2
 # Models that run: sizes shared between parameters where possible (V = P = FFN = 64), because
@@ -378,3 +379,102 @@ def test_config_rejects_inconsistent_ids_and_positions(overrides, match) -> None
     base = dict(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2)
     with pytest.raises(ValueError, match=match):
         ModelConfig.from_mapping({**base, **overrides})
+
+
+# ----------------------------------------------------------------------------- remat, dtype
+
+
+def _graphdef(config: ModelConfig) -> nnx.GraphDef:
+    return nnx.graphdef(nnx.eval_shape(lambda: RobertaForMLM(config, rngs=nnx.Rngs(0))))
+
+
+def _loss_and_grads(config: ModelConfig, params: nnx.State) -> tuple[float, dict, list]:
+    """A loss over the logits and the in-layer guidance statistics of every layer, its
+    gradients and the remat policies in its program, for ``params`` run under ``config``.
+    (Without dropout, which triples the compile time on CPU; remat with dropout is checked
+    end to end in test_train.py.)"""
+    ids = jnp.asarray(_ids())
+    graphdef = _graphdef(config)
+    weights = jax.random.normal(jax.random.key(7), (*ids.shape, config.vocab_size))
+    guide = Guide(HeadSpec.parse("0,1,1,4"))
+
+    def loss(p: nnx.State) -> jax.Array:
+        logits, aux = nnx.merge(graphdef, p)(ids, guide=guide)
+        return jnp.mean(logits * weights) + jnp.sum(aux["guidance"])
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    policies = _remat_policies(jax.make_jaxpr(loss)(params).jaxpr)
+    grads = {path: np.asarray(v[...]) for path, v in nnx.to_flat_state(grads)}
+    return float(value), grads, policies
+
+
+def _remat_policies(jaxpr) -> list:
+    """The policy of every rematerialised region in ``jaxpr`` and its sub-jaxprs."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("checkpoint", "remat", "remat2"):
+            found.append(eqn.params["policy"])
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(sub, "eqns"):
+                    found.extend(_remat_policies(sub))
+    return found
+
+
+@pytest.fixture(scope="module")
+def no_remat_grads(plain_model: RobertaForMLM) -> tuple[float, dict, list]:
+    return _loss_and_grads(NO_DROPOUT, nnx.state(plain_model, nnx.Param))
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_gives_the_same_loss_and_gradients(
+    plain_model: RobertaForMLM, no_remat_grads: tuple[float, dict, list], remat: str
+) -> None:
+    want_loss, want, no_policies = no_remat_grads
+    config = dataclasses.replace(NO_DROPOUT, remat=remat)
+    got_loss, got, policies = _loss_and_grads(config, nnx.state(plain_model, nnx.Param))
+    # Each layer is one rematerialised region with the configured policy (none without remat).
+    assert no_policies == []
+    assert policies == [REMAT_POLICIES[remat]] * config.num_layers
+    assert got_loss == pytest.approx(want_loss, rel=1e-6)
+    assert got.keys() == want.keys()
+    assert all(np.abs(g).max() > 0 for g in want.values())  # every parameter is checked
+    for path, value in want.items():
+        scale = np.abs(value).max()
+        np.testing.assert_allclose(got[path], value, rtol=1e-6, atol=1e-6 * scale, err_msg=path)
+
+
+def test_remat_policy_is_validated() -> None:
+    with pytest.raises(ValueError, match=r"model\.remat must be one of .*'everything'"):
+        ModelConfig(remat="everything").validate()
+    with pytest.raises(ValueError, match=r"model\.remat"):
+        ModelConfig.from_mapping({"remat": "Full"})
+    for remat in ("none", "full", "dots"):
+        ModelConfig(remat=remat).validate()
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_logits(plain_model: RobertaForMLM) -> None:
+    config = dataclasses.replace(NO_DROPOUT, dtype="bfloat16")
+    abstract = nnx.eval_shape(lambda: RobertaForMLM(config, rngs=nnx.Rngs(1)))
+    assert _params(abstract).keys() == _params(plain_model).keys()
+    assert {v.get_value().dtype for v in _params(abstract).values()} == {jnp.dtype("float32")}
+
+    ids = jnp.asarray(_ids())
+    guide = Guide(HeadSpec.parse("0,1,1,4"))
+    params = nnx.state(plain_model, nnx.Param)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def forward(graphdef: nnx.GraphDef, p: nnx.State):
+        logits, aux = nnx.merge(graphdef, p)(ids, guide=guide)
+        return logits, aux["guidance"]
+
+    got, got_guidance = forward(_graphdef(config), params)
+    want, want_guidance = forward(_graphdef(NO_DROPOUT), params)
+    assert got.dtype == jnp.float32
+    got, want = np.asarray(got), np.asarray(want)
+    error, scale = np.abs(got - want).max(), np.abs(want).max()
+    assert 0 < error < 0.05 * scale  # computed in bfloat16 (not identical), yet close
+    np.testing.assert_allclose(
+        np.asarray(got_guidance, np.float32), np.asarray(want_guidance), rtol=0.05
+    )

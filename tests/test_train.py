@@ -1,12 +1,18 @@
 """End-to-end runs of train_and_evaluate on the tiny config, and every bad input it must refuse."""
 
+import copy
 import json
+import math
 import shutil
 
 import jax
+import jax.numpy as jnp
 import pytest
 
+from conftest import REPO, write_corpus
 from guided_jax import train
+from guided_jax.config import load_config
+from guided_jax.experiment import ConfigError
 from guided_jax.metrics import read_metrics
 
 ONE_DEVICE = jax.devices()[:1]
@@ -101,3 +107,194 @@ def test_non_finite_loss_stops_without_saving_it(tiny_config, tmp_path):
     with pytest.raises(FloatingPointError, match=r"non-finite .* at step \d"):
         train.train_and_evaluate(tiny_config, tmp_path / "run", devices=ONE_DEVICE)
     assert not any((tmp_path / "run" / "checkpoints").glob("[0-9]*"))
+
+
+# ----------------------------------------------------------------------------- shared reference
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted float32 run of the tiny config with every step logged, shared by the
+    tests below (never modified: copy its workdir first). Its corpus is the same text as
+    ``tiny_config``'s, so runs of that config compute exactly the same."""
+    root = tmp_path_factory.mktemp("reference")
+    config = load_config(str(REPO / "configs" / "tiny.py"))
+    config.data.train_files = str(write_corpus(root / "corpus.txt"))
+    config.train.log_every = 1
+    workdir = root / "run"
+    train.train_and_evaluate(config, workdir, devices=ONE_DEVICE)
+    return config, workdir, read_metrics(workdir)
+
+
+def _checkpoints(workdir) -> list[str]:
+    """Every entry of WORKDIR/checkpoints (finished steps and any temporary leftovers)."""
+    return sorted(p.name for p in (workdir / "checkpoints").iterdir())
+
+
+def _assert_finite(records) -> None:
+    for record in records:
+        for key, value in record.items():
+            assert value is not None and math.isfinite(value), (record["step"], key, value)
+
+
+# ----------------------------------------------------------------------------- non-finite guard
+
+
+def _poison_from(monkeypatch, bad_step: int) -> None:
+    """From step index ``bad_step`` on, the train step sees NaN parameters (inside the
+    compiled program, as a diverging run would)."""
+    make_real = train.make_train_step
+
+    def make_poisoned(*args, **kwargs):
+        real_step = make_real(*args, **kwargs)
+
+        def train_step(state, batch):
+            params = jax.tree.map(
+                lambda x: jnp.where(state.step >= bad_step, jnp.nan, x), state.params
+            )
+            return real_step(state.replace(params=params), batch)
+
+        return train_step
+
+    monkeypatch.setattr(train, "make_train_step", make_poisoned)
+
+
+@pytest.mark.slow
+def test_nan_stops_the_run_and_the_last_checkpoint_resumes(
+    tiny_config, tmp_path, monkeypatch, reference
+):
+    _, _, want = reference
+    cfg = tiny_config
+    cfg.train.log_every = 1  # checkpoint_every=3, steps=6
+    workdir = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        _poison_from(patch, 4)  # the 5th step (index 4) computes with NaN parameters
+        with pytest.raises(FloatingPointError, match=r"non-finite .*loss=nan.* at step 5\b"):
+            train.train_and_evaluate(cfg, workdir, devices=ONE_DEVICE)
+    # The last good checkpoint is complete when the error surfaces (the CLI exits right
+    # after it, which would abandon a save still in flight).
+    assert _checkpoints(workdir) == ["3"]
+    crashed = read_metrics(workdir)
+    assert [r["step"] for r in crashed] == [1, 2, 3, 4]  # the NaN record is not written
+    _assert_finite(crashed)
+
+    restored_steps = []
+    restore_latest = train.checkpointing.restore_latest
+
+    def spy(manager, abstract_state):
+        restored = restore_latest(manager, abstract_state)
+        step, state, _ = restored
+        restored_steps.append(step)
+        assert all(jnp.isfinite(x).all() for x in jax.tree.leaves(state.params)), step
+        return restored
+
+    monkeypatch.setattr(train.checkpointing, "restore_latest", spy)
+    last = train.train_and_evaluate(cfg, workdir, devices=ONE_DEVICE)
+    assert restored_steps == [3]
+    assert last["step"] == 6 and _checkpoints(workdir) == ["3", "6"]
+    records = read_metrics(workdir)
+    _assert_finite(records)
+    # Exactly what a run that never saw a NaN logs (record 4 is written again, identically).
+    assert _without_timing(records) == _without_timing(want)
+
+
+# ----------------------------------------------------------------------------- data guard
+
+
+@pytest.mark.slow
+def test_resume_on_a_grown_corpus_is_refused(tiny_config, tmp_path):
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)
+    shutil.rmtree(workdir / "checkpoints" / "6")
+    metrics_before = (workdir / "metrics.jsonl").read_text()
+    corpus = tmp_path / "corpus.txt"
+    extra = write_corpus(tmp_path / "extra.txt", lines=100, seed=1).read_text()
+    corpus.write_text(corpus.read_text() + extra)
+
+    with pytest.raises(ConfigError, match=r"num_blocks: \d+ -> \d+") as caught:
+        train.train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)
+    assert "step 3" in str(caught.value)
+    assert _checkpoints(workdir) == ["3"]
+    assert (workdir / "metrics.jsonl").read_text() == metrics_before
+
+
+# ----------------------------------------------------------------------------- grad accumulation
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_trains(tiny_config, tmp_path, reference):
+    _, _, want = reference
+    cfg = tiny_config
+    cfg.train.grad_accum_steps = 2  # two micro-batches of 2 rows per step of 4
+    cfg.train.log_every = 1
+    workdir = tmp_path / "run"
+    last = train.train_and_evaluate(cfg, workdir, devices=ONE_DEVICE)
+    assert last["step"] == 6
+    records = read_metrics(workdir)
+    _assert_finite(records)
+    logged = [r for r in records if "mlm_loss" in r]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
+    assert all(set(r) >= REQUIRED_KEYS | {"grad_norm"} for r in logged)
+    # Micro-batches draw other masks than the whole batch, so the numbers differ a little,
+    # but averaged (not summed) losses and gradients stay on the same scale.
+    first, ref = logged[0], want[0]
+    assert first["mlm_loss"] == pytest.approx(ref["mlm_loss"], rel=0.05)
+    assert first["ag_loss"] == pytest.approx(ref["ag_loss"], rel=0.05)
+    assert first["grad_norm"] == pytest.approx(ref["grad_norm"], rel=0.25)
+    assert first["mlm_loss"] != ref["mlm_loss"]  # the accumulated step did run
+
+
+def test_batch_not_divisible_by_grad_accum_is_refused_before_writing(tiny_config, tmp_path):
+    tiny_config.train.grad_accum_steps = 3  # batch_size is 4
+    workdir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"train\.grad_accum_steps=3"):
+        train.train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)
+    assert not workdir.exists()
+
+
+# ----------------------------------------------------------------------------- bfloat16
+
+
+@pytest.mark.slow
+def test_bfloat16_run_matches_float32_closely(tiny_config, tmp_path, reference):
+    _, _, want = reference
+    tiny_config.model.dtype = "bfloat16"
+    tiny_config.train.log_every = 1
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)
+    records = read_metrics(workdir)
+    _assert_finite(records)
+    logged = [r for r in records if "mlm_loss" in r]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
+    assert logged[0]["mlm_loss"] == pytest.approx(want[0]["mlm_loss"], rel=0.02)
+    assert logged[0]["mlm_loss"] != want[0]["mlm_loss"]  # computed in bfloat16 indeed
+
+
+# ----------------------------------------------------------------------------- workdir config
+
+
+@pytest.mark.slow
+def test_resume_accepts_a_new_layout_but_not_a_new_config(tmp_path, reference):
+    config, ref_workdir, want = reference
+    workdir = tmp_path / "run"
+    shutil.copytree(ref_workdir, workdir)
+    shutil.rmtree(workdir / "checkpoints" / "6")
+
+    relaid = copy.deepcopy(config)
+    relaid.mesh.update(data=1, fsdp=-1, rules="embed:fsdp")
+    relaid.model.remat = "full"
+    last = train.train_and_evaluate(relaid, workdir, devices=ONE_DEVICE)
+    assert last["step"] == 6 and _checkpoints(workdir) == ["3", "6"]
+    records = read_metrics(workdir)
+    assert [r["step"] for r in records] == [r["step"] for r in want]
+    for got, ref in zip(_without_timing(records), _without_timing(want), strict=True):
+        assert got == pytest.approx(ref, rel=1e-5), got["step"]
+
+    shutil.rmtree(workdir / "checkpoints" / "6")
+    before = (workdir / "metrics.jsonl").read_text()
+    changed = copy.deepcopy(relaid)
+    changed.train.learning_rate = 2e-3
+    with pytest.raises(ConfigError, match=r"train\.learning_rate: 0\.001 -> 0\.002"):
+        train.train_and_evaluate(changed, workdir, devices=ONE_DEVICE)
+    assert _checkpoints(workdir) == ["3"]
+    assert (workdir / "metrics.jsonl").read_text() == before
