@@ -45,6 +45,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     _initialize_distributed()
+    import jax
+
     from guided_jax import train
 
     if not flags.FLAGS["verbosity"].present:  # keep orbax's INFO lines out of the progress bar
@@ -55,6 +57,8 @@ def main(argv: list[str]) -> None:
         sys.exit(f"guided_jax: error: {error}")
     except train.Interrupted as stop:
         sys.exit(f"guided_jax: {stop}")
+    if jax.process_index() != 0:  # one report per run, not one per host
+        return
     if not last:
         print(f"{_WORKDIR.value} already holds a finished run of this config")
         return
