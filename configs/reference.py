@@ -1,11 +1,25 @@
 """The reference's model shapes with its training setup: blocks of 512 without padding, AdamW
 lr 5e-5 (no warmup, linear decay, clip 1.0), batch 4, seed 42, head spec 0,1,1,4, alpha 100.
 
-The argument after ``:`` picks the shape: roberta_4, roberta_8, roberta_12, roberta_16,
-roberta_self_24 or roberta_self_48 (attention-only layers).
+The argument after ``:`` picks the shape:
+
+* ``ag_config/`` and ``oromo_config/`` (RoBERTa, byte-level BPE of 52,000): roberta_4,
+  roberta_8, roberta_12, roberta_16, roberta_self_24, roberta_self_48 (attention-only layers);
+* ``filipino_config/`` (BERT, WordPiece of 30,101, 512 positions): bert_8, bert_16,
+  bert_self_24 (attention-only layers) and bert_48 (its ``self_attention_48`` config.json names
+  full BertForMaskedLM layers, so this is what the reference built).
 
     python -m guided_jax.main --config configs/reference.py:roberta_4 --workdir runs/roberta_4 \
         --config.data.train_files=train.txt --config.data.tokenizer_dir=TOKENIZER_DIR
+    python -m guided_jax.main --config configs/reference.py:bert_8 --workdir runs/bert_8 \
+        --config.data.train_files=tl_train.txt --config.guidance.heads="0,1,1,0,3,3" \
+        --config.guidance.tokens="[SEP],."
+
+Or give a reference directory (config.json + tokenizer files) instead of a shape:
+
+    python -m guided_jax.main --config configs/reference.py --workdir runs/oromo_8 \
+        --config.model.from_dir=ag_config/oromo_config/roberta_8 \
+        --config.data.train_files=om_train.txt
 """
 
 from guided_jax.config import base_config, model_config
@@ -14,4 +28,7 @@ from guided_jax.config import base_config, model_config
 def get_config(shape: str = "roberta_12"):
     config = base_config()
     config.model = model_config(shape)
+    if config.model.model_type == "bert":  # a WordPiece of the model's size, as BERT's
+        config.data.tokenizer_kind = "wordpiece"
+        config.data.tokenizer_vocab_size = config.model.vocab_size
     return config

@@ -11,19 +11,39 @@ import importlib.util
 import ml_collections
 
 # The reference's ag_config/ shapes: layers, width, heads, FFN (0 = attention-only layers).
-MODEL_PRESETS: dict[str, dict[str, int]] = {
+# Its oromo_config/ directories hold the same RoBERTa shapes (roberta_8/12/16, self_24/48).
+_BERT = dict(
+    model_type="bert",
+    vocab_size=30101,
+    max_position_embeddings=512,
+    type_vocab_size=2,
+    layer_norm_eps=1e-12,
+)
+MODEL_PRESETS: dict[str, dict[str, object]] = {
     "roberta_4": dict(num_layers=4, hidden_size=512, num_heads=8, intermediate_size=2048),
     "roberta_8": dict(num_layers=8, hidden_size=768, num_heads=12, intermediate_size=3072),
     "roberta_12": dict(num_layers=12, hidden_size=768, num_heads=12, intermediate_size=3072),
     "roberta_16": dict(num_layers=16, hidden_size=768, num_heads=16, intermediate_size=3072),
     "roberta_self_24": dict(num_layers=24, hidden_size=768, num_heads=12, intermediate_size=0),
     "roberta_self_48": dict(num_layers=48, hidden_size=768, num_heads=12, intermediate_size=0),
+    # filipino_config/: BERT with WordPiece (vocab 30,101, 512 positions, two token types).
+    "bert_8": dict(_BERT, num_layers=8, hidden_size=768, num_heads=12, intermediate_size=3072),
+    "bert_16": dict(_BERT, num_layers=16, hidden_size=768, num_heads=16, intermediate_size=3072),
+    "bert_self_24": dict(_BERT, num_layers=24, hidden_size=768, num_heads=12, intermediate_size=0),
+    # filipino_config/self_attention_48's config.json names BertForMaskedLM: full layers.
+    "bert_48": dict(_BERT, num_layers=48, hidden_size=768, num_heads=12, intermediate_size=3072),
 }
 
 
 def model_config(preset: str | None = None, **overrides: object) -> ml_collections.ConfigDict:
-    """RoBERTa hyper-parameters of the reference (vocab 52,000, 514 positions, dropout 0.1)."""
+    """RoBERTa hyper-parameters of the reference (vocab 52,000, 514 positions, dropout 0.1),
+    or those of a preset (``bert_*``: the reference's BERT settings)."""
     config = ml_collections.ConfigDict()
+    config.model_type = "roberta"  # roberta | bert (positions from pad + 1, or from 0)
+    # A reference-style directory (config.json + tokenizer files): when set, its config.json
+    # gives every key here but dtype and remat, and its tokenizer is used unless
+    # data.tokenizer_dir names another.
+    config.from_dir = ""
     config.vocab_size = 52000  # -1: take the tokenizer's size
     config.hidden_size = 768
     config.num_layers = 12
@@ -57,7 +77,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.eval_files = ""  # "" = hold out the last data.eval_fraction of the train blocks
     config.data.eval_fraction = 0.05
     config.data.block_size = 512
-    config.data.tokenizer_dir = ""  # vocab.json + merges.txt; "" = train one into WORKDIR
+    # vocab.json + merges.txt (BPE) or vocab.txt (WordPiece); "" = train one into WORKDIR
+    config.data.tokenizer_dir = ""
+    # bpe | wordpiece: what to train; with a tokenizer_dir, the kind found there (recorded)
+    config.data.tokenizer_kind = "bpe"
     config.data.tokenizer_vocab_size = 52000
     config.data.mlm_probability = 0.15
 

@@ -2,7 +2,8 @@
 
 The pipeline mirrors the reference implementation (HuggingFace's old ``TextDataset``): all
 documents are tokenized, concatenated into one token stream and cut into blocks of
-``block_size`` tokens that start with ``<s>`` and end with ``</s>``, so no block is ever padded.
+``block_size`` tokens that start with ``<s>`` and end with ``</s>`` (``[CLS]`` and ``[SEP]`` with a
+WordPiece tokenizer), so no block is ever padded.
 Batches are a pure function of the training step, which makes resuming from a checkpoint exact
 without saving any iterator state.
 """
@@ -247,13 +248,15 @@ def pack_blocks(
 ) -> np.ndarray:
     """Concatenate documents and cut them into ``[bos] + chunk + [eos]`` blocks of block_size.
 
+    ``bos``/``eos`` are the tokenizer's (``<s>``/``</s>`` for RoBERTa's BPE, ``[CLS]``/``[SEP]``
+    for BERT's WordPiece), as the reference's ``build_inputs_with_special_tokens`` adds them.
     As in the reference, chunks hold ``block_size - 2`` consecutive tokens of the stream and the
     remainder that does not fill a chunk is dropped, so blocks never need padding.
     Returns an int32 array of shape ``[num_blocks, block_size]``.
     """
     block_size = _positive_int(block_size, "block_size")
     if block_size < 3:
-        raise ValueError(f"block_size must be at least 3 (<s>, one token, </s>), got {block_size}")
+        raise ValueError(f"block_size must be at least 3 (bos, one token, eos), got {block_size}")
     arrays = [np.asarray(ids, dtype=np.int64).reshape(-1) for ids in token_ids]
     stream = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
     vocab_limit = np.iinfo(np.int32).max
@@ -264,7 +267,7 @@ def pack_blocks(
     if num_blocks == 0:
         raise CorpusError(
             f"corpus has only {stream.size} tokens, fewer than one block of block_size "
-            f"{block_size} ({chunk} text tokens + <s> + </s>); use more text or a smaller "
+            f"{block_size} ({chunk} text tokens + bos + eos); use more text or a smaller "
             "data.block_size"
         )
     blocks = np.empty((num_blocks, block_size), dtype=np.int32)

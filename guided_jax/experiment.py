@@ -1,8 +1,9 @@
 """Everything a run needs before its first step, checked before a file is written.
 
-:func:`prepare` validates the config, refuses a workdir that holds another config's run,
-loads or trains the tokenizer, reads and packs the corpus, and only then writes
-``WORKDIR/config.json`` and ``WORKDIR/tokenizer/``.
+:func:`prepare` resolves the config (:func:`resolve_config`: a ``model.from_dir`` directory's
+model and tokenizer, the tokenizer kind), validates it, refuses a workdir that holds another
+config's run, loads or trains the tokenizer, reads and packs the corpus, and only then writes
+``WORKDIR/config.json`` (the resolved config) and ``WORKDIR/tokenizer/``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,15 @@ import numpy as np
 from guided_jax import data, sharding
 from guided_jax.guidance import HeadSpec
 from guided_jax.model import ModelConfig
-from guided_jax.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from guided_jax.model_dir import DEFAULT_PAD_IDS, ModelDir, read_model_dir
+from guided_jax.tokenizer import (
+    KINDS,
+    Tokenizer,
+    detect_kind,
+    has_tokenizer_files,
+    load_tokenizer,
+    train_tokenizer,
+)
 
 
 class ConfigError(ValueError):
@@ -69,11 +78,73 @@ def _check_positive(config: ml_collections.ConfigDict, *keys: str) -> None:
             raise ConfigError(f"config {key} must be positive, got {value}")
 
 
-def build_model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
-    values = config.model.to_dict()
+# Keys of the model section that say where the architecture comes from, not what it is.
+_MODEL_SOURCE_KEYS = ("from_dir",)
+# Stands for the tokenizer's size in checks made before there is a tokenizer.
+_PLACEHOLDER_VOCAB_SIZE = 512
+
+
+def resolve_config(
+    config: ml_collections.ConfigDict,
+) -> tuple[ml_collections.ConfigDict, ModelDir | None]:
+    """A copy of ``config`` with ``model.from_dir`` applied, and that directory.
+
+    With ``model.from_dir=DIR``, ``DIR/config.json`` sets every model key but ``dtype`` and
+    ``remat`` (the file decides the architecture; the section's own values are replaced), and
+    ``data.tokenizer_dir`` becomes DIR unless it names another directory. With a tokenizer
+    directory, ``data.tokenizer_kind`` becomes the kind of the files there. The result is what
+    WORKDIR/config.json records, so a resume compares what was actually built. Reads only."""
+    config = config.copy_and_resolve_references()
+    model_dir = None
+    if config.model.get("from_dir"):
+        try:
+            model_dir = read_model_dir(config.model.from_dir)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        config.model.update(model_dir.model)
+        if not config.data.tokenizer_dir:
+            if not model_dir.has_tokenizer:
+                raise ConfigError(
+                    f"model.from_dir: {str(model_dir.path)!r} has no tokenizer files (vocab.txt "
+                    f"for WordPiece, or vocab.json + merges.txt for byte-level BPE); put them "
+                    f"beside its config.json, or set data.tokenizer_dir to a tokenizer directory "
+                    f"(train one with python -m guided_jax.tokenizer)"
+                )
+            config.data.tokenizer_dir = str(model_dir.path)
+    if config.data.tokenizer_dir:
+        config.data.tokenizer_kind = detect_kind(config.data.tokenizer_dir)
+    return config, model_dir
+
+
+def check_model_dir_tokenizer(model_dir: ModelDir, tokenizer: Tokenizer) -> None:
+    """The tokenizer must fit the embedding table and pad where the model expects pads."""
+    source = f"tokenizer in {str(tokenizer.directory)!r}"
+    if tokenizer.vocab_size > model_dir.model["vocab_size"]:
+        raise ConfigError(
+            f"the {source} has {tokenizer.vocab_size} tokens, more than vocab_size="
+            f"{model_dir.model['vocab_size']} in {str(model_dir.config_file)!r}; use the "
+            f"tokenizer the model was configured for"
+        )
+    if tokenizer.pad_id != model_dir.pad_token_id:
+        raise ConfigError(
+            f"the {source} pads with id {tokenizer.pad_id}, but {str(model_dir.config_file)!r} "
+            f"has pad_token_id={model_dir.pad_token_id}"
+        )
+
+
+def build_model_config(
+    config: ml_collections.ConfigDict, vocab_size: int | None, pad_token_id: int | None = None
+) -> ModelConfig:
+    """The model of a resolved config, for a tokenizer of ``vocab_size`` tokens that pads with
+    ``pad_token_id``. Without a tokenizer yet (None), ``model.vocab_size=-1`` stands for a
+    small vocabulary and the pad is that of our own tokenizers for the model type."""
+    values = {k: v for k, v in config.model.to_dict().items() if k not in _MODEL_SOURCE_KEYS}
+    if pad_token_id is None:
+        pad_token_id = DEFAULT_PAD_IDS.get(values.get("model_type", "roberta"), 1)
+    values["pad_token_id"] = pad_token_id
     if values.get("vocab_size", -1) == -1:
-        values["vocab_size"] = vocab_size
-    elif values["vocab_size"] < vocab_size:
+        values["vocab_size"] = vocab_size or _PLACEHOLDER_VOCAB_SIZE
+    elif vocab_size is not None and values["vocab_size"] < vocab_size:
         raise ConfigError(
             f"model.vocab_size={values['vocab_size']} is smaller than the "
             f"tokenizer's vocabulary ({vocab_size}); use -1 to follow the tokenizer"
@@ -83,7 +154,7 @@ def build_model_config(config: ml_collections.ConfigDict, vocab_size: int) -> Mo
         raise ConfigError(
             f"data.block_size={config.data.block_size} exceeds what "
             f"model.max_position_embeddings={model.max_position_embeddings} allows "
-            f"({model.max_block_size} tokens with RoBERTa's padding offset)"
+            f"({model.max_block_size} tokens {model.position_note})"
         )
     return model
 
@@ -102,7 +173,8 @@ def head_spec(config: ml_collections.ConfigDict) -> HeadSpec | None:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Value checks that need no tokenizer or corpus."""
+    """Value checks that need no tokenizer or corpus (``model.from_dir`` is read)."""
+    config, _ = resolve_config(config)
     _check_positive(
         config,
         "train.steps",
@@ -130,11 +202,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"data.block_size={config.data.block_size} leaves no room for text between <s> and </s>"
         )
+    if config.data.tokenizer_kind not in KINDS:
+        raise ConfigError(
+            f"data.tokenizer_kind must be one of {list(KINDS)}, got {config.data.tokenizer_kind!r}"
+        )
     if not 0.0 < config.data.mlm_probability < 1.0:
         raise ConfigError(
             f"data.mlm_probability must be in (0, 1), got {config.data.mlm_probability}"
         )
-    model = build_model_config(config, vocab_size=512)  # shape checks; vocab resolved later
+    model = build_model_config(config, vocab_size=None)  # shape checks; vocab checked later
     spec = head_spec(config)
     if spec is not None:
         spec.validate(num_heads=model.num_heads, num_layers=model.num_layers)
@@ -143,6 +219,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 # How a run is laid out on devices, not what it computes: these may change between restarts
 # (checkpoints restore onto any mesh).
 LAYOUT_KEYS = ("mesh.", "model.remat")
+# Keys added after runs were first written, with the value those runs had implicitly: a saved
+# config without them resumes when they hold it.
+ADDED_KEYS = {"model.model_type": "roberta", "model.from_dir": "", "data.tokenizer_kind": "bpe"}
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
@@ -152,7 +231,12 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
         return
     previous = json.loads(saved.read_text())
     current = json.loads(config.to_json())
-    diffs = [d for d in _config_diff(previous, current) if not d[0].startswith(LAYOUT_KEYS)]
+    diffs = [
+        (key, old, new)
+        for key, old, new in _config_diff(previous, current)
+        if not key.startswith(LAYOUT_KEYS)
+        and not (old is None and key in ADDED_KEYS and new == ADDED_KEYS[key])
+    ]
     if diffs:
         shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:8])
         raise ConfigError(
@@ -178,10 +262,17 @@ def _tokenizer(
     the corpus into a temporary directory (moved into WORKDIR once every check passed)."""
     if config.data.tokenizer_dir:
         return load_tokenizer(config.data.tokenizer_dir), None
-    if (workdir / "tokenizer" / "vocab.json").exists():
-        return load_tokenizer(workdir / "tokenizer"), None
+    if has_tokenizer_files(workdir / "tokenizer"):
+        tokenizer = load_tokenizer(workdir / "tokenizer")
+        if tokenizer.kind != config.data.tokenizer_kind:
+            raise ConfigError(
+                f"workdir {workdir} holds a {tokenizer.kind} tokenizer, but data.tokenizer_kind="
+                f"{config.data.tokenizer_kind!r}; use a new --workdir or the same kind"
+            )
+        return tokenizer, None
     scratch = tempfile.mkdtemp(prefix="guided_jax_tokenizer_")
-    return train_tokenizer(texts, config.data.tokenizer_vocab_size, scratch), scratch
+    kind = config.data.tokenizer_kind
+    return train_tokenizer(texts, config.data.tokenizer_vocab_size, scratch, kind=kind), scratch
 
 
 def prepare(
@@ -191,12 +282,15 @@ def prepare(
 
     ``write=False`` (every process but the first of a multi-host run) only reads WORKDIR."""
     workdir = Path(workdir)
+    config, model_dir = resolve_config(config)
     check_config(config)
     check_workdir(config, workdir)
     train_texts = data.load_corpus(corpus_files(config.data.train_files, "data.train_files"))
     tokenizer, scratch = _tokenizer(config, workdir, train_texts)
     try:
-        model = build_model_config(config, tokenizer.vocab_size)
+        if model_dir is not None:
+            check_model_dir_tokenizer(model_dir, tokenizer)
+        model = build_model_config(config, tokenizer.vocab_size, tokenizer.pad_id)
         spec = head_spec(config)
         token_ids = spec.token_ids(tokenizer) if spec is not None else ()
         blocks = data.tokenize_and_pack(train_texts, tokenizer, config.data.block_size)

@@ -25,8 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 POSITIONAL_PATTERNS = ("self", "next", "prev", "first")
+# A token may itself hold brackets (``token[[SEP]]:1``): it runs to the first "]" that is
+# followed by the ":" of the count.
 _NAMED_ITEM = re.compile(
-    r"\s*(?P<name>self|next|prev|first|token\[(?P<token>[^\]]+)\])\s*:\s*"
+    r"\s*(?P<name>self|next|prev|first|token\[(?P<token>.+?)\](?=\s*:))\s*:\s*"
     r"(?P<count>[^,]*?)\s*(?:,|$)"
 )
 

@@ -1,4 +1,10 @@
-"""RoBERTa encoder with an MLM head (flax.nnx), plus the reference's attention-only variant.
+"""RoBERTa and BERT encoders with an MLM head (flax.nnx), plus attention-only layers.
+
+The two types share every building block; they differ only in how positions are numbered
+(RoBERTa counts non-pad tokens from ``pad_token_id + 1``, BERT uses ``0..n-1``) and in their
+usual settings (BERT: two token types, LayerNorm eps 1e-12, ``[PAD]`` = 0), which come from the
+config. The MLM heads are the same: dense, GELU, LayerNorm, decoder tied to the word embeddings
+plus a bias. Token-type ids are all zero (single-segment MLM, as in the reference).
 
 The forward pass returns ``(mlm_logits, aux)``. ``aux["guidance"]`` holds, for each guided layer,
 the per-group guidance losses computed inside that layer, so the guided heads' probabilities
@@ -30,10 +36,15 @@ REMAT_POLICIES: dict[str, Any] = {
 }
 
 
+# Encoder types: how positions are numbered (see the module docstring).
+MODEL_TYPES = ("roberta", "bert")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture hyper-parameters (names follow HuggingFace's RobertaConfig)."""
+    """Architecture hyper-parameters (names follow HuggingFace's RobertaConfig/BertConfig)."""
 
+    model_type: str = "roberta"  # roberta | bert
     vocab_size: int = 52000
     hidden_size: int = 768
     num_layers: int = 12
@@ -62,6 +73,10 @@ class ModelConfig:
         return config
 
     def validate(self) -> None:
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(
+                f"model.model_type must be one of {list(MODEL_TYPES)}, got {self.model_type!r}"
+            )
         positive = (
             "vocab_size",
             "hidden_size",
@@ -94,8 +109,7 @@ class ModelConfig:
         if self.max_block_size < 1:
             raise ValueError(
                 f"model.max_position_embeddings={self.max_position_embeddings} leaves no "
-                f"position after RoBERTa's padding offset (pad_token_id + 1 = "
-                f"{self.pad_token_id + 1})"
+                f"position {self.position_note}"
             )
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(
@@ -112,8 +126,20 @@ class ModelConfig:
 
     @property
     def max_block_size(self) -> int:
-        """Longest input: RoBERTa positions start after the padding index."""
+        """Longest input: RoBERTa positions start after the padding index, BERT's at 0."""
+        if self.model_type == "bert":
+            return self.max_position_embeddings
         return self.max_position_embeddings - self.pad_token_id - 1
+
+    @property
+    def position_note(self) -> str:
+        """Why ``max_block_size`` is what it is, for error messages."""
+        if self.model_type == "bert":
+            return "as BERT numbers positions from 0"
+        return (
+            f"after RoBERTa's padding offset (positions start at pad_token_id + 1 = "
+            f"{self.pad_token_id + 1})"
+        )
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -178,6 +204,18 @@ def roberta_position_ids(input_ids: jax.Array, pad_token_id: int) -> jax.Array:
     return jnp.cumsum(not_pad, axis=1) * not_pad + pad_token_id
 
 
+def bert_position_ids(input_ids: jax.Array) -> jax.Array:
+    """Positions ``0..n-1`` whatever the tokens (pads included), as BERT numbers them."""
+    return jax.lax.broadcasted_iota(jnp.int32, input_ids.shape, input_ids.ndim - 1)
+
+
+def position_ids(input_ids: jax.Array, config: ModelConfig) -> jax.Array:
+    """The position of every token for ``config.model_type``."""
+    if config.model_type == "bert":
+        return bert_position_ids(input_ids)
+    return roberta_position_ids(input_ids, config.pad_token_id)
+
+
 class Embeddings(nnx.Module):
     """Word + learned absolute position + token-type embeddings, then LayerNorm and dropout."""
 
@@ -197,15 +235,17 @@ class Embeddings(nnx.Module):
         self.word = embed(config.vocab_size, "vocab")
         self.position = embed(config.max_position_embeddings, None)
         self.token_type = embed(config.type_vocab_size, None)
-        # Like torch's padding_idx, the pad rows start at zero.
+        # Like torch's padding_idx, the pad rows start at zero: the word's always, the
+        # position's only where pads have a position of their own (RoBERTa).
         pad = config.pad_token_id
         self.word.embedding[...] = self.word.embedding[...].at[pad].set(0.0)
-        self.position.embedding[...] = self.position.embedding[...].at[pad].set(0.0)
+        if config.model_type == "roberta":
+            self.position.embedding[...] = self.position.embedding[...].at[pad].set(0.0)
         self.norm = _layer_norm(config, rngs)
         self.dropout = nnx.Dropout(config.dropout)
 
     def __call__(self, input_ids: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
-        positions = roberta_position_ids(input_ids, self.config.pad_token_id)
+        positions = position_ids(input_ids, self.config)
         x = (
             _lookup(self.word, input_ids)
             + _lookup(self.position, positions)
@@ -304,8 +344,9 @@ class MLMHead(nnx.Module):
         return word_embedding.attend(x) + self.bias[...].astype(x.dtype)
 
 
-class RobertaForMLM(nnx.Module):
-    """The encoder and its MLM head; see the module docstring for the returned ``aux``."""
+class EncoderForMLM(nnx.Module):
+    """The encoder (RoBERTa or BERT, per ``config.model_type``) and its MLM head; see the
+    module docstring for the returned ``aux``."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -349,7 +390,8 @@ class RobertaForMLM(nnx.Module):
             raise ValueError(
                 f"input of {input_ids.shape[-1]} tokens is longer than the model's "
                 f"{self.config.max_block_size} positions (max_position_embeddings="
-                f"{self.config.max_position_embeddings}, pad_token_id={self.config.pad_token_id})"
+                f"{self.config.max_position_embeddings}, pad_token_id={self.config.pad_token_id}"
+                f", model_type={self.config.model_type})"
             )
         if attention_mask is None:
             attention_mask = input_ids != self.config.pad_token_id

@@ -34,7 +34,7 @@ from guided_jax.experiment import ConfigError, Experiment, check_config, prepare
 from guided_jax.guidance import Guide, guidance_weight, token_masks
 from guided_jax.masking import mask_tokens, mlm_loss
 from guided_jax.metrics import MetricsWriter
-from guided_jax.model import RobertaForMLM
+from guided_jax.model import EncoderForMLM
 
 
 @struct.dataclass
@@ -84,7 +84,7 @@ def make_optimizer(
 
 def mlm_forward(
     exp: Experiment,
-    model: RobertaForMLM,
+    model: EncoderForMLM,
     batch: jax.Array,
     mask_key: jax.Array,
     *,
@@ -353,11 +353,11 @@ def build_train_program(exp: Experiment, mesh: jax.sharding.Mesh) -> TrainProgra
     tx, schedule = make_optimizer(cfg.train)
 
     def init_state() -> TrainState:
-        params = nnx.state(RobertaForMLM(exp.model, rngs=nnx.Rngs(params=cfg.train.seed)))
+        params = nnx.state(EncoderForMLM(exp.model, rngs=nnx.Rngs(params=cfg.train.seed)))
         rng = jax.random.key_data(jax.random.key(cfg.train.seed))
         return TrainState(jnp.zeros((), jnp.int32), rng, params, tx.init(params))
 
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: RobertaForMLM(exp.model, rngs=nnx.Rngs(0))))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: EncoderForMLM(exp.model, rngs=nnx.Rngs(0))))
     abstract = jax.eval_shape(init_state)
     state_shardings = sharding.tree_shardings(abstract, mesh, rules)
     abstract = sharding.with_shardings(abstract, state_shardings)

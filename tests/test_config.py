@@ -47,6 +47,41 @@ def test_reference_shapes(name, layers, width, heads, ffn):
     assert model.dropout == model.attention_dropout == 0.1
     assert config.data.block_size == 512 and config.train.batch_size == 4
     assert config.guidance.heads == "0,1,1,4" and config.guidance.scale == 100.0
+    assert (model.model_type, config.data.tokenizer_kind, config.model.from_dir) == (
+        "roberta",
+        "bpe",
+        "",
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "layers", "heads", "ffn"),
+    [
+        ("bert_8", 8, 12, 3072),
+        ("bert_16", 16, 16, 3072),
+        ("bert_self_24", 24, 12, 0),
+        ("bert_48", 48, 12, 3072),
+    ],
+)
+def test_reference_bert_shapes(name, layers, heads, ffn):
+    """The reference's filipino_config/ models: BERT with a WordPiece of 30,101."""
+    config = load_config(f"{REPO / 'configs/reference.py'}:{name}")
+    model = experiment.build_model_config(config, vocab_size=30101, pad_token_id=0)
+    assert (model.model_type, model.num_layers, model.num_heads, model.intermediate_size) == (
+        "bert",
+        layers,
+        heads,
+        ffn,
+    )
+    assert (model.hidden_size, model.vocab_size, model.max_position_embeddings) == (
+        768,
+        30101,
+        512,
+    )
+    assert (model.type_vocab_size, model.layer_norm_eps, model.pad_token_id) == (2, 1e-12, 0)
+    assert model.max_block_size == config.data.block_size == 512  # no padding offset
+    assert config.data.tokenizer_kind == "wordpiece"
+    assert config.data.tokenizer_vocab_size == 30101
 
 
 def test_unknown_preset_is_refused():

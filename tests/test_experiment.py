@@ -78,6 +78,20 @@ def test_block_size_above_max_positions_is_refused(tiny_config, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_bert_blocks_may_fill_every_position(tiny_config, tmp_path):
+    tiny_config.model.update(model_type="bert", max_position_embeddings=32)
+    tiny_config.data.tokenizer_kind = "wordpiece"
+    experiment.check_config(tiny_config)  # 32 tokens in 32 positions: no padding offset
+    tiny_config.data.block_size = 33
+    _refused(
+        tiny_config,
+        tmp_path / "run",
+        experiment.ConfigError,
+        r"block_size=33 exceeds .* \(32 tokens as BERT numbers positions from 0\)",
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_model_vocab_smaller_than_tokenizer_is_refused(tiny_config, tmp_path):
     tiny_config.model.vocab_size = 100
     _refused(tiny_config, tmp_path / "run", experiment.ConfigError, "vocab_size=100")

@@ -377,6 +377,21 @@ def test_named_form_assigns_heads_in_listed_order() -> None:
     assert spec.tokens == (".",)
 
 
+def test_named_form_takes_bracketed_tokens() -> None:
+    """BERT's delimiters are spelled with brackets: token[[SEP]] names the token [SEP]."""
+    spec = HeadSpec.parse("first:1,token[[SEP]]:1,token[.]:1")
+    assert [g.name for g in spec.groups] == ["first", "token[[SEP]]", "token[.]"]
+    assert spec.tokens == ("[SEP]", ".")
+    assert HeadSpec.parse(str(spec)) == spec
+    assert HeadSpec.parse("token[[CLS]] : 2 , token[]]:1").tokens == ("[CLS]", "]")
+    probing = HeadSpec.parse("0,1,1,0,3,3", tokens=("[SEP]", "."))
+    assert HeadSpec.parse("next:1,prev:1,token[[SEP]]:3,token[.]:3") == probing
+    with pytest.raises(SpecError, match="cannot parse"):
+        HeadSpec.parse("first:1,token[]:1")
+    # an unbalanced name is still one token (the tokenizer's lookup then refuses "[SEP")
+    assert HeadSpec.parse("token[[SEP]:1").tokens == ("[SEP",)
+
+
 def test_validate_accepts_a_spec_that_fits() -> None:
     HeadSpec.parse("0,1,1,4", start_layer=3).validate(num_heads=6, num_layers=4)
 

@@ -1,9 +1,10 @@
-"""Our RoBERTa equals HuggingFace's PyTorch RobertaForMaskedLM given the same weights.
+"""Our RoBERTa and BERT equal HuggingFace's PyTorch RobertaForMaskedLM and BertForMaskedLM
+given the same weights, and HuggingFace reads the tokenizers we write.
 
-The reference implementation is a fork of HF transformers, so matching its RoBERTa logits and
-attention maps is the check that the model (positions with the padding offset, post-LN blocks,
-GELU, tied decoder with bias) is faithful. Skipped where torch/transformers are not installed
-(they are not dependencies of the package).
+The reference implementation is a fork of HF transformers, so matching its logits and attention
+maps is the check that the model (RoBERTa positions with the padding offset or BERT's from 0,
+token types, post-LN blocks, GELU, tied decoder with bias) is faithful. Skipped where
+torch/transformers are not installed (they are not dependencies of the package).
 """
 
 import jax.numpy as jnp
@@ -12,7 +13,8 @@ import pytest
 from flax import nnx
 
 from guided_jax.guidance import HeadSpec, guidance_loss
-from guided_jax.model import ModelConfig, RobertaForMLM
+from guided_jax.model import EncoderForMLM, ModelConfig
+from guided_jax.tokenizer import train_tokenizer
 
 torch = pytest.importorskip("torch", reason="torch is not installed (optional parity check)")
 transformers = pytest.importorskip(
@@ -20,8 +22,45 @@ transformers = pytest.importorskip(
 )
 
 
-def _hf_copy(model: RobertaForMLM, config: ModelConfig):
-    hf_config = transformers.RobertaConfig(
+def _t(x, transpose=False):
+    array = np.array(x[...], dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(array.T if transpose else array))
+
+
+def _copy_weights(model: EncoderForMLM, embeddings, layers, head_dense, head_norm, head) -> None:
+    """Our parameters into a HF encoder's modules (the same for RoBERTa and BERT)."""
+    d = model.config.hidden_size
+
+    def dense(target, kernel, bias):
+        target.weight.data = _t(np.asarray(kernel[...]).reshape(-1, bias[...].size), True)
+        target.bias.data = _t(np.asarray(bias[...]).reshape(-1))
+
+    def norm(target, ln):
+        target.weight.data, target.bias.data = _t(ln.scale), _t(ln.bias)
+
+    embeddings.word_embeddings.weight.data = _t(model.embeddings.word.embedding)
+    embeddings.position_embeddings.weight.data = _t(model.embeddings.position.embedding)
+    embeddings.token_type_embeddings.weight.data = _t(model.embeddings.token_type.embedding)
+    norm(embeddings.LayerNorm, model.embeddings.norm)
+    for ours, theirs in zip(model.layers, layers, strict=True):
+        qkv_kernel = np.asarray(ours.attention.qkv.kernel[...])  # [3, d, H, hd]
+        qkv_bias = np.asarray(ours.attention.qkv.bias[...])  # [3, H, hd]
+        attn = theirs.attention.self
+        for i, target in enumerate((attn.query, attn.key, attn.value)):
+            target.weight.data = _t(qkv_kernel[i].reshape(d, d), True)
+            target.bias.data = _t(qkv_bias[i].reshape(d))
+        dense(theirs.attention.output.dense, ours.attention.out.kernel, ours.attention.out.bias)
+        norm(theirs.attention.output.LayerNorm, ours.attention_norm)
+        dense(theirs.intermediate.dense, ours.ffn.up.kernel, ours.ffn.up.bias)
+        dense(theirs.output.dense, ours.ffn.down.kernel, ours.ffn.down.bias)
+        norm(theirs.output.LayerNorm, ours.ffn_norm)
+    dense(head_dense, model.head.dense.kernel, model.head.dense.bias)
+    norm(head_norm, model.head.norm)
+    head.bias.data = _t(model.head.bias)
+
+
+def _hf_config_values(config: ModelConfig) -> dict:
+    return dict(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         num_hidden_layers=config.num_layers,
@@ -32,46 +71,54 @@ def _hf_copy(model: RobertaForMLM, config: ModelConfig):
         layer_norm_eps=config.layer_norm_eps,
         hidden_act="gelu",
         pad_token_id=config.pad_token_id,
-        bos_token_id=0,
-        eos_token_id=2,
         attn_implementation="eager",
     )
+
+
+def _hf_copy(model: EncoderForMLM, config: ModelConfig):
+    hf_config = transformers.RobertaConfig(
+        **_hf_config_values(config), bos_token_id=0, eos_token_id=2
+    )
     hf = transformers.RobertaForMaskedLM(hf_config).eval()
-    d = config.hidden_size
-
-    def t(x, transpose=False):
-        array = np.array(x[...], dtype=np.float32)
-        return torch.from_numpy(np.ascontiguousarray(array.T if transpose else array))
-
-    def dense(target, kernel, bias):
-        target.weight.data = t(np.asarray(kernel[...]).reshape(-1, bias[...].size), True)
-        target.bias.data = t(np.asarray(bias[...]).reshape(-1))
-
-    def norm(target, ln):
-        target.weight.data, target.bias.data = t(ln.scale), t(ln.bias)
-
-    emb = hf.roberta.embeddings
-    emb.word_embeddings.weight.data = t(model.embeddings.word.embedding)
-    emb.position_embeddings.weight.data = t(model.embeddings.position.embedding)
-    emb.token_type_embeddings.weight.data = t(model.embeddings.token_type.embedding)
-    norm(emb.LayerNorm, model.embeddings.norm)
-    for ours, theirs in zip(model.layers, hf.roberta.encoder.layer, strict=True):
-        qkv_kernel = np.asarray(ours.attention.qkv.kernel[...])  # [3, d, H, hd]
-        qkv_bias = np.asarray(ours.attention.qkv.bias[...])  # [3, H, hd]
-        attn = theirs.attention.self
-        for i, target in enumerate((attn.query, attn.key, attn.value)):
-            target.weight.data = t(qkv_kernel[i].reshape(d, d), True)
-            target.bias.data = t(qkv_bias[i].reshape(d))
-        dense(theirs.attention.output.dense, ours.attention.out.kernel, ours.attention.out.bias)
-        norm(theirs.attention.output.LayerNorm, ours.attention_norm)
-        dense(theirs.intermediate.dense, ours.ffn.up.kernel, ours.ffn.up.bias)
-        dense(theirs.output.dense, ours.ffn.down.kernel, ours.ffn.down.bias)
-        norm(theirs.output.LayerNorm, ours.ffn_norm)
-    dense(hf.lm_head.dense, model.head.dense.kernel, model.head.dense.bias)
-    norm(hf.lm_head.layer_norm, model.head.norm)
-    hf.lm_head.bias.data = t(model.head.bias)
+    lm_head = hf.lm_head
+    _copy_weights(
+        model,
+        hf.roberta.embeddings,
+        hf.roberta.encoder.layer,
+        lm_head.dense,
+        lm_head.layer_norm,
+        lm_head,
+    )
     hf.tie_weights()
     return hf
+
+
+def _hf_bert_copy(model: EncoderForMLM, config: ModelConfig):
+    hf = transformers.BertForMaskedLM(transformers.BertConfig(**_hf_config_values(config))).eval()
+    predictions = hf.cls.predictions
+    transform = predictions.transform
+    _copy_weights(
+        model,
+        hf.bert.embeddings,
+        hf.bert.encoder.layer,
+        transform.dense,
+        transform.LayerNorm,
+        predictions,
+    )
+    hf.tie_weights()
+    return hf
+
+
+def _perturbed(config: ModelConfig, seed: int) -> EncoderForMLM:
+    """A model whose zero-initialised biases and LayerNorms are perturbed, so that every mapped
+    tensor matters."""
+    model = EncoderForMLM(config, rngs=nnx.Rngs(seed))
+    rng = np.random.default_rng(seed)
+    for _, variable in nnx.iter_graph(model):
+        if isinstance(variable, nnx.Param):
+            value = np.asarray(variable[...])
+            variable[...] = jnp.asarray(value + 0.05 * rng.standard_normal(value.shape))
+    return model
 
 
 def test_logits_and_attention_match_huggingface_roberta():
@@ -83,15 +130,10 @@ def test_logits_and_attention_match_huggingface_roberta():
         intermediate_size=96,
         max_position_embeddings=40,
     )
-    model = RobertaForMLM(config, rngs=nnx.Rngs(3))
-    # Perturb the zero-initialised biases and LayerNorms so that every mapped tensor matters.
-    rng = np.random.default_rng(0)
-    for _, variable in nnx.iter_graph(model):
-        if isinstance(variable, nnx.Param):
-            value = np.asarray(variable[...])
-            variable[...] = jnp.asarray(value + 0.05 * rng.standard_normal(value.shape))
+    model = _perturbed(config, seed=3)
     hf = _hf_copy(model, config)
 
+    rng = np.random.default_rng(0)
     ids = rng.integers(3, config.vocab_size, size=(2, 17))
     ids[:, 0], ids[:, -1] = 0, 2
     ids[1, 12:] = config.pad_token_id  # a padded example
@@ -115,3 +157,69 @@ def test_logits_and_attention_match_huggingface_roberta():
     np.testing.assert_allclose(
         guidance_loss(aux["attentions"], spec), guidance_loss(hf_maps, spec), rtol=1e-5
     )
+
+
+def test_logits_attention_and_guidance_match_huggingface_bert():
+    config = ModelConfig(
+        model_type="bert",
+        vocab_size=120,
+        hidden_size=48,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=24,
+        type_vocab_size=2,
+        layer_norm_eps=1e-12,
+        pad_token_id=0,
+    )
+    model = _perturbed(config, seed=4)
+    hf = _hf_bert_copy(model, config)
+    ours_count = sum(
+        int(np.prod(v.shape)) for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)
+    )
+    assert ours_count == sum(p.numel() for p in hf.parameters())  # tied decoder counted once
+
+    cls, sep, period = 2, 3, 7
+    rng = np.random.default_rng(1)
+    ids = rng.integers(8, config.vocab_size, size=(2, 24))  # every position, pads included
+    ids[:, 0], ids[:, -1] = cls, sep
+    ids[0, 9], ids[0, 5], ids[1, 11] = sep, period, period
+    ids[1, 16:] = config.pad_token_id
+    ids[1, 15] = sep
+    mask = (ids != config.pad_token_id).astype(np.int64)
+
+    logits, aux = model(jnp.asarray(ids), return_attentions=True)
+    with torch.no_grad():
+        out = hf(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            output_attentions=True,
+        )
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(
+        np.asarray(logits)[valid], out.logits.numpy()[valid], atol=1e-4, rtol=1e-4
+    )
+    for ours, theirs in zip(aux["attentions"], out.attentions, strict=True):
+        np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-5)
+    spec = HeadSpec.parse("first:1,token[[SEP]]:1,token[.]:1")
+    vocab = {"[SEP]": sep, ".": period}
+    hf_maps = [jnp.asarray(a.numpy()) for a in out.attentions]
+    np.testing.assert_allclose(
+        guidance_loss(aux["attentions"], spec, ids, vocab),
+        guidance_loss(hf_maps, spec, ids, vocab),
+        rtol=1e-5,
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "lowercase"), [("wordpiece", False), ("wordpiece", True), ("bpe", False)]
+)
+def test_huggingface_reads_our_tokenizers(tmp_path, kind, lowercase):
+    texts = ["The cat sees the dog. A Dog likes the ball!", "Our teacher draws a letter."] * 40
+    ours = train_tokenizer(texts, 320, tmp_path, kind=kind, lowercase=lowercase)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    sample = ["The dog draws the cat. Teacher!", "a Letter [MASK] <mask> ball"]
+    want = ours.encode_batch(sample)
+    assert [theirs.encode(t, add_special_tokens=False) for t in sample] == want
+    assert theirs.mask_token_id == ours.mask_id and theirs.pad_token_id == ours.pad_id
+    assert theirs.cls_token_id == ours.bos_id and theirs.sep_token_id == ours.eos_id

@@ -1,5 +1,6 @@
-"""Tests for guided_jax.model: shapes, RoBERTa positions, the tied decoder, parameter counts,
-dropout, in-layer guidance vs the public guidance_loss, padding, sharding metadata, config."""
+"""Tests for guided_jax.model: shapes, RoBERTa and BERT positions, the tied decoder, parameter
+counts, dropout, in-layer guidance vs the public guidance_loss, padding, sharding metadata,
+config."""
 
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ import pytest
 from flax import nnx
 
 from guided_jax.guidance import Guide, HeadSpec, guidance_loss, token_masks
-from guided_jax.model import REMAT_POLICIES, ModelConfig, RobertaForMLM, roberta_position_ids
+from guided_jax.model import (
+    REMAT_POLICIES,
+    EncoderForMLM,
+    ModelConfig,
+    bert_position_ids,
+    position_ids,
+    roberta_position_ids,
+)
 
 PAD, BOS, EOS = 1, 0, 2
 # Models that run: sizes shared between parameters where possible (V = P = FFN = 64), because
@@ -51,13 +59,13 @@ def _ids(rows: int = 2, length: int = 9, seed: int = 0):
 
 
 @pytest.fixture(scope="module")
-def model() -> RobertaForMLM:
-    return RobertaForMLM(SMALL, rngs=nnx.Rngs(0))
+def model() -> EncoderForMLM:
+    return EncoderForMLM(SMALL, rngs=nnx.Rngs(0))
 
 
 @pytest.fixture(scope="module")
-def plain_model() -> RobertaForMLM:
-    return RobertaForMLM(NO_DROPOUT, rngs=nnx.Rngs(1))
+def plain_model() -> EncoderForMLM:
+    return EncoderForMLM(NO_DROPOUT, rngs=nnx.Rngs(1))
 
 
 def _params(model: nnx.Module) -> dict[tuple, nnx.Variable]:
@@ -81,7 +89,7 @@ def _closed_form_count(c: ModelConfig) -> int:
 # ----------------------------------------------------------------------------- shapes, positions
 
 
-def test_logits_shape_and_dtype(model: RobertaForMLM) -> None:
+def test_logits_shape_and_dtype(model: EncoderForMLM) -> None:
     logits, aux = model(jnp.asarray(_ids()))
     assert logits.shape == (2, 9, SMALL.vocab_size) and logits.dtype == jnp.float32
     assert np.isfinite(np.asarray(logits)).all()
@@ -98,7 +106,7 @@ def test_roberta_position_ids() -> None:
     )
 
 
-def test_attention_maps_are_row_stochastic_and_hide_pads(plain_model: RobertaForMLM) -> None:
+def test_attention_maps_are_row_stochastic_and_hide_pads(plain_model: EncoderForMLM) -> None:
     ids = _ids()
     ids[1, -3:] = PAD
     _, aux = plain_model(jnp.asarray(ids), return_attentions=True)
@@ -115,7 +123,7 @@ def test_attention_maps_are_row_stochastic_and_hide_pads(plain_model: RobertaFor
 
 
 def test_decoder_is_tied_to_word_embeddings() -> None:
-    abstract = nnx.eval_shape(lambda: RobertaForMLM(COUNTED, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: EncoderForMLM(COUNTED, rngs=nnx.Rngs(0)))
     vocab_sized = sorted(
         ".".join(map(str, path))
         for path, v in _params(abstract).items()
@@ -123,7 +131,7 @@ def test_decoder_is_tied_to_word_embeddings() -> None:
     )
     assert vocab_sized == ["embeddings.word.embedding", "head.bias"]  # no decoder kernel
 
-    model = RobertaForMLM(NO_DROPOUT, rngs=nnx.Rngs(2))
+    model = EncoderForMLM(NO_DROPOUT, rngs=nnx.Rngs(2))
     ids = jnp.asarray(_ids())
     unused = MAX_WORD + 3  # a word that is not in the input, so only the decoder sees its row
     assert not (np.asarray(ids) == unused).any()
@@ -137,17 +145,30 @@ def test_decoder_is_tied_to_word_embeddings() -> None:
     np.testing.assert_array_equal(np.delete(after, unused, -1), np.delete(before, unused, -1))
 
 
+@pytest.mark.parametrize("model_type", ["roberta", "bert"])
 @pytest.mark.parametrize("intermediate_size", [40, 0], ids=["full", "attention_only"])
-def test_parameter_count_matches_closed_form(intermediate_size: int) -> None:
-    config = dataclasses.replace(COUNTED, intermediate_size=intermediate_size)
-    model = nnx.eval_shape(lambda: RobertaForMLM(config, rngs=nnx.Rngs(0)))
+def test_parameter_count_matches_closed_form(intermediate_size: int, model_type: str) -> None:
+    config = dataclasses.replace(
+        COUNTED, intermediate_size=intermediate_size, model_type=model_type, pad_token_id=0
+    )
+    model = nnx.eval_shape(lambda: EncoderForMLM(config, rngs=nnx.Rngs(0)))
     assert _num_params(model) == _closed_form_count(config)
+
+
+def test_bert_and_roberta_share_every_parameter_shape() -> None:
+    """One set of building blocks: the types differ in position numbering, not in weights."""
+    bert_config = dataclasses.replace(COUNTED, model_type="bert", pad_token_id=0)
+    roberta = nnx.eval_shape(lambda: EncoderForMLM(COUNTED, rngs=nnx.Rngs(0)))
+    bert = nnx.eval_shape(lambda: EncoderForMLM(bert_config, rngs=nnx.Rngs(0)))
+    shapes = {path: v.get_value().shape for path, v in _params(roberta).items()}
+    assert {path: v.get_value().shape for path, v in _params(bert).items()} == shapes
+    assert EncoderForMLM is EncoderForMLM
 
 
 def test_attention_only_variant_has_no_ffn() -> None:
     lean_config = dataclasses.replace(COUNTED, intermediate_size=0)
-    full = nnx.eval_shape(lambda: RobertaForMLM(COUNTED, rngs=nnx.Rngs(0)))
-    lean = nnx.eval_shape(lambda: RobertaForMLM(lean_config, rngs=nnx.Rngs(0)))
+    full = nnx.eval_shape(lambda: EncoderForMLM(COUNTED, rngs=nnx.Rngs(0)))
+    lean = nnx.eval_shape(lambda: EncoderForMLM(lean_config, rngs=nnx.Rngs(0)))
     assert any("ffn" in map(str, path) for path in _params(full))
     assert not any(p.startswith("ffn") for path in _params(lean) for p in map(str, path))
     d, f = COUNTED.hidden_size, COUNTED.intermediate_size
@@ -156,7 +177,7 @@ def test_attention_only_variant_has_no_ffn() -> None:
 
 
 def test_attention_only_forward() -> None:
-    lean = RobertaForMLM(dataclasses.replace(ATTENTION_ONLY, dropout=0.0), rngs=nnx.Rngs(1))
+    lean = EncoderForMLM(dataclasses.replace(ATTENTION_ONLY, dropout=0.0), rngs=nnx.Rngs(1))
     spec = HeadSpec.parse("0,1,1,4")
     logits, aux = lean(jnp.asarray(_ids()), guide=Guide(spec))
     assert logits.shape == (2, 9, SMALL.vocab_size) and np.isfinite(np.asarray(logits)).all()
@@ -166,7 +187,7 @@ def test_attention_only_forward() -> None:
 # ----------------------------------------------------------------------------- dropout
 
 
-def test_dropout_key_none_is_deterministic_and_keys_vary(model: RobertaForMLM) -> None:
+def test_dropout_key_none_is_deterministic_and_keys_vary(model: EncoderForMLM) -> None:
     ids = jnp.asarray(_ids())
     eval_a, _ = model(ids)
     eval_b, _ = model(ids, dropout_key=None)
@@ -179,7 +200,7 @@ def test_dropout_key_none_is_deterministic_and_keys_vary(model: RobertaForMLM) -
     assert np.abs(np.asarray(train_a) - np.asarray(eval_a)).max() > 1e-3
 
 
-def test_zero_dropout_ignores_the_key(plain_model: RobertaForMLM) -> None:
+def test_zero_dropout_ignores_the_key(plain_model: EncoderForMLM) -> None:
     ids = jnp.asarray(_ids())
     eval_logits, _ = plain_model(ids)
     train_logits, _ = plain_model(ids, dropout_key=jax.random.key(3))
@@ -203,7 +224,7 @@ class _Vocab:
     ids=["reference", "tokens_start1"],
 )
 def test_in_layer_guidance_equals_guidance_loss(
-    plain_model: RobertaForMLM, text: str, tokens: tuple, start: int
+    plain_model: EncoderForMLM, text: str, tokens: tuple, start: int
 ) -> None:
     ids = _ids()
     ids[1, -2:] = PAD  # padding is not excluded from the loss (reference behaviour)
@@ -221,7 +242,7 @@ def test_in_layer_guidance_equals_guidance_loss(
     np.testing.assert_allclose(guidance[0].sum(), float(first), rtol=1e-5)
 
 
-def test_guidance_after_dropout_option(model: RobertaForMLM) -> None:
+def test_guidance_after_dropout_option(model: EncoderForMLM) -> None:
     """Faithful mode scores the dropped maps; after_dropout=False the clean softmax output."""
     ids = jnp.asarray(_ids())
     spec = HeadSpec.parse("0,1,1,4")
@@ -241,7 +262,7 @@ def test_guidance_after_dropout_option(model: RobertaForMLM) -> None:
 
 
 def test_gradients_of_guidance_and_mlm_reach_the_right_parameters(
-    plain_model: RobertaForMLM,
+    plain_model: EncoderForMLM,
 ) -> None:
     ids = jnp.asarray(_ids())
     spec = HeadSpec.parse("0,1,1,4", start_layer=1)
@@ -281,7 +302,7 @@ def test_gradients_of_guidance_and_mlm_reach_the_right_parameters(
 # ----------------------------------------------------------------------------- padding
 
 
-def test_padding_does_not_change_non_pad_logits(plain_model: RobertaForMLM) -> None:
+def test_padding_does_not_change_non_pad_logits(plain_model: EncoderForMLM) -> None:
     ids = _ids()
     pads = np.full((3,), PAD, np.int32)
     # row 0 padded on the right, row 1 on the left: RoBERTa positions skip the pads either way
@@ -293,10 +314,95 @@ def test_padding_does_not_change_non_pad_logits(plain_model: RobertaForMLM) -> N
     np.testing.assert_allclose(padded_logits[1, 3:], logits[1], rtol=1e-5, atol=1e-5)
 
 
+# ----------------------------------------------------------------------------- BERT
+
+# Our WordPiece's ids: [PAD]=0, [CLS]=2, [SEP]=3; BERT's two token types and LayerNorm eps.
+BERT_PAD, CLS, SEP, PERIOD = 0, 2, 3, 7
+BERT = dataclasses.replace(
+    NO_DROPOUT, model_type="bert", pad_token_id=BERT_PAD, type_vocab_size=2, layer_norm_eps=1e-12
+)
+
+
+def _bert_ids(rows: int = 2, length: int = 9) -> np.ndarray:
+    ids = _ids(rows, length)  # words from 5 up
+    ids[:, 0], ids[:, -1] = CLS, SEP
+    ids[0, 4], ids[1, 3] = SEP, PERIOD
+    return ids
+
+
+@pytest.fixture(scope="module")
+def bert_model() -> EncoderForMLM:
+    return EncoderForMLM(BERT, rngs=nnx.Rngs(4))
+
+
+def test_bert_positions_count_from_zero_pads_included() -> None:
+    ids = jnp.asarray([[CLS, 5, 6, SEP, 0, 0], [0, 0, CLS, 7, SEP, 0]])
+    want = [[0, 1, 2, 3, 4, 5]] * 2
+    np.testing.assert_array_equal(np.asarray(bert_position_ids(ids)), want)
+    np.testing.assert_array_equal(np.asarray(position_ids(ids, BERT)), want)
+    assert position_ids(ids, NO_DROPOUT)[0, 0] == NO_DROPOUT.pad_token_id + 1  # RoBERTa's
+    assert BERT.max_block_size == BERT.max_position_embeddings == 64
+    assert NO_DROPOUT.max_block_size == 64 - 2
+
+
+def test_bert_position_row_of_the_pad_id_is_trained(bert_model: EncoderForMLM) -> None:
+    """[PAD] = 0 is also position 0 ([CLS]'s): only the word row of the pad starts at zero."""
+    assert not np.asarray(bert_model.embeddings.word.embedding[...][BERT_PAD]).any()
+    assert np.asarray(bert_model.embeddings.position.embedding[...][0]).any()
+    assert bert_model.embeddings.token_type.embedding[...].shape == (2, BERT.hidden_size)
+
+
+def test_bert_guidance_on_sep_and_period_equals_guidance_loss(
+    bert_model: EncoderForMLM,
+) -> None:
+    ids = _bert_ids()
+    vocab = {"[SEP]": SEP, ".": PERIOD}
+    spec = HeadSpec.parse("first:1,token[[SEP]]:1,token[.]:1")
+    masks = token_masks(jnp.asarray(ids), spec.token_ids(_Vocab(vocab)))
+    logits, aux = bert_model(jnp.asarray(ids), guide=Guide(spec, masks), return_attentions=True)
+    assert logits.shape == (2, 9, BERT.vocab_size) and np.isfinite(np.asarray(logits)).all()
+    guidance = np.asarray(aux["guidance"])
+    assert guidance.shape == (BERT.num_layers, 3) and (guidance > 0).all()
+    want = guidance_loss(aux["attentions"], spec, ids, vocab)
+    np.testing.assert_allclose(guidance.sum(), float(want), rtol=1e-5)
+
+
+def test_bert_right_padding_keeps_logits_and_left_padding_moves_positions(
+    bert_model: EncoderForMLM,
+) -> None:
+    ids = _bert_ids()
+    pads = np.full((2, 3), BERT_PAD, np.int32)
+    logits = np.asarray(bert_model(jnp.asarray(ids))[0])
+    right = np.asarray(bert_model(jnp.asarray(np.concatenate([ids, pads], 1)))[0])
+    left = np.asarray(bert_model(jnp.asarray(np.concatenate([pads, ids], 1)))[0])
+    np.testing.assert_allclose(right[:, :9], logits, rtol=1e-5, atol=1e-5)
+    assert np.abs(left[:, 3:] - logits).max() > 1e-3  # BERT positions count the pads
+
+
+def test_bert_input_may_use_every_position(bert_model: EncoderForMLM) -> None:
+    def logits_shape(length: int):
+        ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
+        return jax.eval_shape(lambda x: bert_model(x)[0], ids).shape
+
+    fits = BERT.max_position_embeddings
+    assert logits_shape(fits) == (1, fits, BERT.vocab_size)
+    with pytest.raises(ValueError, match=f"{fits + 1} tokens .* model_type=bert"):
+        logits_shape(fits + 1)
+
+
+def test_model_type_is_validated() -> None:
+    with pytest.raises(ValueError, match=r"model\.model_type must be one of .*'gpt2'"):
+        ModelConfig(model_type="gpt2").validate()
+    # BERT has no padding offset: two positions are two tokens (RoBERTa's are none).
+    assert ModelConfig(model_type="bert", max_position_embeddings=2).max_block_size == 2
+    with pytest.raises(ValueError, match="RoBERTa's padding offset"):
+        ModelConfig(max_position_embeddings=2).validate()
+
+
 # ----------------------------------------------------------------------------- metadata, config
 
 
-def test_every_param_has_logical_axes_matching_its_rank(model: RobertaForMLM) -> None:
+def test_every_param_has_logical_axes_matching_its_rank(model: EncoderForMLM) -> None:
     params = _params(model)
     assert len(params) == 10 + 12 * SMALL.num_layers
     for path, variable in params.items():
@@ -313,7 +419,7 @@ def test_every_param_has_logical_axes_matching_its_rank(model: RobertaForMLM) ->
     assert qkv[...].shape == (3, SMALL.hidden_size, SMALL.num_heads, SMALL.head_dim)
 
 
-def test_pad_embedding_rows_start_at_zero(model: RobertaForMLM) -> None:
+def test_pad_embedding_rows_start_at_zero(model: EncoderForMLM) -> None:
     assert not np.asarray(model.embeddings.word.embedding[...][PAD]).any()
     assert not np.asarray(model.embeddings.position.embedding[...][PAD]).any()
     assert np.asarray(model.embeddings.word.embedding[...][PAD + 1]).any()
@@ -347,7 +453,7 @@ def test_config_validate_rejects_bad_values() -> None:
     SMALL.validate()
 
 
-def test_input_longer_than_positions_is_refused(plain_model: RobertaForMLM) -> None:
+def test_input_longer_than_positions_is_refused(plain_model: EncoderForMLM) -> None:
     def logits_shape(length: int):
         ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
         return jax.eval_shape(lambda x: plain_model(x)[0], ids).shape
@@ -358,7 +464,7 @@ def test_input_longer_than_positions_is_refused(plain_model: RobertaForMLM) -> N
         logits_shape(fits + 1)
 
 
-def test_explicit_attention_mask_overrides_pad_ids(plain_model: RobertaForMLM) -> None:
+def test_explicit_attention_mask_overrides_pad_ids(plain_model: EncoderForMLM) -> None:
     # MLM noise can draw the pad id; the attention mask must come from the clean batch.
     ids = jnp.asarray(_ids(rows=1))
     noisy = ids.at[0, 2].set(SMALL.pad_token_id)
@@ -385,7 +491,7 @@ def test_config_rejects_inconsistent_ids_and_positions(overrides, match) -> None
 
 
 def _graphdef(config: ModelConfig) -> nnx.GraphDef:
-    return nnx.graphdef(nnx.eval_shape(lambda: RobertaForMLM(config, rngs=nnx.Rngs(0))))
+    return nnx.graphdef(nnx.eval_shape(lambda: EncoderForMLM(config, rngs=nnx.Rngs(0))))
 
 
 def _loss_and_grads(config: ModelConfig, params: nnx.State) -> tuple[float, dict, list]:
@@ -423,13 +529,13 @@ def _remat_policies(jaxpr) -> list:
 
 
 @pytest.fixture(scope="module")
-def no_remat_grads(plain_model: RobertaForMLM) -> tuple[float, dict, list]:
+def no_remat_grads(plain_model: EncoderForMLM) -> tuple[float, dict, list]:
     return _loss_and_grads(NO_DROPOUT, nnx.state(plain_model, nnx.Param))
 
 
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_gives_the_same_loss_and_gradients(
-    plain_model: RobertaForMLM, no_remat_grads: tuple[float, dict, list], remat: str
+    plain_model: EncoderForMLM, no_remat_grads: tuple[float, dict, list], remat: str
 ) -> None:
     want_loss, want, no_policies = no_remat_grads
     config = dataclasses.replace(NO_DROPOUT, remat=remat)
@@ -454,9 +560,9 @@ def test_remat_policy_is_validated() -> None:
         ModelConfig(remat=remat).validate()
 
 
-def test_bfloat16_compute_keeps_float32_parameters_and_logits(plain_model: RobertaForMLM) -> None:
+def test_bfloat16_compute_keeps_float32_parameters_and_logits(plain_model: EncoderForMLM) -> None:
     config = dataclasses.replace(NO_DROPOUT, dtype="bfloat16")
-    abstract = nnx.eval_shape(lambda: RobertaForMLM(config, rngs=nnx.Rngs(1)))
+    abstract = nnx.eval_shape(lambda: EncoderForMLM(config, rngs=nnx.Rngs(1)))
     assert _params(abstract).keys() == _params(plain_model).keys()
     assert {v.get_value().dtype for v in _params(abstract).values()} == {jnp.dtype("float32")}
 

@@ -1,8 +1,10 @@
-"""Tests for guided_jax.tokenizer: training, save/load round trip, lookups, errors and CLI."""
+"""Tests for guided_jax.tokenizer (byte-level BPE and WordPiece): training, save/load round trip,
+lookups, kind detection, errors and CLI."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +14,14 @@ import pytest
 
 from guided_jax import data
 from guided_jax import tokenizer as tok_mod
-from guided_jax.tokenizer import SPECIAL_TOKENS, Tokenizer, load_tokenizer, train_tokenizer
+from guided_jax.tokenizer import (
+    SPECIAL_TOKENS,
+    WORDPIECE_SPECIAL_TOKENS,
+    Tokenizer,
+    detect_kind,
+    load_tokenizer,
+    train_tokenizer,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -242,3 +251,156 @@ def test_cli_in_process_errors_and_default_corpus(
             tok_mod.main([*argv, "--vocab-size", "300", "--out", str(out)])
         assert exit_info.value.code == 2
     capsys.readouterr()
+
+
+# ----------------------------------------------------------------------------- kinds on disk
+
+
+def test_bpe_records_its_kind(trained: tuple[Tokenizer, Path]) -> None:
+    tok, out = trained
+    assert tok.kind == "bpe" and detect_kind(out) == "bpe"
+    config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert config == {"tokenizer_class": "RobertaTokenizer"}
+
+
+# ----------------------------------------------------------------------------- WordPiece
+
+
+@pytest.fixture(scope="module")
+def wordpiece(tmp_path_factory: pytest.TempPathFactory) -> tuple[Tokenizer, Path]:
+    out = tmp_path_factory.mktemp("wordpiece")
+    return train_tokenizer(_corpus(), vocab_size=200, out_dir=out, kind="wordpiece"), out
+
+
+def test_wordpiece_train_writes_vocab_txt_and_bert_special_ids(
+    wordpiece: tuple[Tokenizer, Path],
+) -> None:
+    tok, out = wordpiece
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer_config.json", "vocab.txt"]
+    lines = (out / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    assert lines[:5] == list(WORDPIECE_SPECIAL_TOKENS)  # [PAD] = 0, as in BERT
+    assert tok.kind == "wordpiece" and tok.vocab_size == len(lines) <= 200
+    assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id, tok.mask_id) == (0, 1, 2, 3, 4)
+    assert tok.special_ids == (2, 0, 3, 1, 4)  # bos, pad, eos, unk, mask
+    config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert config == {"tokenizer_class": "BertTokenizer", "do_lower_case": False}
+    assert any(line.startswith("##") for line in lines)  # pieces inside words
+
+
+def test_wordpiece_round_trip_and_special_tokens(wordpiece: tuple[Tokenizer, Path]) -> None:
+    tok, out = wordpiece
+    reloaded = load_tokenizer(out)
+    assert reloaded.kind == "wordpiece" and not reloaded.lowercase
+    texts = ["The model has an attention head.", "A word, then another word; and the period."]
+    ids = tok.encode_batch(texts)
+    assert reloaded.encode_batch(texts) == ids
+    assert not set(ids[0]) & set(tok.special_ids)  # no [CLS]/[SEP] added
+    assert reloaded.decode(ids[0]) == texts[0]  # cased, and every piece was seen in training
+    (marked,) = tok.encode_batch(["the [MASK] head. [SEP] x"])
+    assert marked.count(tok.mask_id) == 1 and marked.count(tok.eos_id) == 1
+    assert "[MASK]" in tok.decode(marked)
+    assert tok.encode_batch(["zebra"])[0] == [tok.unk_id]  # no 'z' in the corpus
+
+
+def test_wordpiece_guidance_tokens_are_entries(wordpiece: tuple[Tokenizer, Path]) -> None:
+    tok, _ = wordpiece
+    assert tok.token_to_id("[SEP]") == tok.eos_id and tok.token_to_id("[CLS]") == tok.bos_id
+    assert tok.encode_batch(["head."])[0][-1] == tok.token_to_id(".")
+    with pytest.raises(ValueError, match=r"'\[sep\]' is not a single entry"):
+        tok.token_to_id("[sep]")
+    # a piece that only occurs inside words: the message names its ## spelling
+    lines = _vocab_lines(tok)
+    inner = next(t for t in lines if t.startswith("##") and t[2:] not in lines)
+    with pytest.raises(ValueError, match=re.escape(f"is {inner!r}")):
+        tok.token_to_id(inner[2:])
+
+
+def _vocab_lines(tok: Tokenizer) -> list[str]:
+    assert tok.directory is not None
+    return (tok.directory / "vocab.txt").read_text(encoding="utf-8").splitlines()
+
+
+def test_wordpiece_lowercasing_follows_tokenizer_config(
+    wordpiece: tuple[Tokenizer, Path], tmp_path: Path
+) -> None:
+    _, out = wordpiece
+    shutil.copy(out / "vocab.txt", tmp_path / "vocab.txt")  # a bare vocab.txt, as HF's BERTs
+    bare = load_tokenizer(tmp_path)
+    assert bare.lowercase  # BertTokenizer's default do_lower_case
+    assert bare.encode_batch(["THE"]) == bare.encode_batch(["the"])
+    with pytest.raises(ValueError, match="lowercases; the entry is 'the'"):
+        bare.token_to_id("THE")
+    (tmp_path / "tokenizer_config.json").write_text('{"do_lower_case": "yes"}')
+    with pytest.raises(ValueError, match="do_lower_case must be true or false"):
+        load_tokenizer(tmp_path)
+
+
+def test_wordpiece_lowercase_training(tmp_path: Path) -> None:
+    tok = train_tokenizer(_corpus(100), 150, tmp_path, kind="wordpiece", lowercase=True)
+    assert tok.lowercase and load_tokenizer(tmp_path).lowercase
+    assert "The" not in _vocab_lines(tok) and "the" in _vocab_lines(tok)
+
+
+def test_wordpiece_vocab_without_specials(
+    wordpiece: tuple[Tokenizer, Path], tmp_path: Path
+) -> None:
+    _, out = wordpiece
+    lines = (out / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    kept = [t for t in lines if t not in ("[MASK]", "[CLS]")]
+    (tmp_path / "vocab.txt").write_text("\n".join(kept) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"lacks special tokens \['\[CLS\]', '\[MASK\]'\]") as err:
+        load_tokenizer(tmp_path)
+    assert str(tmp_path / "vocab.txt") in str(err.value)
+
+
+def test_train_validates_kind_and_wordpiece_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="kind must be one of"):
+        train_tokenizer(_corpus(), 300, tmp_path, kind="unigram")
+    with pytest.raises(ValueError, match="greater than 5"):
+        train_tokenizer(_corpus(), 5, tmp_path, kind="wordpiece")
+    with pytest.raises(ValueError, match="WordPiece only"):
+        train_tokenizer(_corpus(), 300, tmp_path, lowercase=True)
+    assert not list(tmp_path.iterdir())
+
+
+def test_detect_kind_errors(
+    trained: tuple[Tokenizer, Path], wordpiece: tuple[Tokenizer, Path], tmp_path: Path
+) -> None:
+    (tmp_path / "notes.txt").write_text("not a tokenizer")
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer files; expected vocab\.txt") as err:
+        load_tokenizer(tmp_path)
+    assert str(tmp_path) in str(err.value)
+    # both kinds' files: ambiguous unless tokenizer_config.json names the class
+    for out in (trained[1], wordpiece[1]):
+        for path in out.iterdir():
+            if path.name != "tokenizer_config.json":
+                shutil.copy(path, tmp_path / path.name)
+    with pytest.raises(ValueError, match="both a WordPiece"):
+        detect_kind(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "BertTokenizerFast"}')
+    assert load_tokenizer(tmp_path).kind == "wordpiece"
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "RobertaTokenizer"}')
+    assert load_tokenizer(tmp_path).encode_batch(SAMPLE_TEXTS) == trained[0].encode_batch(
+        SAMPLE_TEXTS
+    )
+    # a declared class needs its own files
+    (tmp_path / "merges.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no merges\.txt; expected vocab\.json"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json' is not valid JSON"):
+        load_tokenizer(tmp_path)
+
+
+def test_cli_trains_wordpiece(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(_corpus()) + "\n", encoding="utf-8")
+    out = tmp_path / "tok"
+    argv = ["--kind", "wordpiece", "--files", str(corpus), "--vocab-size", "150", "--out", str(out)]
+    assert tok_mod.main([*argv, "--lowercase"]) == 0
+    assert "wrote vocab.txt, tokenizer_config.json" in capsys.readouterr().out
+    loaded = load_tokenizer(out)
+    assert loaded.kind == "wordpiece" and loaded.lowercase and loaded.vocab_size <= 150
+    bpe_argv = ["--files", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "b")]
+    assert tok_mod.main([*bpe_argv, "--lowercase"]) == 1
+    assert "WordPiece only" in capsys.readouterr().err
