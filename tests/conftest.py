@@ -137,3 +137,19 @@ def assert_runs_match(reference, other, rtol=1e-5, step=STEPS):
         final_params(reference, step=step),
         final_params(other, step=step),
     )
+
+
+@pytest.fixture(scope="session")
+def run_corpus(tmp_path_factory) -> pathlib.Path:
+    """The corpus of the runs compared across meshes and processes."""
+    return write_corpus(tmp_path_factory.mktemp("run_corpus") / "corpus.txt")
+
+
+@pytest.fixture(scope="session")
+def sharded_run(run_corpus, tmp_path_factory) -> pathlib.Path:
+    """``run_config`` trained in this process on a data=2, fsdp=2, tensor=2 mesh of 8 devices."""
+    from guided_jax import train
+
+    workdir = tmp_path_factory.mktemp("sharded") / "run"
+    train.train_and_evaluate(run_config(run_corpus, data=2, fsdp=2, tensor=2), workdir)
+    return workdir

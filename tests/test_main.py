@@ -26,21 +26,6 @@ def _main(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.slow
-def test_cli_trains_tiny_config(corpus_file, tmp_path):
-    result = _main(
-        "--config",
-        "configs/tiny.py",
-        "--workdir",
-        str(tmp_path / "run"),
-        f"--config.data.train_files={corpus_file}",
-        "--config.train.steps=4",
-    )
-    assert result.returncode == 0, result.stderr
-    assert "finished at step 4" in result.stdout
-    assert (tmp_path / "run" / "metrics.jsonl").is_file()
-
-
 def test_cli_rejects_unknown_config_key(tmp_path):
     result = _main(
         "--config", "configs/tiny.py", "--workdir", str(tmp_path / "run"), "--config.train.stepz=4"
@@ -103,9 +88,9 @@ def test_sigterm_saves_a_checkpoint_before_exiting(corpus_file, tmp_path):
 @pytest.mark.slow
 def test_kill_9_then_rerun_equals_an_uninterrupted_run(corpus_file, tmp_path):
     """Nothing is lost but the steps since the last checkpoint, and those are redone exactly."""
-    steps = 120
+    steps = 60
     config = run_config(corpus_file)
-    config.train.update(steps=steps, checkpoint_every=25, eval_every=40)
+    config.train.update(steps=steps, checkpoint_every=20, eval_every=30)
     reference = tmp_path / "reference"
     train.train_and_evaluate(config, reference, devices=jax.devices()[:1])
 
@@ -119,15 +104,15 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(corpus_file, tmp_path):
         f"--config.data.train_files={corpus_file}",
         f"--config.train.steps={steps}",
         "--config.train.log_every=1",
-        "--config.train.eval_every=40",
-        "--config.train.checkpoint_every=25",
+        "--config.train.eval_every=30",
+        "--config.train.checkpoint_every=20",
     ]
     process = subprocess.Popen(
         args, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     metrics = workdir / "metrics.jsonl"
     deadline = time.monotonic() + 300
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 60):
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 30):
         assert process.poll() is None and time.monotonic() < deadline, "run ended before the kill"
         time.sleep(0.01)
     process.kill()

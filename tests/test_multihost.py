@@ -9,8 +9,7 @@ import time
 
 import pytest
 
-from conftest import REPO, assert_runs_match, cli_env, run_config
-from guided_jax import train
+from conftest import REPO, STEPS, assert_runs_match, cli_env
 
 MESH = dict(data=2, fsdp=2, tensor=2)
 
@@ -69,17 +68,13 @@ def _wait(processes):
 
 
 @pytest.mark.slow
-def test_two_processes_survive_preemption_and_train_like_one(corpus_file, tmp_path):
-    steps = 40
-    reference = tmp_path / "single"
-    config = run_config(corpus_file, **MESH)
-    config.train.steps = steps
-    train.train_and_evaluate(config, reference)
-
+def test_two_processes_survive_preemption_and_train_like_one(run_corpus, sharded_run, tmp_path):
+    """Two processes x 4 devices train like one process with 8 on the same mesh, also across
+    a preemption."""
     # SIGTERM reaches one process only; JAX's preemption service makes both stop and save
     # at the same step.
     workdir = tmp_path / "multi"
-    processes = _launch(workdir, corpus_file, steps)
+    processes = _launch(workdir, run_corpus, STEPS)
     metrics = workdir / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
@@ -93,10 +88,10 @@ def test_two_processes_survive_preemption_and_train_like_one(corpus_file, tmp_pa
     assert (workdir / "checkpoints" / stops[0][1]).is_dir()
 
     # The same command again: resumes and finishes where a single process would have.
-    results = _wait(_launch(workdir, corpus_file, steps))
+    results = _wait(_launch(workdir, run_corpus, STEPS))
     for returncode, _, stderr in results:
         assert returncode == 0, stderr[-3000:]
-    assert f"finished at step {steps}" in results[0][1] and "over 8 devices" in results[0][1]
+    assert f"finished at step {STEPS}" in results[0][1] and "over 8 devices" in results[0][1]
     # Only process 0 reports (stdout may still carry the collectives library's own lines).
     assert "over 8 devices" not in results[1][1] and "finished" not in results[1][1]
-    assert_runs_match(reference, workdir, step=steps)
+    assert_runs_match(sharded_run, workdir)

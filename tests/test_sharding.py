@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import STEPS, assert_runs_match, run_config, write_corpus
+from conftest import STEPS, assert_runs_match, run_config
 from guided_jax import experiment, sharding, train
 
 
@@ -103,21 +103,9 @@ def test_guidance_is_reduced_where_heads_and_examples_live(tiny_config, tmp_path
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
-
-
-@pytest.fixture(scope="module")
-def one_device_run(corpus, tmp_path_factory):
+def one_device_run(run_corpus, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("one_device") / "run"
-    train.train_and_evaluate(run_config(corpus), workdir, devices=jax.devices()[:1])
-    return workdir
-
-
-@pytest.fixture(scope="module")
-def sharded_run(corpus, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("sharded") / "run"
-    train.train_and_evaluate(run_config(corpus, data=2, fsdp=2, tensor=2), workdir)
+    train.train_and_evaluate(run_config(run_corpus), workdir, devices=jax.devices()[:1])
     return workdir
 
 
@@ -127,10 +115,10 @@ def test_mesh_2x2x2_trains_like_one_device(one_device_run, sharded_run):
 
 
 @pytest.mark.slow
-def test_checkpoint_of_8_devices_resumes_on_4(one_device_run, sharded_run, corpus, tmp_path):
+def test_checkpoint_of_8_devices_resumes_on_4(one_device_run, sharded_run, run_corpus, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(sharded_run, workdir)
     shutil.rmtree(workdir / "checkpoints" / str(STEPS))  # as if stopped after step 10
-    config = run_config(corpus, data=1, fsdp=2, tensor=2)
+    config = run_config(run_corpus, data=1, fsdp=2, tensor=2)
     train.train_and_evaluate(config, workdir, devices=jax.devices()[:4])
     assert_runs_match(one_device_run, workdir)
