@@ -121,6 +121,24 @@ def _perturbed(config: ModelConfig, seed: int) -> EncoderForMLM:
     return model
 
 
+def _assert_same_outputs(model: EncoderForMLM, hf, ids: np.ndarray, mask: np.ndarray):
+    """Logits (on real tokens) and attention maps agree; returns both sides' maps."""
+    logits, aux = model(jnp.asarray(ids), return_attentions=True)
+    with torch.no_grad():
+        out = hf(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            output_attentions=True,
+        )
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(
+        np.asarray(logits)[valid], out.logits.numpy()[valid], atol=1e-4, rtol=1e-4
+    )
+    for ours, theirs in zip(aux["attentions"], out.attentions, strict=True):
+        np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-5)
+    return aux["attentions"], [jnp.asarray(a.numpy()) for a in out.attentions]
+
+
 def test_logits_and_attention_match_huggingface_roberta():
     config = ModelConfig(
         vocab_size=120,
@@ -139,24 +157,9 @@ def test_logits_and_attention_match_huggingface_roberta():
     ids[1, 12:] = config.pad_token_id  # a padded example
     mask = (ids != config.pad_token_id).astype(np.int64)
 
-    logits, aux = model(jnp.asarray(ids), return_attentions=True)
-    with torch.no_grad():
-        out = hf(
-            input_ids=torch.from_numpy(ids),
-            attention_mask=torch.from_numpy(mask),
-            output_attentions=True,
-        )
-    valid = mask.astype(bool)
-    np.testing.assert_allclose(
-        np.asarray(logits)[valid], out.logits.numpy()[valid], atol=1e-4, rtol=1e-4
-    )
-    for ours, theirs in zip(aux["attentions"], out.attentions, strict=True):
-        np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-5)
+    ours, hf_maps = _assert_same_outputs(model, hf, ids, mask)
     spec = HeadSpec.parse("1,1,1,1")
-    hf_maps = [jnp.asarray(a.numpy()) for a in out.attentions]
-    np.testing.assert_allclose(
-        guidance_loss(aux["attentions"], spec), guidance_loss(hf_maps, spec), rtol=1e-5
-    )
+    np.testing.assert_allclose(guidance_loss(ours, spec), guidance_loss(hf_maps, spec), rtol=1e-5)
 
 
 def test_logits_attention_and_guidance_match_huggingface_bert():
@@ -188,24 +191,11 @@ def test_logits_attention_and_guidance_match_huggingface_bert():
     ids[1, 15] = sep
     mask = (ids != config.pad_token_id).astype(np.int64)
 
-    logits, aux = model(jnp.asarray(ids), return_attentions=True)
-    with torch.no_grad():
-        out = hf(
-            input_ids=torch.from_numpy(ids),
-            attention_mask=torch.from_numpy(mask),
-            output_attentions=True,
-        )
-    valid = mask.astype(bool)
-    np.testing.assert_allclose(
-        np.asarray(logits)[valid], out.logits.numpy()[valid], atol=1e-4, rtol=1e-4
-    )
-    for ours, theirs in zip(aux["attentions"], out.attentions, strict=True):
-        np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-5)
+    ours, hf_maps = _assert_same_outputs(model, hf, ids, mask)
     spec = HeadSpec.parse("first:1,token[[SEP]]:1,token[.]:1")
     vocab = {"[SEP]": sep, ".": period}
-    hf_maps = [jnp.asarray(a.numpy()) for a in out.attentions]
     np.testing.assert_allclose(
-        guidance_loss(aux["attentions"], spec, ids, vocab),
+        guidance_loss(ours, spec, ids, vocab),
         guidance_loss(hf_maps, spec, ids, vocab),
         rtol=1e-5,
     )
