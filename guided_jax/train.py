@@ -9,10 +9,12 @@ step late) → periodic eval → orbax checkpoints.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import math
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -329,8 +331,31 @@ def train_and_evaluate(
     check_config(config)
     _check_mesh_fits(config, mesh)
     exp = _prepare(config, workdir)
-    with jax.set_mesh(mesh):
+    with _one_run_per_workdir(workdir), jax.set_mesh(mesh):
         return _train_loop(exp, mesh, workdir)
+
+
+@contextlib.contextmanager
+def _one_run_per_workdir(workdir: str | os.PathLike) -> Iterator[None]:
+    """A second run on the same workdir would interleave metrics and race for checkpoints:
+    process 0 holds an exclusive lock on ``WORKDIR/.lock`` while training (released by the
+    kernel whenever the process ends, so a killed run never leaves it behind)."""
+    if jax.process_index() != 0:
+        yield
+        return
+    with open(os.path.join(workdir, ".lock"), "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise ConfigError(
+                f"workdir {workdir} is in use by another run ({lock.read().strip() or 'pid ?'}); "
+                f"wait for it to end or use another --workdir"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        yield
 
 
 class TrainProgram(NamedTuple):

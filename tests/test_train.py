@@ -1,6 +1,7 @@
 """End-to-end runs of train_and_evaluate on the tiny config, and every bad input it must refuse."""
 
 import copy
+import fcntl
 import json
 import math
 import shutil
@@ -298,3 +299,17 @@ def test_resume_accepts_a_new_layout_but_not_a_new_config(tmp_path, reference):
         train.train_and_evaluate(changed, workdir, devices=ONE_DEVICE)
     assert _checkpoints(workdir) == ["3"]
     assert (workdir / "metrics.jsonl").read_text() == before
+
+
+def test_a_second_run_on_the_same_workdir_is_refused(tiny_config, tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    with open(workdir / ".lock", "w") as held:
+        held.write("pid 12345 on elsewhere\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running training process does
+        with pytest.raises(ConfigError, match=r"in use by another run \(pid 12345 on elsewhere\)"):
+            train.train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)
+    assert not (workdir / "checkpoints").exists()
+    train.train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)  # free again: runs
+    assert (workdir / "checkpoints" / "6").is_dir()
