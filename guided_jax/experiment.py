@@ -174,7 +174,10 @@ def head_spec(config: ml_collections.ConfigDict) -> HeadSpec | None:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Value checks that need no tokenizer or corpus (``model.from_dir`` is read)."""
-    config, _ = resolve_config(config)
+    _check_resolved_config(resolve_config(config)[0])
+
+
+def _check_resolved_config(config: ml_collections.ConfigDict) -> None:
     _check_positive(
         config,
         "train.steps",
@@ -283,7 +286,7 @@ def prepare(
     ``write=False`` (every process but the first of a multi-host run) only reads WORKDIR."""
     workdir = Path(workdir)
     config, model_dir = resolve_config(config)
-    check_config(config)
+    _check_resolved_config(config)
     check_workdir(config, workdir)
     train_texts = data.load_corpus(corpus_files(config.data.train_files, "data.train_files"))
     tokenizer, scratch = _tokenizer(config, workdir, train_texts)

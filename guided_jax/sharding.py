@@ -8,6 +8,7 @@ the rest, so the guided heads' statistics are reduced where their heads and exam
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -136,6 +137,7 @@ def batch_sharding(mesh: Mesh, rows: int) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES) if rows % shards == 0 else P())
 
 
+@functools.cache  # asked for every step with the same two arguments
 def local_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> slice:
     """The rows of a global batch that this process's devices hold (one contiguous range)."""
     index_map = sharding.addressable_devices_indices_map(global_shape)
