@@ -4,6 +4,7 @@ import copy
 import fcntl
 import json
 import math
+import re
 import shutil
 
 import jax
@@ -30,7 +31,7 @@ REQUIRED_KEYS = {
 
 
 @pytest.mark.slow
-def test_tiny_run_lowers_mlm_and_guidance_losses(tiny_config, tmp_path):
+def test_tiny_run_lowers_mlm_and_guidance_losses(tiny_config, tmp_path, capsys):
     cfg = tiny_config
     cfg.train.steps = 40
     cfg.train.learning_rate = 3e-3
@@ -60,6 +61,9 @@ def test_tiny_run_lowers_mlm_and_guidance_losses(tiny_config, tmp_path):
     assert (workdir / "checkpoints" / "40").is_dir()
     assert (workdir / "tokenizer" / "vocab.json").is_file()
     assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 40
+    assert len(list((workdir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    # The compiled step's memory estimate is printed before training starts.
+    assert re.search(r"train step memory per device: arguments [\d.]+ MiB", capsys.readouterr().out)
 
 
 def test_baseline_trains_without_guidance_but_measures_it(tiny_config, tmp_path):
