@@ -1,7 +1,9 @@
 """Attention kernels that also score guided heads, so their maps never leave the layer.
 
-Every kernel takes ``q, k, v`` of shape ``[B, n, H, d_head]`` and returns the attended values
-plus the per-group guidance losses of this layer (``None`` when the layer is not guided).
+Every kernel takes ``q, k, v`` of shape ``[B, n, H, d_head]`` and the ``[B, n]`` mask of keys to
+attend to, and returns the attended values plus the per-group guidance losses of this layer
+(``None`` when the layer is not guided). ``dense`` is the reference computation; ``flash``
+(``flash_attention.py``) gives the same results with ``O(n)`` memory per head.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from guided_jax.guidance import Guide
+from guided_jax import flash_attention as flash
+from guided_jax.guidance import Guide, losses_from_head_sums
 
 
 def attention_bias(key_mask: jax.Array, dtype: jnp.dtype = jnp.float32) -> jax.Array:
@@ -28,17 +31,49 @@ def dense_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    bias: jax.Array,
+    key_mask: jax.Array,
     *,
     dropout: nnx.Dropout,
     dropout_key: jax.Array | None,
     guide: Guide | None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Softmax attention with the full ``[B, H, n, n]`` probabilities (the reference path)."""
-    probs = attention_probs(q, k, bias)
+    probs = attention_probs(q, k, attention_bias(key_mask))
     dropped = dropout(probs, deterministic=dropout_key is None, rngs=dropout_key)
     losses = None
     if guide is not None:
         losses = guide.layer_losses(dropped if guide.after_dropout else probs)
     out = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(v.dtype), v)
     return out, losses
+
+
+def flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_mask: jax.Array,
+    *,
+    dropout: nnx.Dropout,
+    dropout_key: jax.Array | None,
+    guide: Guide | None,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Blockwise attention; guided heads are scored inside the kernel. Dropout masks are drawn
+    per key block (not the same draws as ``dense``, the same distribution)."""
+    patterns = None if guide is None else flash.HeadPatterns.from_spec(guide.spec, q.shape[2])
+    out, head_sums = flash.flash_attention(
+        q,
+        k,
+        v,
+        key_mask,
+        patterns=patterns,
+        token_masks=None if guide is None else guide.masks,
+        dropout_rate=dropout.rate if dropout_key is not None else 0.0,
+        dropout_key=dropout_key,
+        after_dropout=True if guide is None else guide.after_dropout,
+    )
+    if guide is None:
+        return out, None
+    return out, losses_from_head_sums(head_sums, guide.spec, q.shape[0], q.shape[1])
+
+
+ATTENTION = {"dense": dense_attention, "flash": flash_attention}

@@ -241,9 +241,8 @@ def group_losses(probs: jax.Array, spec: HeadSpec, masks: jax.Array | None = Non
         )
     rows = batch if spec.tokens else 1
     per_head = [jnp.zeros((rows, n, n), bool)] * heads  # unguided: weight 0 below
-    weights = np.zeros((len(spec.groups), heads), np.float32)
     token_index = 0
-    for index, (group, (lo, hi)) in enumerate(zip(spec.groups, spec.head_ranges, strict=True)):
+    for group, (lo, hi) in zip(spec.groups, spec.head_ranges, strict=True):
         mask = None
         if group.pattern == "token":
             mask = None if masks is None else masks[token_index]
@@ -251,11 +250,19 @@ def group_losses(probs: jax.Array, spec: HeadSpec, masks: jax.Array | None = Non
         target = target_predicate(group, n, mask)
         target = jnp.broadcast_to(target.reshape(-1, target.shape[-2], n), (rows, n, n))
         per_head[lo:hi] = [target] * (hi - lo)
-        weights[index, lo:hi] = 1.0 / (batch * (hi - lo) * n * n)
     on_target = jnp.stack(per_head, axis=1)  # [rows, H, n, n], fused away by XLA
     squared = jnp.where(on_target, jnp.square(probs - 1.0), jnp.square(probs))
     # Rows first, then the rest: keeps float32 rounding of the long sums near 1e-7.
     head_sums = jnp.sum(jnp.sum(squared, axis=-1), axis=(0, 2))
+    return losses_from_head_sums(head_sums, spec, batch, n)
+
+
+def losses_from_head_sums(head_sums: jax.Array, spec: HeadSpec, batch: int, n: int) -> jax.Array:
+    """Per-group means ``[G]`` from each head's ``Σ (A - P)²`` over batch, queries and keys
+    (``[H]``; unguided heads get weight 0, so no head is sliced off a head-sharded array)."""
+    weights = np.zeros((len(spec.groups), head_sums.shape[0]), np.float32)
+    for index, (lo, hi) in enumerate(spec.head_ranges):
+        weights[index, lo:hi] = 1.0 / (batch * (hi - lo) * n * n)
     return jnp.dot(weights, head_sums, precision=jax.lax.Precision.HIGHEST)
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from guided_jax.attention import attention_bias, attention_probs, dense_attention
+from guided_jax.attention import ATTENTION, attention_bias, attention_probs
 from guided_jax.guidance import Guide
 from guided_jax.sharding import BATCH_AXES
 
@@ -35,6 +35,9 @@ REMAT_POLICIES: dict[str, Any] = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
+
+# How attention is computed: the reference's full maps, or blockwise with O(n) memory.
+ATTENTION_KINDS = ("dense", "flash")
 
 # Encoder types: how positions are numbered (see the module docstring).
 MODEL_TYPES = ("roberta", "bert")
@@ -59,6 +62,7 @@ class ModelConfig:
     pad_token_id: int = 1
     dtype: str = "float32"  # compute dtype; parameters stay float32
     remat: str = "none"  # recompute each layer in the backward: none | full | dots
+    attention: str = "dense"  # dense (the reference: full maps) | flash (blockwise, O(n) memory)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> ModelConfig:
@@ -114,6 +118,10 @@ class ModelConfig:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(
                 f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}"
+            )
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(
+                f"model.attention must be one of {list(ATTENTION_KINDS)}, got {self.attention!r}"
             )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(
@@ -281,13 +289,14 @@ class SelfAttention(nnx.Module):
             bias_metadata={"logical_axes": ("embed",)},
         )
         self.attention_dropout = nnx.Dropout(config.attention_dropout)
+        self.kernel = ATTENTION[config.attention]
 
     def __call__(
-        self, x: jax.Array, bias: jax.Array, dropout_key: jax.Array | None, guide: Guide | None
+        self, x: jax.Array, key_mask: jax.Array, dropout_key: jax.Array | None, guide: Guide | None
     ) -> tuple[jax.Array, jax.Array | None]:
         q, k, v = self.qkv(x)
-        values, losses = dense_attention(
-            q, k, v, bias, dropout=self.attention_dropout, dropout_key=dropout_key, guide=guide
+        values, losses = self.kernel(
+            q, k, v, key_mask, dropout=self.attention_dropout, dropout_key=dropout_key, guide=guide
         )
         return self.out(values), losses
 
@@ -316,13 +325,13 @@ class EncoderLayer(nnx.Module):
         self.dropout = nnx.Dropout(config.dropout)
 
     def __call__(
-        self, x: jax.Array, bias: jax.Array, dropout_key: jax.Array | None, guide: Guide | None
+        self, x: jax.Array, key_mask: jax.Array, dropout_key: jax.Array | None, guide: Guide | None
     ) -> tuple[jax.Array, jax.Array | None]:
         def drop(y: jax.Array, site: int) -> jax.Array:
             key = _fold(dropout_key, site)
             return self.dropout(y, deterministic=key is None, rngs=key)
 
-        h, losses = self.attention(x, bias, _fold(dropout_key, 0), guide)
+        h, losses = self.attention(x, key_mask, _fold(dropout_key, 0), guide)
         x = self.attention_norm(x + drop(h, 1))
         if self.ffn is not None:
             x = self.ffn_norm(x + drop(self.ffn(x), 2))
@@ -358,19 +367,19 @@ class EncoderForMLM(nnx.Module):
         self,
         layer: EncoderLayer,
         x: jax.Array,
-        bias: jax.Array,
+        key_mask: jax.Array,
         key: jax.Array | None,
         guide: Guide | None,
     ) -> tuple[jax.Array, jax.Array | None]:
         """One layer, rematerialised in the backward per ``config.remat``."""
         if self.config.remat == "none":
-            return layer(x, bias, key, guide)
+            return layer(x, key_mask, key, guide)
 
-        def forward(layer: EncoderLayer, x: jax.Array, bias: jax.Array, key: jax.Array | None):
-            return layer(x, bias, key, guide)
+        def forward(layer: EncoderLayer, x: jax.Array, mask: jax.Array, key: jax.Array | None):
+            return layer(x, mask, key, guide)
 
         policy = REMAT_POLICIES[self.config.remat]
-        return nnx.remat(forward, policy=policy)(layer, x, bias, key)
+        return nnx.remat(forward, policy=policy)(layer, x, key_mask, key)
 
     def __call__(
         self,
@@ -395,7 +404,7 @@ class EncoderForMLM(nnx.Module):
             )
         if attention_mask is None:
             attention_mask = input_ids != self.config.pad_token_id
-        bias = attention_bias(attention_mask.astype(bool))
+        key_mask = attention_mask.astype(bool)
         x = self.embeddings(input_ids, _fold(dropout_key, 0))
         guidance, attentions = [], []
         for index, layer in enumerate(self.layers):
@@ -403,8 +412,8 @@ class EncoderForMLM(nnx.Module):
             layer_guide = guide if guide is not None and guide.spec.guides_layer(index) else None
             if return_attentions:
                 q, k, _ = layer.attention.qkv(x)
-                attentions.append(attention_probs(q, k, bias))
-            x, losses = self._run_layer(layer, x, bias, key, layer_guide)
+                attentions.append(attention_probs(q, k, attention_bias(key_mask)))
+            x, losses = self._run_layer(layer, x, key_mask, key, layer_guide)
             x = constrain_to_batch(x)
             if losses is not None:
                 guidance.append(losses)

@@ -543,12 +543,30 @@ def test_remat_gives_the_same_loss_and_gradients(
     # Each layer is one rematerialised region with the configured policy (none without remat).
     assert no_policies == []
     assert policies == [REMAT_POLICIES[remat]] * config.num_layers
-    assert got_loss == pytest.approx(want_loss, rel=1e-6)
-    assert got.keys() == want.keys()
-    assert all(np.abs(g).max() > 0 for g in want.values())  # every parameter is checked
-    for path, value in want.items():
+    _assert_same_loss_and_grads((got_loss, got), (want_loss, want), rtol=1e-6)
+
+
+def _assert_same_loss_and_grads(got: tuple[float, dict], want: tuple[float, dict], rtol: float):
+    assert got[0] == pytest.approx(want[0], rel=rtol)
+    assert got[1].keys() == want[1].keys()
+    assert all(np.abs(g).max() > 0 for g in want[1].values())  # every parameter is checked
+    for path, value in want[1].items():
         scale = np.abs(value).max()
-        np.testing.assert_allclose(got[path], value, rtol=1e-6, atol=1e-6 * scale, err_msg=path)
+        np.testing.assert_allclose(got[1][path], value, rtol=rtol, atol=rtol * scale, err_msg=path)
+
+
+def test_flash_attention_gives_the_same_loss_and_gradients(
+    plain_model: EncoderForMLM, no_remat_grads: tuple[float, dict, list]
+) -> None:
+    want_loss, want, _ = no_remat_grads
+    config = dataclasses.replace(NO_DROPOUT, attention="flash")
+    got_loss, got, _ = _loss_and_grads(config, nnx.state(plain_model, nnx.Param))
+    _assert_same_loss_and_grads((got_loss, got), (want_loss, want), rtol=1e-5)
+
+
+def test_attention_kind_is_validated() -> None:
+    with pytest.raises(ValueError, match=r"model\.attention must be one of .*'flash'"):
+        ModelConfig(attention="pallas").validate()
 
 
 def test_remat_policy_is_validated() -> None:

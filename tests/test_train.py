@@ -275,6 +275,26 @@ def test_bfloat16_run_matches_float32_closely(tiny_config, tmp_path, reference):
     assert logged[0]["mlm_loss"] != want[0]["mlm_loss"]  # computed in bfloat16 indeed
 
 
+# ----------------------------------------------------------------------------- flash attention
+
+
+@pytest.mark.slow
+def test_flash_attention_run_trains_like_dense(tiny_config, tmp_path, reference):
+    _, _, want = reference
+    tiny_config.model.attention = "flash"
+    tiny_config.train.log_every = 1
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)
+    logged = [r for r in read_metrics(workdir) if "mlm_loss" in r]
+    _assert_finite(logged)
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
+    # Same masks and weights; only the attention-dropout draws differ (drawn per key block).
+    for key in ("mlm_loss", "ag_loss"):
+        assert logged[0][key] == pytest.approx(want[0][key], rel=0.05), key
+    assert logged[0]["ag_loss"] != want[0]["ag_loss"]
+    assert logged[-1]["ag_loss"] < logged[0]["ag_loss"]
+
+
 # ----------------------------------------------------------------------------- workdir config
 
 

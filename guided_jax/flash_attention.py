@@ -1,0 +1,307 @@
+"""Blockwise ("flash") attention that scores guided heads on the fly: no ``n x n`` array is kept.
+
+The forward pass walks over blocks of keys with the online softmax (running max ``m``, running sum
+``l``) and, for guided heads, four more running row sums of the (dropped-out) probabilities ``a``
+against the head's 0/1 target ``P``: off-target squares ``Σ_{P=0} a²``, on-target sums ``Σ_{P=1} a``
+and ``Σ_{P=1} a²`` and the target count. Per row, with ``S = Σ_{P=1} a``, ``Q = Σ_{P=1} a²``:
+
+    Σ_j (a_j - P_j)² = off + (S - 1)² + (Q - S²) + (count - 1)
+
+where ``Q - S²`` vanishes for rows with at most one target (every positional pattern) and is
+left out there: this keeps the small losses of heads that follow their pattern free of the
+cancellation of ``Σa² - 2Σa·P + ΣP`` (DESIGN.md §2). The backward pass recomputes each block's
+probabilities from ``m`` and ``l`` and adds the guidance gradient ``2c(a - P)`` to ``dO·Vᵀ``
+(``c`` is the cotangent of the head's loss sum); its row term becomes
+``D = rowsum(dO ⊙ O) + 2c Σ_j a_j (a_j - P_j)``. Memory is ``O(n · block)`` per head.
+
+Dropout masks are drawn per key block from ``fold_in(key, block)``, so the backward regenerates
+them instead of storing them (:func:`dropout_keep_mask` builds the whole mask, for tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from guided_jax.guidance import HeadSpec
+
+# Per-head pattern codes.
+_NONE, _DIAGONAL, _FIRST, _TOKEN = 0, 1, 2, 3
+_DIAGONAL_OFFSETS = {"self": 0, "next": 1, "prev": -1}
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadPatterns:
+    """Static per-head description of the targets: what the kernel compares ``(row, col)``
+    against. ``token_group[h]`` indexes the token masks for token-set heads."""
+
+    kind: tuple[int, ...]
+    offset: tuple[int, ...]
+    token_group: tuple[int, ...]
+
+    @classmethod
+    def from_spec(cls, spec: HeadSpec, num_heads: int) -> HeadPatterns:
+        kind, offset, token = [_NONE] * num_heads, [0] * num_heads, [0] * num_heads
+        token_index = 0
+        for group, (lo, hi) in zip(spec.groups, spec.head_ranges, strict=True):
+            for h in range(lo, hi):
+                if group.pattern in _DIAGONAL_OFFSETS:
+                    kind[h], offset[h] = _DIAGONAL, _DIAGONAL_OFFSETS[group.pattern]
+                elif group.pattern == "first":
+                    kind[h] = _FIRST
+                else:
+                    kind[h], token[h] = _TOKEN, token_index
+            token_index += group.pattern == "token"
+        return cls(tuple(kind), tuple(offset), tuple(token))
+
+
+def _target_tile(
+    patterns: HeadPatterns, head_tokens: jax.Array | None, rows: int, cols: jax.Array, n: int
+) -> jax.Array:
+    """``[B or 1, H, rows, len(cols)]`` bool: where each head's target is 1 (columns past ``n``,
+    the padding of the last block, never are)."""
+    kind = np.asarray(patterns.kind)[:, None, None]
+    offset = np.asarray(patterns.offset)[:, None, None]
+    row = jax.lax.broadcasted_iota(jnp.int32, (1, rows, 1), 1)
+    col = cols[None, None, :]
+    target = ((kind == _DIAGONAL) & (col - row == offset)) | ((kind == _FIRST) & (col == 0))
+    target = target[None]
+    if head_tokens is not None:  # [B, H, n_padded] → the tile's columns
+        on_token = jnp.take(head_tokens, cols, axis=2)[:, :, None, :] > 0
+        target = target | ((kind == _TOKEN)[None] & on_token)
+    return target & (col < n)[None]
+
+
+def dropout_keep_mask(
+    key: jax.Array, shape: tuple[int, int, int, int], rate: float, block: int
+) -> jax.Array:
+    """The ``[B, H, n, n_keys]`` keep mask the kernel draws, block by block (for tests)."""
+    batch, heads, n, n_keys = shape
+    blocks = -(-n_keys // block)
+    tiles = [
+        jax.random.bernoulli(jax.random.fold_in(key, j), 1.0 - rate, (batch, heads, n, block))
+        for j in range(blocks)
+    ]
+    return jnp.concatenate(tiles, axis=-1)[..., :n_keys]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    patterns: HeadPatterns | None  # None: no head of this layer is guided
+    dropout_rate: float
+    after_dropout: bool
+    block: int
+    n: int  # true sequence length (keys are padded to a multiple of block)
+
+
+def _blocks(x: jax.Array, block: int) -> jax.Array:
+    """``[B, n_padded, ...]`` → ``[n_blocks, B, block, ...]`` for scanning."""
+    b, n = x.shape[:2]
+    return jnp.moveaxis(x.reshape(b, n // block, block, *x.shape[2:]), 1, 0)
+
+
+def _keep_scale(static: _Static, key: jax.Array | None, j: jax.Array, shape) -> jax.Array | None:
+    """``mask / (1 - rate)`` of key block ``j``, or None without dropout."""
+    if key is None or static.dropout_rate == 0.0:
+        return None
+    keep = jax.random.bernoulli(jax.random.fold_in(key, j), 1.0 - static.dropout_rate, shape)
+    return keep.astype(jnp.float32) / (1.0 - static.dropout_rate)
+
+
+def _scores(q: jax.Array, k_block: jax.Array, bias_block: jax.Array) -> jax.Array:
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k_block, preferred_element_type=jnp.float32)
+    return s * q.shape[-1] ** -0.5 + bias_block[:, None, None, :]
+
+
+def _forward(static: _Static, q, k, v, bias, head_tokens, key):
+    batch, n, heads, _ = q.shape
+    block = static.block
+    guided = static.patterns is not None
+    rows = (batch, heads, n)
+    init = dict(
+        m=jnp.full(rows, -jnp.inf, jnp.float32),
+        l=jnp.zeros(rows, jnp.float32),
+        acc=jnp.zeros((batch, heads, n, v.shape[-1]), jnp.float32),
+    )
+    if guided:
+        init.update(off=init["l"], on1=init["l"], on2=init["l"], count=init["l"])
+
+    def body(carry, xs):
+        j, k_j, v_j, bias_j = xs
+        s = _scores(q, k_j, bias_j)
+        m = jnp.maximum(carry["m"], jnp.max(s, axis=-1))
+        alpha = jnp.exp(carry["m"] - m)
+        e = jnp.exp(s - m[..., None])
+        scale = _keep_scale(static, key, j, s.shape)
+        dropped = e if scale is None else e * scale
+        out = dict(
+            m=m,
+            l=carry["l"] * alpha + jnp.sum(e, axis=-1),
+            acc=carry["acc"] * alpha[..., None]
+            + jnp.einsum(
+                "bhqk,bkhd->bhqd", dropped.astype(v.dtype), v_j, preferred_element_type=jnp.float32
+            ),
+        )
+        if guided:
+            a = dropped if static.after_dropout else e
+            cols = j * block + jnp.arange(block)
+            target = _target_tile(static.patterns, head_tokens, n, cols, static.n)
+            squares = jnp.square(a)
+            out.update(
+                off=carry["off"] * alpha**2 + jnp.sum(jnp.where(target, 0.0, squares), axis=-1),
+                on1=carry["on1"] * alpha + jnp.sum(jnp.where(target, a, 0.0), axis=-1),
+                on2=carry["on2"] * alpha**2 + jnp.sum(jnp.where(target, squares, 0.0), axis=-1),
+                count=carry["count"] + jnp.sum(target, axis=-1),
+            )
+        return out, None
+
+    xs = (
+        jnp.arange(k.shape[1] // block),
+        _blocks(k, block),
+        _blocks(v, block),
+        jnp.moveaxis(bias.reshape(batch, -1, block), 1, 0),
+    )
+    carry, _ = jax.lax.scan(body, init, xs)
+    total = carry["l"]
+    out = (carry["acc"] / total[..., None]).astype(q.dtype)  # [B, H, n, d]
+    lse = carry["m"] + jnp.log(total)
+    if not guided:
+        return out, None, (lse, None)
+    on_sum, on_squares = carry["on1"] / total, carry["on2"] / total**2
+    off, count = carry["off"] / total**2, carry["count"]
+    # With at most one target in a row (every positional pattern), Q = S² exactly: leave the
+    # rounding of Q - S² out, it would swamp the loss of a head that follows its pattern.
+    single = count <= 1.0
+    row_loss = (
+        off
+        + jnp.square(on_sum - 1.0)
+        + (count - 1.0)
+        + jnp.where(single, 0.0, on_squares - jnp.square(on_sum))
+    )
+    # Σ_j a_j (a_j - P_j), the guidance part of the backward's row term.
+    row_pull = off + jnp.where(single, on_sum * (on_sum - 1.0), on_squares - on_sum)
+    return out, jnp.sum(row_loss, axis=(0, 2)), (lse, row_pull)
+
+
+def _backward(static: _Static, res, cotangents):
+    q, k, v, bias, head_tokens, key, out, lse, row_pull = res
+    d_out, d_head_sums = cotangents
+    batch, n = q.shape[:2]
+    block = static.block
+    guided = static.patterns is not None
+    d_out = d_out.astype(jnp.float32)
+    row_term = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)  # [B, H, n]
+    if guided:
+        c = d_head_sums.astype(jnp.float32)[None, :, None]
+        row_term = row_term + 2.0 * c * row_pull
+    scale_qk = q.shape[-1] ** -0.5
+
+    def body(dq, xs):
+        j, k_j, v_j, bias_j = xs
+        probs = jnp.exp(_scores(q, k_j, bias_j) - lse[..., None])
+        scale = _keep_scale(static, key, j, probs.shape)
+        dropped = probs if scale is None else probs * scale
+        dv_j = jnp.einsum(
+            "bhqk,bhqd->bkhd",
+            dropped.astype(v.dtype),
+            d_out.astype(v.dtype),
+            preferred_element_type=jnp.float32,
+        )
+        d_dropped = jnp.einsum(
+            "bhqd,bkhd->bhqk", d_out.astype(v.dtype), v_j, preferred_element_type=jnp.float32
+        )
+        d_probs = d_dropped if scale is None else d_dropped * scale
+        if guided:
+            cols = j * block + jnp.arange(block)
+            target = _target_tile(static.patterns, head_tokens, n, cols, static.n)
+            a = dropped if static.after_dropout else probs
+            pull = 2.0 * c[..., None] * (a - target)
+            d_probs = d_probs + (
+                pull if scale is None or not static.after_dropout else pull * scale
+            )
+        d_scores = (probs * (d_probs - row_term[..., None]) * scale_qk).astype(q.dtype)
+        dq = dq + jnp.einsum("bhqk,bkhd->bqhd", d_scores, k_j, preferred_element_type=jnp.float32)
+        dk_j = jnp.einsum("bhqk,bqhd->bkhd", d_scores, q, preferred_element_type=jnp.float32)
+        return dq, (dk_j, dv_j)
+
+    xs = (
+        jnp.arange(k.shape[1] // block),
+        _blocks(k, block),
+        _blocks(v, block),
+        jnp.moveaxis(bias.reshape(batch, -1, block), 1, 0),
+    )
+    dq, (dk, dv) = jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32), xs)
+
+    def unblock(x):  # [n_blocks, B, block, H, d] → [B, n_padded, H, d]
+        return jnp.moveaxis(x, 0, 1).reshape(batch, -1, *x.shape[3:])
+
+    return (
+        dq.astype(q.dtype),
+        unblock(dk).astype(k.dtype),
+        unblock(dv).astype(v.dtype),
+        None,
+        None,
+        None,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(static: _Static, q, k, v, bias, head_tokens, key):
+    out, head_sums, _ = _forward(static, q, k, v, bias, head_tokens, key)
+    return out, head_sums
+
+
+def _flash_fwd(static: _Static, q, k, v, bias, head_tokens, key):
+    out, head_sums, (lse, row_pull) = _forward(static, q, k, v, bias, head_tokens, key)
+    res = (q, k, v, bias, head_tokens, key, out, lse, row_pull)
+    return (out, head_sums), res
+
+
+_flash.defvjp(_flash_fwd, _backward)
+
+
+def flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_mask: jax.Array,
+    *,
+    patterns: HeadPatterns | None = None,
+    token_masks: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+    dropout_key: jax.Array | None = None,
+    after_dropout: bool = True,
+    block: int = 512,
+) -> tuple[jax.Array, jax.Array | None]:
+    """``q, k, v``: ``[B, n, H, d]``; ``key_mask``: ``[B, n]`` keys to attend to.
+
+    Returns the attended values ``[B, n, H, d]`` and, when ``patterns`` is given, each head's sum
+    over batch and queries of ``Σ_keys (a - P)²`` (``[H]``, zero for unguided heads), whose
+    gradient flows back into ``q`` and ``k``. ``token_masks`` ``[T, B, n]`` says where each
+    token-set group's token is. Without ``dropout_key`` no dropout is applied.
+    """
+    n = q.shape[1]
+    block = min(block, n)
+    padded = -(-n // block) * block
+    bias = jnp.where(key_mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    if padded != n:
+        pad = ((0, 0), (0, padded - n), (0, 0), (0, 0))
+        k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+        bias = jnp.pad(bias, ((0, 0), (0, padded - n)), constant_values=jnp.finfo(jnp.float32).min)
+    head_tokens = None
+    if patterns is not None and _TOKEN in patterns.kind:
+        if token_masks is None:
+            raise ValueError("guided token-set heads need token_masks")
+        head_tokens = jnp.take(
+            token_masks.astype(jnp.float32), np.asarray(patterns.token_group), axis=0
+        )  # [H, B, n]
+        head_tokens = jnp.swapaxes(head_tokens, 0, 1)
+        head_tokens = jnp.pad(head_tokens, ((0, 0), (0, 0), (0, padded - n)))
+    key = dropout_key if dropout_rate > 0.0 else None
+    static = _Static(patterns, float(dropout_rate), after_dropout, block, n)
+    out, head_sums = _flash(static, q, k, v, bias, head_tokens, key)
+    return jnp.swapaxes(out, 1, 2), head_sums  # [B, n, H, d]

@@ -1,0 +1,165 @@
+"""Tests for guided_jax.flash_attention: the blockwise kernel against the dense reference (values,
+guidance losses and gradients for every pattern type, padding, dropout, ragged blocks) and its
+memory, which must grow linearly in the sequence length where dense grows quadratically."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from guided_jax.attention import attention_bias, attention_probs
+from guided_jax.flash_attention import HeadPatterns, dropout_keep_mask, flash_attention
+from guided_jax.guidance import HeadSpec, group_losses, losses_from_head_sums, token_masks
+
+BATCH, HEADS, HEAD_DIM = 2, 8, 8
+# Every pattern type, two heads of one group, and two unguided heads at the end.
+SPEC = HeadSpec.parse("self:1,next:1,prev:1,first:2,token[7]:1")
+TOKEN_ID = 7
+
+
+def _inputs(n: int, padded: bool, seed: int = 0):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q, k, v = (jax.random.normal(key, (BATCH, n, HEADS, HEAD_DIM)) for key in keys[:3])
+    ids = jax.random.randint(keys[3], (BATCH, n), 0, 12)
+    lengths = jnp.array([n, n - 5 if padded else n])
+    key_mask = jnp.arange(n)[None, :] < lengths[:, None]
+    return q, k, v, key_mask, token_masks(ids, [TOKEN_ID])
+
+
+def _dense(q, k, v, key_mask, masks, *, keep, rate, after_dropout):
+    probs = attention_probs(q, k, attention_bias(key_mask))
+    dropped = probs if keep is None else probs * keep / (1.0 - rate)
+    out = jnp.einsum("bhqk,bkhd->bqhd", dropped, v)
+    return out, group_losses(dropped if after_dropout else probs, SPEC, masks)
+
+
+def _flash(q, k, v, key_mask, masks, *, key, rate, after_dropout, block):
+    out, head_sums = flash_attention(
+        q,
+        k,
+        v,
+        key_mask,
+        patterns=HeadPatterns.from_spec(SPEC, HEADS),
+        token_masks=masks,
+        dropout_rate=rate,
+        dropout_key=key,
+        after_dropout=after_dropout,
+        block=block,
+    )
+    return out, losses_from_head_sums(head_sums, SPEC, q.shape[0], q.shape[1])
+
+
+def _objective(attention):
+    """Weighs the output and every group's loss differently, so each gradient path counts."""
+
+    def objective(q, k, v):
+        out, losses = attention(q, k, v)
+        return jnp.sum(out * jnp.cos(out)) + 50.0 * jnp.sum(losses * jnp.arange(1, 6))
+
+    return objective
+
+
+@pytest.mark.parametrize(
+    "n, block, padded, rate, after_dropout",
+    [
+        (32, 32, False, 0.0, True),  # one block
+        (40, 16, True, 0.0, True),  # ragged last block, padded keys
+        (48, 16, True, 0.25, True),  # dropout, the loss sees the dropped maps (reference)
+        (37, 8, False, 0.25, False),  # dropout, the loss sees the clean softmax
+    ],
+)
+def test_flash_matches_dense_values_losses_and_gradients(n, block, padded, rate, after_dropout):
+    q, k, v, key_mask, masks = _inputs(n, padded)
+    key = jax.random.key(3) if rate else None
+    keep = None if key is None else dropout_keep_mask(key, (BATCH, HEADS, n, n), rate, block)
+
+    def dense(q, k, v):
+        return _dense(q, k, v, key_mask, masks, keep=keep, rate=rate, after_dropout=after_dropout)
+
+    def flash(q, k, v):
+        return _flash(
+            q, k, v, key_mask, masks, key=key, rate=rate, after_dropout=after_dropout, block=block
+        )
+
+    want_out, want_losses = jax.jit(dense)(q, k, v)
+    got_out, got_losses = jax.jit(flash)(q, k, v)
+    np.testing.assert_allclose(got_out, want_out, atol=1e-5)
+    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5, atol=1e-7)
+    assert np.all(np.asarray(want_losses) > 0)
+    want_grads = jax.jit(jax.grad(_objective(dense), argnums=(0, 1, 2)))(q, k, v)
+    got_grads = jax.jit(jax.grad(_objective(flash), argnums=(0, 1, 2)))(q, k, v)
+    for name, got, want in zip("qkv", got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"d{name}")
+
+
+def test_unguided_flash_matches_dense_and_returns_no_losses() -> None:
+    q, k, v, key_mask, _ = _inputs(24, padded=True)
+
+    def dense(q, k, v):
+        probs = attention_probs(q, k, attention_bias(key_mask))
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+    def flash(q, k, v):
+        out, losses = flash_attention(q, k, v, key_mask, block=8)
+        assert losses is None
+        return out
+
+    np.testing.assert_allclose(jax.jit(flash)(q, k, v), jax.jit(dense)(q, k, v), atol=1e-5)
+    want = jax.grad(lambda *a: jnp.sum(jnp.sin(dense(*a))), argnums=(0, 1, 2))(q, k, v)
+    got = jax.grad(lambda *a: jnp.sum(jnp.sin(flash(*a))), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+def test_heads_that_follow_their_pattern_keep_small_losses_exact() -> None:
+    """Near-perfect heads: the loss is ~1e-9, where ``Σa² - 2Σa·P + ΣP`` would be all rounding."""
+    n = 32
+    _, _, v, key_mask, masks = _inputs(n, padded=False)
+    # Keys one-hot by position and queries equal to them: every row attends to itself.
+    k = jnp.broadcast_to(jnp.eye(n)[None, :, None, :], (BATCH, n, HEADS, n))
+    q = 60.0 * k
+    want = _dense(q, k, v, key_mask, masks, keep=None, rate=0.0, after_dropout=True)[1]
+    got = _flash(q, k, v, key_mask, masks, key=None, rate=0.0, after_dropout=True, block=8)[1]
+    assert float(want[0]) < 1e-6  # the self head is nearly perfect
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-10)
+
+
+def test_token_heads_need_token_masks() -> None:
+    q, k, v, key_mask, _ = _inputs(8, padded=False)
+    with pytest.raises(ValueError, match="token_masks"):
+        flash_attention(q, k, v, key_mask, patterns=HeadPatterns.from_spec(SPEC, HEADS))
+
+
+def _temp_bytes(kind: str, n: int) -> int:
+    """Compiled temporary memory of one guided layer's attention, forward and backward."""
+    shape = jax.ShapeDtypeStruct((1, n, 2, 16), jnp.float32)
+    mask = jax.ShapeDtypeStruct((1, n), jnp.bool_)
+    spec = HeadSpec.parse("next:1,first:1")
+
+    def loss(q, k, v, key_mask):
+        if kind == "dense":
+            probs = attention_probs(q, k, attention_bias(key_mask))
+            out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+            guidance = jnp.sum(group_losses(probs, spec))
+        else:
+            patterns = HeadPatterns.from_spec(spec, 2)
+            out, sums = flash_attention(q, k, v, key_mask, patterns=patterns, block=256)
+            guidance = jnp.sum(sums)
+        return jnp.sum(out) + guidance
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    analysis = grad.lower(shape, shape, shape, mask).compile().memory_analysis()
+    if analysis is None:
+        pytest.skip("this backend gives no memory analysis")
+    return analysis.temp_size_in_bytes
+
+
+def test_guided_flash_memory_grows_linearly_and_dense_quadratically() -> None:
+    flash = {n: _temp_bytes("flash", n) for n in (512, 2048, 8192)}
+    dense = {n: _temp_bytes("dense", n) for n in (512, 2048, 8192)}
+    # 4x the length: about 4x the memory for flash, about 16x for dense.
+    assert flash[2048] / flash[512] < 6 and flash[8192] / flash[2048] < 6, flash
+    assert dense[2048] / dense[512] > 10 and dense[8192] / dense[2048] > 10, dense
+    assert flash[8192] * 20 < dense[8192]
