@@ -8,16 +8,36 @@ land on whatever shardings the caller asks for, so a run saved on 8 devices resu
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orbax.checkpoint as ocp
 
 
-def checkpoint_manager(workdir: str | os.PathLike, keep: int) -> ocp.CheckpointManager:
-    """Async manager that keeps the newest ``keep`` checkpoints."""
+def keep_steps(text: str) -> tuple[int, ...]:
+    """The steps of ``train.keep_steps`` (comma-separated positive integers)."""
+    try:
+        steps = tuple(sorted({int(s) for s in text.split(",") if s.strip()}))
+    except ValueError:
+        raise ValueError(
+            f"train.keep_steps must be comma-separated step numbers, got {text!r}"
+        ) from None
+    if any(s <= 0 for s in steps):
+        raise ValueError(f"train.keep_steps must hold positive steps, got {text!r}")
+    return steps
+
+
+def checkpoint_manager(
+    workdir: str | os.PathLike, keep: int, keep_steps: Sequence[int] = ()
+) -> ocp.CheckpointManager:
+    """Async manager that keeps the newest ``keep`` checkpoints and those at ``keep_steps``."""
+    policy = ocp.checkpoint_managers.LatestN(keep)
+    if keep_steps:
+        policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+            [policy, ocp.checkpoint_managers.CustomSteps(list(keep_steps))]
+        )
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+        preservation_policy=policy,
         enable_async_checkpointing=True,
         cleanup_tmp_directories=True,
     )

@@ -224,7 +224,13 @@ def _check_resolved_config(config: ml_collections.ConfigDict) -> None:
 LAYOUT_KEYS = ("mesh.", "model.remat")
 # Keys added after runs were first written, with the value those runs had implicitly: a saved
 # config without them resumes when they hold it.
-ADDED_KEYS = {"model.model_type": "roberta", "model.from_dir": "", "data.tokenizer_kind": "bpe"}
+ADDED_KEYS = {
+    "model.model_type": "roberta",
+    "model.from_dir": "",
+    "data.tokenizer_kind": "bpe",
+    "train.init_from": "",
+    "train.keep_steps": "",
+}
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:

@@ -62,6 +62,7 @@ IGNORED_KEYS = frozenset({
     "pooler_type", "problem_type", "repetition_penalty", "return_dict", "sep_token_id",
     "temperature", "top_k", "top_p", "torch_dtype", "torchscript", "transformers_version",
     "use_bfloat16", "use_cache",
+    "dtype",  # what transformers >= 4.56 writes instead of torch_dtype
 })  # fmt: skip
 # model_type -> (our model_type, attention-only?, architectures allowed with it).
 MODEL_TYPES: dict[str, tuple[str, bool, tuple[str, ...]]] = {

@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from guided_jax import checkpointing, data, sharding
+from guided_jax import checkpointing, data, hf_interop, sharding
 from guided_jax.experiment import ConfigError, Experiment, check_config, prepare
 from guided_jax.guidance import Guide, guidance_weight, token_masks
 from guided_jax.masking import mask_tokens, mlm_loss
@@ -330,6 +330,8 @@ def train_and_evaluate(
     mesh = sharding.make_mesh(config.mesh, devices)  # before anything is written
     check_config(config)
     _check_mesh_fits(config, mesh)
+    hf_interop.check_init_from(config)
+    checkpointing.keep_steps(config.train.keep_steps)
     exp = _prepare(config, workdir)
     with _one_run_per_workdir(workdir), jax.set_mesh(mesh):
         return _train_loop(exp, mesh, workdir)
@@ -407,7 +409,8 @@ def build_train_program(exp: Experiment, mesh: jax.sharding.Mesh) -> TrainProgra
 def _train_loop(exp: Experiment, mesh: jax.sharding.Mesh, workdir: str | os.PathLike):
     cfg = exp.config
     is_chief = jax.process_index() == 0
-    manager = checkpointing.checkpoint_manager(workdir, cfg.train.keep_checkpoints)
+    kept = checkpointing.keep_steps(cfg.train.keep_steps)
+    manager = checkpointing.checkpoint_manager(workdir, cfg.train.keep_checkpoints, kept)
     if (manager.latest_step() or 0) >= cfg.train.steps:  # finished: nothing to compile
         manager.close()
         return {}
@@ -415,6 +418,11 @@ def _train_loop(exp: Experiment, mesh: jax.sharding.Mesh, workdir: str | os.Path
     restored = checkpointing.restore_latest(manager, program.abstract_state)
     if restored is None:
         state = program.init_state()
+        if cfg.train.init_from:  # imported weights instead of the seeded ones
+            params = hf_interop.load_init_params(cfg.train.init_from, exp.model)
+            state = state.replace(
+                params=hf_interop.place_params(params, state.params, program.state_shardings.params)
+            )
     else:
         step, state, position = restored
         _check_data_position(position, _data_position(exp, step))
@@ -497,6 +505,7 @@ def _train_loop(exp: Experiment, mesh: jax.sharding.Mesh, workdir: str | os.Path
                 done == total
                 or stopping
                 or (cfg.train.checkpoint_every > 0 and done % cfg.train.checkpoint_every == 0)
+                or done in kept
             )
             extra = {}
             if eval_due:

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from guided_jax import hf_interop
 from guided_jax.guidance import HeadSpec, guidance_loss
 from guided_jax.model import EncoderForMLM, ModelConfig
+from guided_jax.pretrained import model_params
 from guided_jax.tokenizer import train_tokenizer
 
 torch = pytest.importorskip("torch", reason="torch is not installed (optional parity check)")
@@ -22,91 +24,22 @@ transformers = pytest.importorskip(
 )
 
 
-def _t(x, transpose=False):
-    array = np.array(x[...], dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(array.T if transpose else array))
-
-
-def _copy_weights(model: EncoderForMLM, embeddings, layers, head_dense, head_norm, head) -> None:
-    """Our parameters into a HF encoder's modules (the same for RoBERTa and BERT)."""
-    d = model.config.hidden_size
-
-    def dense(target, kernel, bias):
-        target.weight.data = _t(np.asarray(kernel[...]).reshape(-1, bias[...].size), True)
-        target.bias.data = _t(np.asarray(bias[...]).reshape(-1))
-
-    def norm(target, ln):
-        target.weight.data, target.bias.data = _t(ln.scale), _t(ln.bias)
-
-    embeddings.word_embeddings.weight.data = _t(model.embeddings.word.embedding)
-    embeddings.position_embeddings.weight.data = _t(model.embeddings.position.embedding)
-    embeddings.token_type_embeddings.weight.data = _t(model.embeddings.token_type.embedding)
-    norm(embeddings.LayerNorm, model.embeddings.norm)
-    for ours, theirs in zip(model.layers, layers, strict=True):
-        qkv_kernel = np.asarray(ours.attention.qkv.kernel[...])  # [3, d, H, hd]
-        qkv_bias = np.asarray(ours.attention.qkv.bias[...])  # [3, H, hd]
-        attn = theirs.attention.self
-        for i, target in enumerate((attn.query, attn.key, attn.value)):
-            target.weight.data = _t(qkv_kernel[i].reshape(d, d), True)
-            target.bias.data = _t(qkv_bias[i].reshape(d))
-        dense(theirs.attention.output.dense, ours.attention.out.kernel, ours.attention.out.bias)
-        norm(theirs.attention.output.LayerNorm, ours.attention_norm)
-        dense(theirs.intermediate.dense, ours.ffn.up.kernel, ours.ffn.up.bias)
-        dense(theirs.output.dense, ours.ffn.down.kernel, ours.ffn.down.bias)
-        norm(theirs.output.LayerNorm, ours.ffn_norm)
-    dense(head_dense, model.head.dense.kernel, model.head.dense.bias)
-    norm(head_norm, model.head.norm)
-    head.bias.data = _t(model.head.bias)
-
-
-def _hf_config_values(config: ModelConfig) -> dict:
-    return dict(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        intermediate_size=config.intermediate_size,
-        max_position_embeddings=config.max_position_embeddings,
-        type_vocab_size=config.type_vocab_size,
-        layer_norm_eps=config.layer_norm_eps,
-        hidden_act="gelu",
-        pad_token_id=config.pad_token_id,
-        attn_implementation="eager",
-    )
-
-
 def _hf_copy(model: EncoderForMLM, config: ModelConfig):
-    hf_config = transformers.RobertaConfig(
-        **_hf_config_values(config), bos_token_id=0, eos_token_id=2
+    """transformers' RobertaForMaskedLM or BertForMaskedLM holding our weights, through the
+    mapping that export uses; only the tied decoder weight is not loaded (it is tied)."""
+    bert = config.model_type == "bert"
+    hf_class = transformers.BertForMaskedLM if bert else transformers.RobertaForMaskedLM
+    config_class = transformers.BertConfig if bert else transformers.RobertaConfig
+    hf = hf_class(config_class(**hf_interop.hf_config(config), attn_implementation="eager"))
+    tensors = hf_interop.to_hf_tensors(model_params(model), config)
+    missing, unexpected = hf.load_state_dict(
+        {k: torch.from_numpy(v) for k, v in tensors.items()}, strict=False
     )
-    hf = transformers.RobertaForMaskedLM(hf_config).eval()
-    lm_head = hf.lm_head
-    _copy_weights(
-        model,
-        hf.roberta.embeddings,
-        hf.roberta.encoder.layer,
-        lm_head.dense,
-        lm_head.layer_norm,
-        lm_head,
-    )
+    assert unexpected == []
+    tied = ("lm_head.decoder", "cls.predictions.decoder")
+    assert {name.rpartition(".")[0] for name in missing} <= set(tied)
     hf.tie_weights()
-    return hf
-
-
-def _hf_bert_copy(model: EncoderForMLM, config: ModelConfig):
-    hf = transformers.BertForMaskedLM(transformers.BertConfig(**_hf_config_values(config))).eval()
-    predictions = hf.cls.predictions
-    transform = predictions.transform
-    _copy_weights(
-        model,
-        hf.bert.embeddings,
-        hf.bert.encoder.layer,
-        transform.dense,
-        transform.LayerNorm,
-        predictions,
-    )
-    hf.tie_weights()
-    return hf
+    return hf.eval()
 
 
 def _perturbed(config: ModelConfig, seed: int) -> EncoderForMLM:
@@ -176,7 +109,7 @@ def test_logits_attention_and_guidance_match_huggingface_bert():
         pad_token_id=0,
     )
     model = _perturbed(config, seed=4)
-    hf = _hf_bert_copy(model, config)
+    hf = _hf_copy(model, config)
     ours_count = sum(
         int(np.prod(v.shape)) for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)
     )
