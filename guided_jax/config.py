@@ -103,6 +103,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.checkpoint_every = 1000  # 0 = only at the end
     config.train.keep_checkpoints = 2
     config.train.grad_accum_steps = 1  # micro-batches per optimizer step (same global batch)
+    # A HuggingFace-format directory (config.json + model.safetensors, e.g. exported with
+    # python -m guided_jax.hf_interop) whose weights start the run instead of the seeded init.
+    config.train.init_from = ""
+    # Comma-separated steps whose checkpoints are saved and kept besides the newest ones
+    # (guided_jax.reproduce keeps those it plots attention maps of).
+    config.train.keep_steps = ""
 
     # Devices: data x fsdp x tensor (-1 = all remaining devices). Changing the mesh between
     # runs of one workdir is allowed: checkpoints restore onto any mesh.
