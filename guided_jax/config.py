@@ -85,6 +85,14 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.tokenizer_kind = "bpe"
     config.data.tokenizer_vocab_size = 52000
     config.data.mlm_probability = 0.15
+    # Sources (train_files/eval_files): paths or globs (local or gs://), tfds:NAME[/CONFIG]:SPLIT
+    # or cache:DIR; see guided_jax/sources.py.
+    config.data.documents = "line"  # text files: one document per "line" or per "paragraph"
+    config.data.text_field = "text"  # the text feature of a TFDS source
+    config.data.tfds_data_dir = ""  # where TFDS sources are prepared; "" = TFDS's default
+    config.data.cache_dir = ""  # tokenized blocks, reused by reruns; "" = WORKDIR/token_cache
+    config.data.tokenizer_max_documents = 1_000_000  # sample to train a tokenizer on; 0 = all
+    config.data.prefetch = 2  # batches read ahead on background threads
 
     config.train = ml_collections.ConfigDict()
     config.train.steps = 10000

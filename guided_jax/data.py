@@ -1,11 +1,11 @@
-"""Corpus loading, packing into fixed-length blocks, and step-addressable batching.
+"""Text files, the embedded default corpus, packing into fixed-length blocks, eval batches.
 
-The pipeline mirrors the reference implementation (HuggingFace's old ``TextDataset``): all
+Packing mirrors the reference implementation (HuggingFace's old ``TextDataset``): all
 documents are tokenized, concatenated into one token stream and cut into blocks of
 ``block_size`` tokens that start with ``<s>`` and end with ``</s>`` (``[CLS]`` and ``[SEP]`` with a
-WordPiece tokenizer), so no block is ever padded.
-Batches are a pure function of the training step, which makes resuming from a checkpoint exact
-without saving any iterator state.
+WordPiece tokenizer), so no block is ever padded. Large corpora are packed the same way, streamed
+into the token cache (:mod:`guided_jax.token_cache`); training batches come from
+:mod:`guided_jax.pipeline`.
 """
 
 from __future__ import annotations
@@ -23,17 +23,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from etils import epath
 
 if TYPE_CHECKING:
     from guided_jax.tokenizer import Tokenizer
 
 __all__ = [
-    "BatchSampler",
     "CorpusError",
     "default_corpus",
     "eval_batches",
     "load_corpus",
     "pack_blocks",
+    "read_text_file",
     "read_text_files",
     "split_blocks",
     "tokenize_and_pack",
@@ -49,9 +50,11 @@ class CorpusError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
-def read_text_files(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
-    """Return the non-blank lines of UTF-8 text files, in order; each line is one document.
+def read_text_files(paths: Sequence[str | os.PathLike[str]], documents: str = "line") -> list[str]:
+    """Return the documents of UTF-8 text files (local or ``gs://``), in order.
 
+    ``documents="line"``: each non-blank line is one document; ``"paragraph"``: runs of lines
+    separated by blank lines are (joined with newlines into) one document.
     Every problem is reported as a :class:`CorpusError` naming the file, so a typo in a config
     fails at start-up instead of silently training on garbage.
     """
@@ -60,23 +63,35 @@ def read_text_files(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
         paths = [paths]
     if len(paths) == 0:
         raise CorpusError("no corpus files given; expected at least one UTF-8 text file")
-    documents: list[str] = []
+    found: list[str] = []
     for path in paths:
-        documents.extend(_read_one_file(Path(path)))
-    return documents
+        found.extend(read_text_file(path, documents))
+    return found
 
 
-def _read_one_file(path: Path) -> list[str]:
-    """Read, validate and split one corpus file into its non-blank lines."""
-    expected = "expected a UTF-8 text file with one document per line"
-    if not path.exists():
-        raise CorpusError(f"corpus file {str(path)!r} does not exist; {expected}")
-    if path.is_dir():
-        raise CorpusError(f"corpus file {str(path)!r} is a directory; {expected}")
+DOCUMENT_MODES = ("line", "paragraph")
+
+
+def read_text_file(path: str | os.PathLike[str], documents: str = "line") -> list[str]:
+    """Read, validate and split one corpus file (a local path or a ``gs://`` URL) into its
+    documents (see :func:`read_text_files`)."""
+    if documents not in DOCUMENT_MODES:
+        raise ValueError(f"documents must be one of {list(DOCUMENT_MODES)}, got {documents!r}")
+    expected = (
+        "expected a UTF-8 text file with one document per line"
+        if documents == "line"
+        else "expected a UTF-8 text file with documents separated by blank lines"
+    )
+    path = epath.Path(path)
     try:
+        if not path.exists():
+            raise CorpusError(f"corpus file {str(path)!r} does not exist; {expected}")
+        if path.is_dir():
+            raise CorpusError(f"corpus file {str(path)!r} is a directory; {expected}")
         raw = path.read_bytes()
-    except OSError as err:
-        raise CorpusError(f"cannot read corpus file {str(path)!r}: {err.strerror or err}") from err
+    except (OSError, ImportError) as err:
+        reason = getattr(err, "strerror", None) or err
+        raise CorpusError(f"cannot read corpus file {str(path)!r}: {reason}") from err
     nul = raw.find(b"\x00")
     if nul >= 0:
         raise CorpusError(
@@ -93,10 +108,14 @@ def _read_one_file(path: Path) -> list[str]:
     text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not part of the text
     # Split on "\n" only: str.splitlines() would also break on form feeds and U+2028 etc.
     lines = [line.removesuffix("\r") for line in text.split("\n")]
-    lines = [line for line in lines if line.strip()]
-    if not lines:
+    if documents == "line":
+        found = [line for line in lines if line.strip()]
+    else:
+        paragraphs = itertools.groupby(lines, key=lambda line: bool(line.strip()))
+        found = ["\n".join(group) for nonblank, group in paragraphs if nonblank]
+    if not found:
         raise CorpusError(f"corpus file {str(path)!r} is empty or only whitespace; {expected}")
-    return lines
+    return found
 
 
 def load_corpus(files: Sequence[str | os.PathLike[str]]) -> list[str]:
@@ -300,75 +319,6 @@ def split_blocks(blocks: np.ndarray, eval_fraction: float) -> tuple[np.ndarray, 
 # ---------------------------------------------------------------------------------------------
 # Batching
 # ---------------------------------------------------------------------------------------------
-
-
-class BatchSampler:
-    """Training batches as a pure function of the step number.
-
-    Each epoch is an independent permutation of the blocks drawn from
-    ``np.random.default_rng((seed, epoch))``; the epochs are concatenated into one stream and
-    step ``s`` takes items ``[s * B, (s + 1) * B)`` of it (a batch may straddle two epochs).
-    Resuming at any step therefore reproduces exactly the batches an uninterrupted run sees.
-    """
-
-    def __init__(self, blocks: np.ndarray, batch_size: int, seed: int) -> None:
-        self._blocks = _as_blocks(blocks)
-        self._batch_size = _positive_int(batch_size, "batch_size")
-        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        self._seed = int(seed)
-        n, length = self._blocks.shape
-        if n < self._batch_size:
-            raise CorpusError(
-                f"corpus has {n} blocks of {length} tokens, fewer than one batch of "
-                f"{self._batch_size}; use more text, a smaller data.block_size or "
-                "train.batch_size"
-            )
-        # Permutations are pure functions of the epoch; caching two of them makes consecutive
-        # steps cheap, including batches that straddle an epoch boundary.
-        self._permutations: dict[int, np.ndarray] = {}
-
-    @property
-    def num_blocks(self) -> int:
-        """Number of blocks in one epoch."""
-        return len(self._blocks)
-
-    @property
-    def batch_size(self) -> int:
-        """Blocks per batch."""
-        return self._batch_size
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """Whole batches per epoch (``num_blocks // batch_size``); batches may straddle epochs."""
-        return self.num_blocks // self._batch_size
-
-    def epoch_permutation(self, epoch: int) -> np.ndarray:
-        """Return the order in which epoch ``epoch`` visits the blocks."""
-        perm = self._permutations.get(epoch)
-        if perm is None:
-            rng = np.random.default_rng((self._seed, epoch))
-            perm = rng.permutation(self.num_blocks)
-            if len(self._permutations) >= 2:
-                self._permutations.pop(min(self._permutations))
-            self._permutations[epoch] = perm
-        return perm
-
-    def batch(self, step: int, rows: slice | None = None) -> np.ndarray:
-        """Return the ``[batch_size, block_size]`` int32 batch for training step ``step``, or
-        only its ``rows`` (the part one host feeds to its devices)."""
-        if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
-            raise ValueError(f"step must be a non-negative integer, got {step!r}")
-        n, b = self.num_blocks, self._batch_size
-        start = int(step) * b
-        stop = start + b
-        indices = []
-        for epoch in range(start // n, (stop - 1) // n + 1):
-            offset = epoch * n
-            lo, hi = max(start, offset) - offset, min(stop, offset + n) - offset
-            indices.append(self.epoch_permutation(epoch)[lo:hi])
-        order = np.concatenate(indices)
-        return self._blocks[order if rows is None else order[rows]]
 
 
 def eval_batches(

@@ -9,7 +9,6 @@ config's run, loads or trains the tokenizer, reads and packs the corpus, and onl
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from guided_jax import data, sharding
+from guided_jax import data, pipeline, sharding, sources, token_cache
 from guided_jax.guidance import HeadSpec
 from guided_jax.model import ModelConfig
 from guided_jax.model_dir import DEFAULT_PAD_IDS, ModelDir, read_model_dir
@@ -47,8 +46,7 @@ class Experiment:
     spec: HeadSpec | None
     token_ids: tuple[int, ...]
     tokenizer: Tokenizer
-    train_blocks: np.ndarray
-    sampler: data.BatchSampler
+    train_blocks: np.ndarray  # [N, block_size] int32; a read-only memmap of the token cache
     eval_blocks: np.ndarray
 
 
@@ -56,18 +54,13 @@ def _split_paths(value: str) -> list[str]:
     return [p.strip() for p in value.split(",") if p.strip()]
 
 
-def corpus_files(value: str, key: str) -> list[str]:
-    """Comma-separated paths or globs → files; a glob that matches nothing is an error."""
-    files: list[str] = []
-    for item in _split_paths(value):
-        if glob.has_magic(item):
-            matches = sorted(glob.glob(item))
-            if not matches:
-                raise ConfigError(f"{key}: the pattern {item!r} matches no file")
-            files.extend(matches)
-        else:
-            files.append(item)
-    return files
+def corpus_sources(config: ml_collections.ConfigDict, key: str) -> list[sources.Source]:
+    """The sources of ``data.<key>`` (see :mod:`guided_jax.sources`); an empty train value is
+    the embedded default corpus, an empty eval value none."""
+    found = sources.parse_sources(config.data[key], f"data.{key}", config.data)
+    if not found and key == "train_files":
+        return [sources.DefaultCorpus()]
+    return found
 
 
 def _check_positive(config: ml_collections.ConfigDict, *keys: str) -> None:
@@ -89,11 +82,12 @@ def resolve_config(
 ) -> tuple[ml_collections.ConfigDict, ModelDir | None]:
     """A copy of ``config`` with ``model.from_dir`` applied, and that directory.
 
-    With ``model.from_dir=DIR``, ``DIR/config.json`` sets every model key but ``dtype`` and
-    ``remat`` (the file decides the architecture; the section's own values are replaced), and
-    ``data.tokenizer_dir`` becomes DIR unless it names another directory. With a tokenizer
-    directory, ``data.tokenizer_kind`` becomes the kind of the files there. The result is what
-    WORKDIR/config.json records, so a resume compares what was actually built. Reads only."""
+    With ``model.from_dir=DIR``, ``DIR/config.json`` sets every model key but ``dtype``,
+    ``remat`` and ``attention`` (the file decides the architecture; the section's own values
+    are replaced), and ``data.tokenizer_dir`` becomes DIR unless it names another directory.
+    With a tokenizer directory, ``data.tokenizer_kind`` becomes the kind of the files there. The
+    result is what WORKDIR/config.json records, so a resume compares what was actually built.
+    Reads only."""
     config = config.copy_and_resolve_references()
     model_dir = None
     if config.model.get("from_dir"):
@@ -209,6 +203,14 @@ def _check_resolved_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"data.tokenizer_kind must be one of {list(KINDS)}, got {config.data.tokenizer_kind!r}"
         )
+    if config.data.documents not in data.DOCUMENT_MODES:
+        raise ConfigError(
+            f"data.documents must be one of {list(data.DOCUMENT_MODES)}, got "
+            f"{config.data.documents!r}"
+        )
+    for key in ("tokenizer_max_documents", "prefetch"):
+        if config.data[key] < 0:
+            raise ConfigError(f"config data.{key} must be >= 0, got {config.data[key]}")
     if not 0.0 < config.data.mlm_probability < 1.0:
         raise ConfigError(
             f"data.mlm_probability must be in (0, 1), got {config.data.mlm_probability}"
@@ -221,15 +223,26 @@ def _check_resolved_config(config: ml_collections.ConfigDict) -> None:
 
 # How a run is laid out on devices, not what it computes: these may change between restarts
 # (checkpoints restore onto any mesh).
-LAYOUT_KEYS = ("mesh.", "model.remat")
+LAYOUT_KEYS = (
+    "mesh.",
+    "model.remat",
+    "model.attention",
+    "data.cache_dir",
+    "data.tfds_data_dir",
+    "data.prefetch",
+)
 # Keys added after runs were first written, with the value those runs had implicitly: a saved
 # config without them resumes when they hold it.
 ADDED_KEYS = {
     "model.model_type": "roberta",
+    "model.attention": "dense",
     "model.from_dir": "",
     "data.tokenizer_kind": "bpe",
     "train.init_from": "",
     "train.keep_steps": "",
+    "data.documents": "line",
+    "data.text_field": "text",
+    "data.tokenizer_max_documents": 1_000_000,
 }
 
 
@@ -265,10 +278,11 @@ def _config_diff(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]
 
 
 def _tokenizer(
-    config: ml_collections.ConfigDict, workdir: Path, texts: list[str]
+    config: ml_collections.ConfigDict, workdir: Path, train_sources: list[sources.Source]
 ) -> tuple[Tokenizer, str | None]:
     """The configured tokenizer, the one of a previous run in WORKDIR, or a new one trained on
-    the corpus into a temporary directory (moved into WORKDIR once every check passed)."""
+    (a sample of ``data.tokenizer_max_documents`` documents of) the training sources into a
+    temporary directory (moved into WORKDIR once every check passed)."""
     if config.data.tokenizer_dir:
         return load_tokenizer(config.data.tokenizer_dir), None
     if has_tokenizer_files(workdir / "tokenizer"):
@@ -279,9 +293,97 @@ def _tokenizer(
                 f"{config.data.tokenizer_kind!r}; use a new --workdir or the same kind"
             )
         return tokenizer, None
+    texts = sources.sample_documents(
+        train_sources, config.data.tokenizer_max_documents, config.train.seed
+    )
     scratch = tempfile.mkdtemp(prefix="guided_jax_tokenizer_")
     kind = config.data.tokenizer_kind
     return train_tokenizer(texts, config.data.tokenizer_vocab_size, scratch, kind=kind), scratch
+
+
+def cache_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path:
+    """Where token cache entries live: ``data.cache_dir``, by default ``WORKDIR/token_cache``."""
+    return Path(config.data.cache_dir) if config.data.cache_dir else workdir / "token_cache"
+
+
+class _Blocks:
+    """The packed blocks of some sources: found in the token cache, or built into a scratch
+    directory that :meth:`keep` moves into the cache once every check passed."""
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        workdir: Path,
+        tokenizer: Tokenizer,
+        found: list[sources.Source],
+        what: str,
+    ) -> None:
+        self.scratch: Path | None = None
+        block_size = config.data.block_size
+        if len(found) == 1 and isinstance(found[0], sources.CachedBlocks):
+            self.blocks = _cached_source_blocks(found[0].path, tokenizer, block_size)
+            return
+        self.key, meta = token_cache.cache_key(
+            tokenizer, sources.fingerprint(found), block_size, separator="\n"
+        )
+        self.final = cache_dir(config, workdir) / self.key
+        blocks = token_cache.load(self.final)
+        if blocks is not None:
+            self.blocks = blocks
+            return
+        parent = self.final.parent if self.final.parent.is_dir() else None
+        self.scratch = Path(tempfile.mkdtemp(prefix="guided_jax_tokens_", dir=parent))
+        try:
+            self.blocks = token_cache.build(
+                sources.documents(found),
+                tokenizer,
+                block_size,
+                self.scratch / self.key,
+                {**meta, "what": what, "described": [s.describe() for s in found]},
+                total=sources.count_documents(found),
+                description=f"tokenize {what}",
+            )
+        except BaseException:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            raise
+
+    def keep(self) -> np.ndarray:
+        """Moves a freshly built entry into the cache and returns its blocks from there."""
+        if self.scratch is not None:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            if token_cache.load(self.final) is None:
+                shutil.rmtree(self.final, ignore_errors=True)
+                shutil.move(self.scratch / self.key, self.final)
+            self.discard()
+            loaded = token_cache.load(self.final)
+            assert loaded is not None
+            self.blocks = loaded
+        return self.blocks
+
+    def discard(self) -> None:
+        """Removes the scratch directory (its blocks are copied into memory first)."""
+        if self.scratch is not None:
+            self.blocks = np.array(self.blocks)
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
+
+
+def _cached_source_blocks(path: str, tokenizer: Tokenizer, block_size: int) -> np.ndarray:
+    """The blocks of a ``cache:DIR`` source, checked against the tokenizer and block size."""
+    meta = token_cache.read_meta(path)
+    if meta.get("block_size") != block_size:
+        raise ConfigError(
+            f"token cache {path!r} holds blocks of {meta.get('block_size')}, but "
+            f"data.block_size={block_size}"
+        )
+    if meta.get("tokenizer") != token_cache.tokenizer_fingerprint(tokenizer):
+        raise ConfigError(
+            f"token cache {path!r} was made with another tokenizer than the one in "
+            f"{str(tokenizer.directory)!r}; set data.tokenizer_dir to the tokenizer that built it"
+        )
+    blocks = token_cache.load(path)
+    assert blocks is not None
+    return blocks
 
 
 def prepare(
@@ -289,37 +391,52 @@ def prepare(
 ) -> Experiment:
     """Resolves config, tokenizer and data; raises before writing anything on bad input.
 
-    ``write=False`` (every process but the first of a multi-host run) only reads WORKDIR."""
+    The corpus is tokenized once into the token cache (:func:`cache_dir`); a rerun finds it
+    there and reads nothing else. ``write=False`` (every process but the first of a multi-host
+    run) only reads WORKDIR and the cache."""
     workdir = Path(workdir)
     config, model_dir = resolve_config(config)
     _check_resolved_config(config)
     check_workdir(config, workdir)
-    train_texts = data.load_corpus(corpus_files(config.data.train_files, "data.train_files"))
-    tokenizer, scratch = _tokenizer(config, workdir, train_texts)
+    train_sources = corpus_sources(config, "train_files")
+    eval_sources = corpus_sources(config, "eval_files")
+    tokenizer, scratch = _tokenizer(config, workdir, train_sources)
+    built: list[_Blocks] = []
     try:
         if model_dir is not None:
             check_model_dir_tokenizer(model_dir, tokenizer)
         model = build_model_config(config, tokenizer.vocab_size, tokenizer.pad_id)
         spec = head_spec(config)
         token_ids = spec.token_ids(tokenizer) if spec is not None else ()
-        blocks = data.tokenize_and_pack(train_texts, tokenizer, config.data.block_size)
-        if config.data.eval_files:
-            eval_texts = data.read_text_files(
-                corpus_files(config.data.eval_files, "data.eval_files")
-            )
-            train_blocks = blocks
-            eval_blocks = data.tokenize_and_pack(eval_texts, tokenizer, config.data.block_size)
-        else:
-            train_blocks, eval_blocks = data.split_blocks(blocks, config.data.eval_fraction)
+        built.append(_Blocks(config, workdir, tokenizer, train_sources, "train"))
+        if eval_sources:
+            built.append(_Blocks(config, workdir, tokenizer, eval_sources, "eval"))
         # A corpus smaller than one batch fails here, before anything is written.
-        sampler = data.BatchSampler(train_blocks, config.train.batch_size, config.train.seed)
+        _split(config, [b.blocks for b in built])
         if write:
             workdir.mkdir(parents=True, exist_ok=True)
             if scratch is not None:
                 shutil.copytree(scratch, workdir / "tokenizer", dirs_exist_ok=True)
                 tokenizer = load_tokenizer(workdir / "tokenizer")
+            for part in built:
+                part.keep()
             (workdir / "config.json").write_text(config.to_json(indent=2))
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
-    return Experiment(config, model, spec, token_ids, tokenizer, train_blocks, sampler, eval_blocks)
+        for part in built:
+            part.discard()
+    train_blocks, eval_blocks = _split(config, [b.blocks for b in built])
+    return Experiment(config, model, spec, token_ids, tokenizer, train_blocks, eval_blocks)
+
+
+def _split(
+    config: ml_collections.ConfigDict, parts: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, eval) blocks: a separate eval corpus, or the tail of the training blocks."""
+    if len(parts) == 2:
+        train_blocks, eval_blocks = parts
+    else:
+        train_blocks, eval_blocks = data.split_blocks(parts[0], config.data.eval_fraction)
+    pipeline.batch_dataset(train_blocks, config.train.batch_size, config.train.seed)
+    return train_blocks, eval_blocks

@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from guided_jax import checkpointing, data, hf_interop, sharding
+from guided_jax import checkpointing, data, hf_interop, pipeline, sharding
 from guided_jax.experiment import ConfigError, Experiment, check_config, prepare
 from guided_jax.guidance import Guide, guidance_weight, token_masks
 from guided_jax.masking import mask_tokens, mlm_loss
@@ -304,8 +304,8 @@ def _data_position(exp: Experiment, step: int) -> dict[str, int]:
     """Where the input stream stands after ``step`` steps (batches are a function of it)."""
     return {
         "next_batch": step,
-        "batch_size": exp.sampler.batch_size,
-        "num_blocks": exp.sampler.num_blocks,
+        "batch_size": exp.config.train.batch_size,
+        "num_blocks": len(exp.train_blocks),
         "seed": exp.config.train.seed,
     }
 
@@ -415,7 +415,11 @@ def _train_loop(exp: Experiment, mesh: jax.sharding.Mesh, workdir: str | os.Path
         manager.close()
         return {}
     program = build_train_program(exp, mesh)
-    restored = checkpointing.restore_latest(manager, program.abstract_state)
+    batch_shape = (cfg.train.batch_size, cfg.data.block_size)
+    # This process's rows of every global batch, read by its own input iterator.
+    rows = sharding.local_rows(program.batch_sharding, batch_shape)
+    batches = pipeline.train_iterator(exp, rows)
+    restored = checkpointing.restore_latest(manager, program.abstract_state, batches)
     if restored is None:
         state = program.init_state()
         if cfg.train.init_from:  # imported weights instead of the seeded ones
@@ -424,13 +428,14 @@ def _train_loop(exp: Experiment, mesh: jax.sharding.Mesh, workdir: str | os.Path
                 params=hf_interop.place_params(params, state.params, program.state_shardings.params)
             )
     else:
-        step, state, position = restored
+        step, state, position, iterator_restored = restored
         _check_data_position(position, _data_position(exp, step))
+        if not iterator_restored:  # saved by another number of processes: start at the step
+            batches = pipeline.train_iterator(exp, rows, start_step=step)
     start = int(sharding.to_host(state.step))
 
     train_step, graphdef = program.train_step, program.graphdef
     replicated = NamedSharding(mesh, P())
-    batch_shape = (cfg.train.batch_size, cfg.data.block_size)
     eval_step = jax.jit(make_eval_step(exp, graphdef), out_shardings=replicated)
     eval_sets = [
         sharding.global_batch(
@@ -439,10 +444,8 @@ def _train_loop(exp: Experiment, mesh: jax.sharding.Mesh, workdir: str | os.Path
         for b in data.eval_batches(exp.eval_blocks, cfg.train.batch_size, cfg.train.eval_batches)
     ]
 
-    def batch(step: int) -> jax.Array:
-        return sharding.global_batch(
-            program.batch_sharding, batch_shape, lambda rows: exp.sampler.batch(step, rows)
-        )
+    def next_batch() -> jax.Array:
+        return sharding.global_batch(program.batch_sharding, batch_shape, lambda _: next(batches))
 
     if is_chief:
         memory = sharding.memory_summary(train_step)
@@ -486,7 +489,7 @@ def _train_loop(exp: Experiment, mesh: jax.sharding.Mesh, workdir: str | os.Path
         ) as bar,
     ):
         for step in range(start, total):
-            state, metrics = train_step(state, batch(step))
+            state, metrics = train_step(state, next_batch())
             if step == start:  # exclude compilation from the throughput
                 jax.block_until_ready(metrics)
                 clock.update(time=time.perf_counter(), step=step + 1)
@@ -520,7 +523,7 @@ def _train_loop(exp: Experiment, mesh: jax.sharding.Mesh, workdir: str | os.Path
                 if pending is not None:  # on disk before the state that resumes after it
                     emit(*pending)
                     pending = None
-                checkpointing.save(manager, done, state, _data_position(exp, done))
+                checkpointing.save(manager, done, state, _data_position(exp, done), batches)
             bar.update(1)
             if stopping:
                 break

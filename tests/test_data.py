@@ -1,4 +1,4 @@
-"""Tests for guided_jax.data: reading corpora, the default corpus, packing, splitting, batching."""
+"""Tests for guided_jax.data: reading corpora, the default corpus, packing, eval batches."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 
 from guided_jax import data
 from guided_jax.data import (
-    BatchSampler,
     CorpusError,
     default_corpus,
     eval_batches,
@@ -41,6 +40,19 @@ def test_read_text_files_lines_in_order(tmp_path: Path) -> None:
         "fourth\fwith form feed",
     ]
     assert read_text_files([b, a])[0] == "third: café ✓"
+
+
+def test_read_text_files_paragraph_documents(tmp_path: Path) -> None:
+    path = tmp_path / "paragraphs.txt"
+    path.write_text("first line\nsame document\n\n \nsecond document\n\n\nthird\n")
+    assert read_text_files([path], documents="paragraph") == [
+        "first line\nsame document",
+        "second document",
+        "third",
+    ]
+    assert read_text_files([path]) == ["first line", "same document", "second document", "third"]
+    with pytest.raises(ValueError, match="documents must be one of"):
+        read_text_files([path], documents="page")
 
 
 def test_read_text_files_no_paths() -> None:
@@ -302,70 +314,6 @@ def test_split_blocks_no_training_left() -> None:
         split_blocks(_numbered(10), 0.95)
     with pytest.raises(ValueError, match="no training block"):
         split_blocks(_numbered(1), 0.5)
-
-
-# ---------------------------------------------------------------------------------------------
-# BatchSampler
-# ---------------------------------------------------------------------------------------------
-
-
-def _stream(sampler: BatchSampler, steps: int) -> list[int]:
-    return [int(row[0]) for s in range(steps) for row in sampler.batch(s)]
-
-
-def test_batch_sampler_shape_and_content() -> None:
-    blocks = _numbered(10, length=6)
-    sampler = BatchSampler(blocks, batch_size=4, seed=3)
-    batch = sampler.batch(0)
-    assert batch.shape == (4, 6) and batch.dtype == np.int32
-    for row in batch:  # rows are whole blocks
-        np.testing.assert_array_equal(row, blocks[row[0]])
-    assert sampler.steps_per_epoch == 2
-    assert sampler.num_blocks == 10 and sampler.batch_size == 4
-
-
-def test_batch_sampler_epochs_are_the_documented_permutations() -> None:
-    n, b, seed = 10, 4, 7
-    sampler = BatchSampler(_numbered(n), batch_size=b, seed=seed)
-    stream = _stream(sampler, 15)  # 60 items = 6 epochs; batches straddle epoch boundaries
-    expected = np.concatenate(
-        [np.random.default_rng((seed, epoch)).permutation(n) for epoch in range(6)]
-    )
-    assert stream == expected.tolist()
-    for epoch in range(6):
-        assert sorted(stream[epoch * n : (epoch + 1) * n]) == list(range(n))
-    epochs = {tuple(stream[e * n : (e + 1) * n]) for e in range(6)}
-    assert len(epochs) > 1  # epochs are reshuffled
-
-
-def test_batch_sampler_is_pure_function_of_step() -> None:
-    blocks = _numbered(10)
-    in_order = [BatchSampler(blocks, 4, seed=1).batch(s) for s in range(12)]
-    sampler = BatchSampler(blocks, 4, seed=1)
-    for s in [11, 3, 7, 0, 11, 5, 2, 9, 1, 10, 4, 6, 8]:
-        np.testing.assert_array_equal(sampler.batch(s), in_order[s])
-    fresh = BatchSampler(blocks, 4, seed=1)  # e.g. after a restart at step 7
-    np.testing.assert_array_equal(fresh.batch(7), in_order[7])
-    np.testing.assert_array_equal(fresh.batch(np.int64(8)), in_order[8])
-
-
-def test_batch_sampler_seeds_differ() -> None:
-    blocks = _numbered(50)
-    a = _stream(BatchSampler(blocks, 5, seed=0), 10)
-    b = _stream(BatchSampler(blocks, 5, seed=1), 10)
-    assert a != b
-    assert sorted(a) == sorted(b) == list(range(50))
-
-
-def test_batch_sampler_errors() -> None:
-    with pytest.raises(ValueError, match="3 blocks of 4 tokens, fewer than one batch of 8"):
-        BatchSampler(_numbered(3), batch_size=8, seed=0)
-    with pytest.raises(ValueError, match="seed"):
-        BatchSampler(_numbered(10), batch_size=2, seed=-1)
-    with pytest.raises(ValueError, match="batch_size"):
-        BatchSampler(_numbered(10), batch_size=0, seed=0)
-    with pytest.raises(ValueError, match="step"):
-        BatchSampler(_numbered(10), batch_size=2, seed=0).batch(-1)
 
 
 # ---------------------------------------------------------------------------------------------

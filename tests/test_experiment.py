@@ -124,7 +124,7 @@ def test_globbed_train_files_and_separate_eval_file(tiny_config, tmp_path):
 
 def test_glob_matching_nothing_is_refused(tiny_config, tmp_path):
     tiny_config.data.train_files = str(tmp_path / "nothing-*.txt")
-    _refused(tiny_config, tmp_path / "run", experiment.ConfigError, "matches no file")
+    _refused(tiny_config, tmp_path / "run", CorpusError, "matches no file")
 
 
 def _with(config, **data_overrides):

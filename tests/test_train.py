@@ -186,9 +186,10 @@ def test_nan_stops_the_run_and_the_last_checkpoint_resumes(
     restored_steps = []
     restore_latest = train.checkpointing.restore_latest
 
-    def spy(manager, abstract_state):
-        restored = restore_latest(manager, abstract_state)
-        step, state, _ = restored
+    def spy(manager, abstract_state, iterator):
+        restored = restore_latest(manager, abstract_state, iterator)
+        step, state, _, iterator_restored = restored
+        assert iterator_restored
         restored_steps.append(step)
         assert all(jnp.isfinite(x).all() for x in jax.tree.leaves(state.params)), step
         return restored

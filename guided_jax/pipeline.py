@@ -1,0 +1,77 @@
+"""The training input pipeline: packed blocks → shuffled, per-host batches, with ``grain``.
+
+The global stream of examples is every epoch of the blocks, each epoch shuffled by grain with
+its own seed (``train.seed + epoch``), epochs back to back; training step ``s`` takes examples
+``[s * B, (s + 1) * B)`` of it (a batch may straddle two epochs). A process feeds only its own
+rows ``[a, a + k)`` of every global batch (those its devices hold, see
+:func:`guided_jax.sharding.local_rows`): cutting the stream into groups of ``k`` examples, it
+reads groups ``s * (B / k) + a / k``, i.e. shard ``a / k`` of ``B / k``. With data parallelism
+over hosts that is shard ``jax.process_index()`` of ``jax.process_count()``; deriving it from the
+rows keeps it right on any mesh. Every process thus reads disjoint rows, and the batches are
+the same whatever the number of processes.
+
+The iterator is a ``grain`` dataset iterator: its state (the next step) goes into each orbax
+checkpoint with ``grain.checkpoint.CheckpointSave`` and comes back with ``CheckpointRestore``,
+so a resumed run sees exactly the batches an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import grain
+import numpy as np
+
+from guided_jax.data import CorpusError
+
+if TYPE_CHECKING:
+    from guided_jax.experiment import Experiment
+
+
+def shard_of_rows(rows: slice, batch_size: int) -> tuple[int, int]:
+    """``(shard_index, shard_count)`` of a process that feeds ``rows`` of each global batch."""
+    start, stop = rows.start or 0, batch_size if rows.stop is None else rows.stop
+    size = stop - start
+    if size <= 0 or batch_size % size or start % size:
+        raise ValueError(
+            f"rows {start}:{stop} of a batch of {batch_size} are not one of equal shards"
+        )
+    return start // size, batch_size // size
+
+
+def batch_dataset(
+    blocks: np.ndarray, batch_size: int, seed: int, rows: slice | None = None
+) -> grain.MapDataset:
+    """Step ``s`` → this process's ``rows`` of global batch ``s`` (all rows by default), as an
+    endless random-access ``grain.MapDataset``."""
+    if len(blocks) < batch_size:
+        raise CorpusError(
+            f"corpus has {len(blocks)} blocks of {blocks.shape[1]} tokens, fewer than one batch "
+            f"of {batch_size}; use more text, a smaller data.block_size or train.batch_size"
+        )
+    if isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    index, count = shard_of_rows(rows or slice(0, batch_size), batch_size)
+    examples = grain.MapDataset.source(blocks).shuffle(seed=seed).repeat()  # reseeds per epoch
+    return examples.batch(batch_size // count)[index::count]
+
+
+def train_iterator(
+    exp: Experiment, rows: slice | None = None, *, start_step: int = 0
+) -> grain.DatasetIterator:
+    """The training batch iterator of an experiment: each ``next()`` is the ``[rows,
+    block_size]`` int32 numpy batch (this process's ``rows``; default all) of the next step.
+
+    This is the whole input pipeline after tokenization, with ``data.prefetch`` batches read
+    ahead on background threads. To time it (examples/s of the input pipeline alone), build it
+    and call ``next()`` in a loop; the training loop feeds each batch to
+    :func:`guided_jax.sharding.global_batch`. ``start_step`` starts at a later step (resuming
+    without a saved iterator state); otherwise restore the state from a checkpoint
+    (:func:`guided_jax.checkpointing.restore_latest`)."""
+    cfg = exp.config
+    steps = batch_dataset(exp.train_blocks, cfg.train.batch_size, cfg.train.seed, rows)
+    if start_step:
+        steps = steps[start_step:]
+    prefetch = int(cfg.data.get("prefetch", 2))
+    options = grain.ReadOptions(num_threads=min(prefetch, 4), prefetch_buffer_size=prefetch)
+    return iter(steps.to_iter_dataset(options))

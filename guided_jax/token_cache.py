@@ -1,0 +1,160 @@
+"""Tokenize once: packed blocks on disk, keyed by what produced them.
+
+A cache entry is a directory ``<cache_dir>/<key>/`` with ``blocks.bin`` (int32, row-major
+``[num_blocks, block_size]``, read back as a ``numpy.memmap`` so a corpus larger than memory
+costs no RAM) and ``meta.json`` (shape, key and what the key was made of). ``meta.json`` is
+written last, so an entry cut short by a crash is never taken for a complete one.
+
+The key hashes the tokenizer's files, the sources' fingerprint (file sizes and times, TFDS
+name, version and split), the block size and the document separator: a rerun of the same
+config finds its blocks and skips tokenization; any change builds a new entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from tqdm import tqdm
+
+from guided_jax.data import CorpusError
+
+if TYPE_CHECKING:
+    from guided_jax.tokenizer import Tokenizer
+
+FORMAT = 1
+BLOCKS_FILE = "blocks.bin"
+META_FILE = "meta.json"
+_CHUNK_DOCUMENTS = 4096  # documents per encode_batch call: library parallelism, bounded memory
+
+
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+    """A hash of the tokenizer's files and settings (the same files give the same ids)."""
+    digest = hashlib.sha256(f"{tokenizer.kind}:{tokenizer.lowercase}".encode())
+    directory = tokenizer.directory
+    if directory is None:
+        raise ValueError("a tokenizer without a directory cannot key a token cache")
+    for name in sorted(os.listdir(directory)):
+        path = Path(directory, name)
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def cache_key(
+    tokenizer: Tokenizer, source_fingerprint: str, block_size: int, separator: str
+) -> tuple[str, dict[str, Any]]:
+    """The entry name for these inputs, and the inputs themselves (recorded in meta.json)."""
+    parts = {
+        "format": FORMAT,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "sources": source_fingerprint,
+        "block_size": int(block_size),
+        "separator": separator,
+        "bos_id": tokenizer.bos_id,
+        "eos_id": tokenizer.eos_id,
+    }
+    text = json.dumps(parts, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:24], parts
+
+
+def load(path: str | os.PathLike[str]) -> np.ndarray | None:
+    """The blocks of a complete entry at ``path`` (read-only memmap), or None if there is none."""
+    path = Path(path)
+    meta_file = path / META_FILE
+    if not meta_file.is_file():
+        return None
+    meta = json.loads(meta_file.read_text())
+    shape = (int(meta["num_blocks"]), int(meta["block_size"]))
+    blocks_file = path / BLOCKS_FILE
+    if blocks_file.stat().st_size != shape[0] * shape[1] * 4:
+        raise CorpusError(
+            f"token cache {str(path)!r} is damaged ({BLOCKS_FILE} does not hold {shape[0]} "
+            f"blocks of {shape[1]}); delete that directory to rebuild it"
+        )
+    return np.memmap(blocks_file, dtype=np.int32, mode="r", shape=shape)
+
+
+def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``meta.json`` of an entry; a clear error if ``path`` is not one."""
+    meta_file = Path(path) / META_FILE
+    if not meta_file.is_file():
+        raise CorpusError(
+            f"{str(path)!r} is not a token cache (no {META_FILE}); expected a directory under "
+            "data.cache_dir written by an earlier run"
+        )
+    return json.loads(meta_file.read_text())
+
+
+def build(
+    documents: Iterable[str],
+    tokenizer: Tokenizer,
+    block_size: int,
+    out_dir: str | os.PathLike[str],
+    meta: dict[str, Any],
+    *,
+    separator: str = "\n",
+    total: int | None = None,
+    description: str = "tokenize",
+) -> np.ndarray:
+    """Tokenize ``documents`` and pack them into ``out_dir`` as the reference packs (see
+    :func:`guided_jax.data.pack_blocks`: one token stream, ``[bos] + chunk + [eos]`` blocks,
+    the remainder dropped), streaming, with a progress bar; returns the blocks (memmap).
+
+    Each document is followed by ``separator`` (the newline that reading removed)."""
+    if block_size < 3:
+        raise ValueError(f"block_size must be at least 3 (bos, one token, eos), got {block_size}")
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    chunk = block_size - 2
+    num_blocks = num_tokens = 0
+    carry = np.zeros(0, dtype=np.int32)
+    with (
+        open(out / BLOCKS_FILE, "wb") as sink,
+        tqdm(total=total, desc=description, unit="doc", dynamic_ncols=True) as bar,
+    ):
+        for texts in _chunks(documents, separator):
+            ids = tokenizer.encode_batch(texts)
+            stream = np.concatenate([carry, *(np.asarray(x, dtype=np.int32) for x in ids)])
+            num_tokens += stream.size - carry.size
+            full = stream.size // chunk
+            blocks = np.empty((full, block_size), dtype=np.int32)
+            blocks[:, 0] = tokenizer.bos_id
+            blocks[:, -1] = tokenizer.eos_id
+            blocks[:, 1:-1] = stream[: full * chunk].reshape(full, chunk)
+            sink.write(blocks.tobytes())
+            num_blocks += full
+            carry = stream[full * chunk :]
+            bar.update(len(texts))
+            bar.set_postfix(blocks=num_blocks)
+    if num_blocks == 0:
+        shutil.rmtree(out, ignore_errors=True)
+        raise CorpusError(
+            f"corpus has only {num_tokens} tokens, fewer than one block of block_size "
+            f"{block_size} ({chunk} text tokens + bos + eos); use more text or a smaller "
+            "data.block_size"
+        )
+    record = {**meta, "num_blocks": num_blocks, "block_size": block_size, "tokens": num_tokens}
+    (out / META_FILE).write_text(json.dumps(record, indent=2))
+    loaded = load(out)
+    assert loaded is not None
+    return loaded
+
+
+def _chunks(documents: Iterable[str], separator: str) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for doc in documents:
+        batch.append(doc + separator)
+        if len(batch) == _CHUNK_DOCUMENTS:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
