@@ -1,0 +1,116 @@
+"""AG vs baseline end to end on the tiny config: both arms trained alike, report.md with its
+table read back from the metrics files, and the plots."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from conftest import REPO, cli_env, write_corpus
+from guided_jax import reproduce
+from guided_jax.config import load_config
+from guided_jax.metrics import read_metrics
+from guided_jax.pretrained import checkpoint_steps
+
+PNG = b"\x89PNG\r\n\x1a\n"
+STEPS = 24
+
+
+def _config(corpus):
+    config = load_config(str(REPO / "configs" / "tiny.py"))
+    config.data.train_files = str(corpus)
+    config.train.steps = STEPS
+    config.train.eval_every = 6
+    config.train.log_every = 2
+    config.train.checkpoint_every = 12
+    return config
+
+
+def test_snapshot_steps():
+    assert reproduce.snapshot_steps(1500) == {0.0: 0, 0.01: 15, 1.0: 1500}
+    assert reproduce.snapshot_steps(24) == {0.0: 0, 0.01: 1, 1.0: 24}
+
+
+def test_arms_differ_only_in_guidance(tmp_path):
+    config = _config(tmp_path / "c.txt")
+    baseline, ag = (json.loads(reproduce.arm_config(config, a).to_json()) for a in reproduce.ARMS)
+    assert baseline["guidance"].pop("enabled") is False and ag["guidance"].pop("enabled") is True
+    assert baseline == ag and ag["train"]["keep_steps"] == "1,24"
+    with pytest.raises(ValueError, match="arm must be one of"):
+        reproduce.arm_config(config, "other")
+
+
+def test_steps_to_reach():
+    curve = [(6, 5.0), (12, 4.2), (18, 4.0)]
+    assert reproduce.steps_to_reach(curve, 4.2) == 12
+    assert reproduce.steps_to_reach(curve, 3.0) is None
+
+
+def _table(report: str) -> dict[str, list[str]]:
+    """report.md's first table: row title -> cells."""
+    rows = {}
+    for line in report.splitlines():
+        if line.startswith("| ") and not line.startswith("| |"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+@pytest.mark.slow
+def test_reproduce_writes_a_report_whose_numbers_come_from_the_metrics(tmp_path):
+    workdir = tmp_path / "compare"
+    config = _config(write_corpus(tmp_path / "corpus.txt"))
+    reproduce.train_arms(config, workdir, devices=jax.devices()[:1])
+    saved = {a: json.loads((workdir / a / "config.json").read_text()) for a in reproduce.ARMS}
+    assert saved["baseline"]["guidance"].pop("enabled") is False
+    assert saved["ag"]["guidance"].pop("enabled") is True
+    assert saved["baseline"] == saved["ag"]
+    for arm in reproduce.ARMS:  # 1% of training kept beside the newest two
+        assert checkpoint_steps(workdir / arm) == [1, 12, 24]
+
+    # The CLI finds both arms finished and only writes the report.
+    result = subprocess.run(
+        [sys.executable, "-m", "guided_jax.reproduce", f"--config={REPO / 'configs/tiny.py'}",
+         f"--workdir={workdir}", f"--config.data.train_files={tmp_path / 'corpus.txt'}",
+         f"--config.train.steps={STEPS}", "--config.train.eval_every=6",
+         "--config.train.log_every=2", "--config.train.checkpoint_every=12"],
+        env=cli_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stdout and "report.md" in result.stdout
+
+    report = (workdir / "report.md").read_text()
+    table = _table(report)
+    finals = {}
+    for arm in reproduce.ARMS:
+        records = read_metrics(workdir / arm)
+        last_eval = [r for r in records if r.get("eval_mlm_loss") is not None][-1]
+        last_train = [r for r in records if r.get("mlm_loss") is not None][-1]
+        finals[arm] = last_eval["eval_mlm_loss"]
+        column = reproduce.ARMS.index(arm)
+        assert last_eval["step"] == STEPS
+        row = table[f"final eval MLM loss (step {STEPS} / {STEPS})"]
+        assert row[column] == f"{last_eval['eval_mlm_loss']:.4f}"
+        assert table["final train MLM loss"][column] == f"{last_train['mlm_loss']:.4f}"
+        assert table["final eval AG loss"][column] == f"{last_eval['eval_ag_loss']:.4f}"
+    ag_curve = [
+        (r["step"], r["eval_mlm_loss"])
+        for r in read_metrics(workdir / "ag")
+        if r.get("eval_mlm_loss") is not None
+    ]
+    reach = next((s for s, v in ag_curve if v <= finals["baseline"]), None)
+    cell = table["steps to reach the baseline's final eval MLM loss"]
+    assert cell[0] == str(STEPS)
+    assert cell[1].split(" ")[0] == (str(reach) if reach is not None else "not")
+    summary = json.loads((workdir / "report.json").read_text())
+    assert summary["ag_steps_to_baseline_final"] == reach
+    assert summary["arms"]["baseline"]["final_eval_mlm_loss"] == finals["baseline"]
+
+    pictures = ["mlm_loss.png", "ag_loss.png"] + [
+        f"attention_{arm}_step{step}.png" for arm in reproduce.ARMS for step in (0, 1, STEPS)
+    ]
+    for name in pictures:
+        assert (workdir / name).read_bytes().startswith(PNG), name
+        assert f"({name})" in report
