@@ -389,12 +389,14 @@ class EncoderForMLM(nnx.Module):
         dropout_key: jax.Array | None = None,
         guide: Guide | None = None,
         return_attentions: bool = False,
+        return_hidden: bool = False,
     ) -> tuple[jax.Array, dict[str, Any]]:
         """``attention_mask`` ``[B, n]`` marks the keys to attend to (default: the non-pad
         ids; pass the unmasked batch's when MLM noise may have drawn the pad id, as the
         reference takes it from the tokenizer); ``dropout_key=None`` runs deterministically
         (eval); ``guide`` turns on the guidance statistics; ``return_attentions`` also returns
-        every layer's full maps (for analysis)."""
+        every layer's full maps (for analysis); ``return_hidden`` also returns the last layer's
+        output ``[B, n, d]`` (for fine-tuning heads; under jit an unused MLM head costs nothing)."""
         if input_ids.shape[-1] > self.config.max_block_size:
             raise ValueError(
                 f"input of {input_ids.shape[-1]} tokens is longer than the model's "
@@ -423,4 +425,6 @@ class EncoderForMLM(nnx.Module):
             aux["guidance"] = jnp.stack(guidance)  # [guided layers, groups]
         if return_attentions:
             aux["attentions"] = tuple(attentions)
+        if return_hidden:
+            aux["hidden"] = x
         return logits, aux
