@@ -7,6 +7,7 @@ import sys
 
 import jax
 import pytest
+from test_finetune import write_keyword_csv
 
 from conftest import REPO, cli_env, write_corpus
 from guided_jax import reproduce
@@ -70,12 +71,19 @@ def test_reproduce_writes_a_report_whose_numbers_come_from_the_metrics(tmp_path)
     for arm in reproduce.ARMS:  # 1% of training kept beside the newest two
         assert checkpoint_steps(workdir / arm) == [1, 12, 24]
 
-    # The CLI finds both arms finished and only writes the report.
+    # The CLI finds both arms finished, fine-tunes each on a CSV task and writes the report.
+    train_csv = write_keyword_csv(tmp_path / "train.csv", 64, 0)
+    eval_csv = write_keyword_csv(tmp_path / "eval.csv", 32, 1)
     result = subprocess.run(
         [sys.executable, "-m", "guided_jax.reproduce", f"--config={REPO / 'configs/tiny.py'}",
          f"--workdir={workdir}", f"--config.data.train_files={tmp_path / 'corpus.txt'}",
          f"--config.train.steps={STEPS}", "--config.train.eval_every=6",
-         "--config.train.log_every=2", "--config.train.checkpoint_every=12"],
+         "--config.train.log_every=2", "--config.train.checkpoint_every=12",
+         f"--finetune_config={REPO / 'configs/finetune.py'}",
+         f"--finetune_config.data.train_file={train_csv}",
+         f"--finetune_config.data.eval_file={eval_csv}", "--finetune_config.seeds=1,2",
+         "--finetune_config.epochs=1", "--finetune_config.learning_rate=0.001",
+         "--finetune_config.max_length=16"],
         env=cli_env(), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -107,6 +115,14 @@ def test_reproduce_writes_a_report_whose_numbers_come_from_the_metrics(tmp_path)
     summary = json.loads((workdir / "report.json").read_text())
     assert summary["ag_steps_to_baseline_final"] == reach
     assert summary["arms"]["baseline"]["final_eval_mlm_loss"] == finals["baseline"]
+
+    for arm in reproduce.ARMS:
+        tuned = json.loads((workdir / f"finetune_{arm}" / "results.json").read_text())
+        assert tuned["pretrained_step"] == STEPS and len(tuned["runs"]) == 2
+        for metric in ("accuracy", "macro_f1", "mcc"):
+            m = tuned["metrics"][metric]
+            cells = table[f"train: eval {metric} (mean ± std)"]
+            assert cells[reproduce.ARMS.index(arm)] == f"{m['mean']:.4f} ± {m['std']:.4f}"
 
     pictures = ["mlm_loss.png", "ag_loss.png"] + [
         f"attention_{arm}_step{step}.png" for arm in reproduce.ARMS for step in (0, 1, STEPS)
