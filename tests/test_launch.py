@@ -81,7 +81,7 @@ def test_script_passes_shellcheck(script):
     assert result.returncode == 0, result.stdout
 
 
-def test_dry_run_prints_both_arms():
+def test_dry_run_prints_the_reproduce_command():
     result = subprocess.run(
         ["bash", str(SCRIPT), "configs/default.py", "runs/cmp", "--config.train.steps=10"],
         env={**os.environ, "DRY_RUN": "1", "PYTHON": "python3"},
@@ -91,10 +91,8 @@ def test_dry_run_prints_both_arms():
     )
     lines = result.stdout.splitlines()
     assert lines == [
-        "python3 -m guided_jax.main --config configs/default.py --workdir runs/cmp/ag "
-        "--config.guidance.enabled=true --config.train.steps=10 ",
-        "python3 -m guided_jax.main --config configs/default.py --workdir runs/cmp/baseline "
-        "--config.guidance.enabled=false --config.train.steps=10 ",
+        "python3 -m guided_jax.reproduce --config configs/default.py --workdir runs/cmp "
+        "--config.train.steps=10 ",
     ]
 
 
