@@ -37,6 +37,7 @@ TFDS_PREFIX = "tfds:"
 # NAME[/CONFIG][:VERSION]:SPLIT, where SPLIT may be a TFDS slice such as train[:90%].
 _TFDS_SPEC = re.compile(r"(?P<name>[\w.-]+(?:/[\w.-]+)?(?::\d+\.\d+\.\d+)?):(?P<split>\S+)")
 CACHE_PREFIX = "cache:"
+_READ_CHUNK = 1024  # TFDS records per batched read
 
 
 class Source(Protocol):
@@ -129,8 +130,11 @@ class TfdsSplit:
 
     def documents(self) -> Iterator[str]:
         source = self._source()
-        for index in range(len(source)):
-            yield self.text(source[index], index)
+        for start in range(0, len(source), _READ_CHUNK):
+            indices = range(start, min(start + _READ_CHUNK, len(source)))
+            # One batched read per chunk: array_record reads the records in parallel.
+            for index, record in zip(indices, source.__getitems__(indices), strict=True):
+                yield self.text(record, index)
 
     def text(self, record: dict[str, Any], index: int) -> str:
         """The text field of one record as ``str`` (array_record files hold bytes)."""
