@@ -76,6 +76,20 @@ def _target_tile(
     return target & (col < n)[None]
 
 
+def _target_counts(patterns: HeadPatterns, head_tokens: jax.Array | None, n: int) -> jax.Array:
+    """``[B or 1, H, n]``: how many targets each query row has (0 or 1 for positional
+    patterns; the token count of the example for token sets)."""
+    kind = np.asarray(patterns.kind)[:, None]
+    offset = np.asarray(patterns.offset)[:, None]
+    row = np.arange(n)[None, :]
+    inside = (row + offset >= 0) & (row + offset < n)
+    counts = jnp.asarray(((kind == _DIAGONAL) & inside) | (kind == _FIRST), jnp.float32)[None]
+    if head_tokens is not None:
+        per_example = jnp.sum(head_tokens[:, :, :n], axis=-1, keepdims=True)  # [B, H, 1]
+        counts = counts + jnp.where(kind[None] == _TOKEN, per_example, 0.0)
+    return counts
+
+
 def dropout_keep_mask(
     key: jax.Array, shape: tuple[int, int, int, int], rate: float, block: int
 ) -> jax.Array:
@@ -128,7 +142,9 @@ def _forward(static: _Static, q, k, v, bias, head_tokens, key):
         acc=jnp.zeros((batch, heads, n, v.shape[-1]), jnp.float32),
     )
     if guided:
-        init.update(off=init["l"], on1=init["l"], on2=init["l"], count=init["l"])
+        init.update(off=init["l"], on1=init["l"])
+        if head_tokens is not None:  # several targets per row are possible
+            init.update(on2=init["l"])
 
     def body(carry, xs):
         j, k_j, v_j, bias_j = xs
@@ -154,9 +170,10 @@ def _forward(static: _Static, q, k, v, bias, head_tokens, key):
             out.update(
                 off=carry["off"] * alpha**2 + jnp.sum(jnp.where(target, 0.0, squares), axis=-1),
                 on1=carry["on1"] * alpha + jnp.sum(jnp.where(target, a, 0.0), axis=-1),
-                on2=carry["on2"] * alpha**2 + jnp.sum(jnp.where(target, squares, 0.0), axis=-1),
-                count=carry["count"] + jnp.sum(target, axis=-1),
             )
+            if "on2" in carry:
+                on2 = jnp.sum(jnp.where(target, squares, 0.0), axis=-1)
+                out.update(on2=carry["on2"] * alpha**2 + on2)
         return out, None
 
     xs = (
@@ -171,19 +188,17 @@ def _forward(static: _Static, q, k, v, bias, head_tokens, key):
     lse = carry["m"] + jnp.log(total)
     if not guided:
         return out, None, (lse, None)
-    on_sum, on_squares = carry["on1"] / total, carry["on2"] / total**2
-    off, count = carry["off"] / total**2, carry["count"]
-    # With at most one target in a row (every positional pattern), Q = S² exactly: leave the
-    # rounding of Q - S² out, it would swamp the loss of a head that follows its pattern.
-    single = count <= 1.0
-    row_loss = (
-        off
-        + jnp.square(on_sum - 1.0)
-        + (count - 1.0)
-        + jnp.where(single, 0.0, on_squares - jnp.square(on_sum))
-    )
+    on_sum, off = carry["on1"] / total, carry["off"] / total**2
+    count = _target_counts(static.patterns, head_tokens, n)
+    row_loss = off + jnp.square(on_sum - 1.0) + (count - 1.0)
     # Σ_j a_j (a_j - P_j), the guidance part of the backward's row term.
-    row_pull = off + jnp.where(single, on_sum * (on_sum - 1.0), on_squares - on_sum)
+    row_pull = off + on_sum * (on_sum - 1.0)
+    if "on2" in carry:
+        # With at most one target in a row, Q = S² exactly: leave the rounding of Q - S² out
+        # there, it would swamp the loss of a head that follows its pattern.
+        on_squares, several = carry["on2"] / total**2, count > 1.0
+        row_loss = row_loss + jnp.where(several, on_squares - jnp.square(on_sum), 0.0)
+        row_pull = jnp.where(several, off + on_squares - on_sum, row_pull)
     return out, jnp.sum(row_loss, axis=(0, 2)), (lse, row_pull)
 
 
