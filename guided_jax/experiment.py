@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from guided_jax import data, pipeline, sharding, sources, token_cache
-from guided_jax.guidance import HeadSpec
+from guided_jax.guidance import Spec, parse_spec
 from guided_jax.model import ModelConfig
 from guided_jax.model_dir import DEFAULT_PAD_IDS, ModelDir, read_model_dir
 from guided_jax.tokenizer import (
@@ -43,7 +43,7 @@ class Experiment:
 
     config: ml_collections.ConfigDict
     model: ModelConfig
-    spec: HeadSpec | None
+    spec: Spec | None  # a HeadSpec, or a LayeredSpec for "layers=..." specs
     token_ids: tuple[int, ...]
     tokenizer: Tokenizer
     train_blocks: np.ndarray  # [N, block_size] int32; a read-only memmap of the token cache
@@ -153,13 +153,14 @@ def build_model_config(
     return model
 
 
-def head_spec(config: ml_collections.ConfigDict) -> HeadSpec | None:
-    """The parsed ``guidance.heads`` (also used to measure the baseline), or None if empty."""
+def head_spec(config: ml_collections.ConfigDict) -> Spec | None:
+    """The parsed ``guidance.heads`` (also used to measure the baseline), or None if empty.
+    Registered patterns (``guidance.register_pattern``, e.g. in the config file) may be named."""
     if not config.guidance.heads.strip():
         if config.guidance.enabled:
             raise ConfigError("guidance.enabled is true but guidance.heads is empty")
         return None
-    return HeadSpec.parse(
+    return parse_spec(
         config.guidance.heads,
         tokens=_split_paths(config.guidance.tokens),
         start_layer=config.guidance.start_layer,

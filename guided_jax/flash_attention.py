@@ -14,6 +14,13 @@ probabilities from ``m`` and ``l`` and adds the guidance gradient ``2c(a - P)`` 
 (``c`` is the cotangent of the head's loss sum); its row term becomes
 ``D = rowsum(dO ⊙ O) + 2c Σ_j a_j (a_j - P_j)``. Memory is ``O(n · block)`` per head.
 
+Registered patterns (``guidance.register_pattern``) have a constant dense target ``P`` (any
+values, e.g. row-normalised windows); each key block slices its columns out of it. Then ``on1``
+sums ``a·P`` (``R``) instead of ``a``, and per row, with ``p`` the value of a row's only target:
+``Σ_j (a_j - P_j)² = off + (R/p - p)² + (ΣP² - p²)`` for rows with at most one nonzero target and
+``off + Q - 2R + ΣP²`` for the others (for 0/1 targets, ``p = 1`` and ``ΣP² = count``: the
+formulas above). Their backward pull is ``2c(a - P)`` with the sliced target.
+
 Dropout masks are drawn per key block from ``fold_in(key, block)``, so the backward regenerates
 them instead of storing them (:func:`dropout_keep_mask` builds the whole mask, for tests).
 """
@@ -27,10 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from guided_jax.guidance import HeadSpec
+from guided_jax.guidance import HeadSpec, pattern_target
 
 # Per-head pattern codes.
-_NONE, _DIAGONAL, _FIRST, _TOKEN = 0, 1, 2, 3
+_NONE, _DIAGONAL, _FIRST, _TOKEN, _USER = 0, 1, 2, 3, 4
 _DIAGONAL_OFFSETS = {"self": 0, "next": 1, "prev": -1}
 
 
@@ -42,10 +49,13 @@ class HeadPatterns:
     kind: tuple[int, ...]
     offset: tuple[int, ...]
     token_group: tuple[int, ...]
+    user: tuple[str, ...] = ()  # registered patterns' names; user_index[h] indexes them
+    user_index: tuple[int, ...] = ()
 
     @classmethod
     def from_spec(cls, spec: HeadSpec, num_heads: int) -> HeadPatterns:
         kind, offset, token = [_NONE] * num_heads, [0] * num_heads, [0] * num_heads
+        user, user_index = list(spec.user_patterns), [0] * num_heads
         token_index = 0
         for group, (lo, hi) in zip(spec.groups, spec.head_ranges, strict=True):
             for h in range(lo, hi):
@@ -53,17 +63,55 @@ class HeadPatterns:
                     kind[h], offset[h] = _DIAGONAL, _DIAGONAL_OFFSETS[group.pattern]
                 elif group.pattern == "first":
                     kind[h] = _FIRST
+                elif group.is_user:
+                    kind[h], user_index[h] = _USER, user.index(group.pattern)
                 else:
                     kind[h], token[h] = _TOKEN, token_index
             token_index += group.pattern == "token"
-        return cls(tuple(kind), tuple(offset), tuple(token))
+        if not user:
+            return cls(tuple(kind), tuple(offset), tuple(token))
+        return cls(tuple(kind), tuple(offset), tuple(token), tuple(user), tuple(user_index))
+
+
+def _user_targets(patterns: HeadPatterns, n: int, padded: int) -> jax.Array | None:
+    """``[U, n, padded]`` constant: the registered patterns' targets, key columns padded."""
+    if not patterns.user:
+        return None
+    targets = np.zeros((len(patterns.user), n, padded), np.float32)
+    for index, name in enumerate(patterns.user):
+        targets[index, :, :n] = pattern_target(name, n)
+    return jnp.asarray(targets)
+
+
+def _user_tile(
+    patterns: HeadPatterns, user: jax.Array | None, j: jax.Array, block: int
+) -> jax.Array | None:
+    """``[1, H, n, block]`` target values of key block ``j`` for registered-pattern heads (0
+    for the other heads), or None without such heads."""
+    if user is None:
+        return None
+    tile = jax.lax.dynamic_slice_in_dim(user, j * block, block, axis=2)  # [U, n, block]
+    tile = jnp.take(tile, np.asarray(patterns.user_index), axis=0)  # [H, n, block]
+    is_user = (np.asarray(patterns.kind) == _USER)[:, None, None]
+    return jnp.where(is_user, tile, 0.0)[None]
+
+
+def _user_weights(patterns: HeadPatterns, user_tile: jax.Array) -> jax.Array:
+    """Target values of a tile where the target is nonzero: ``P`` for registered patterns, 1
+    for the built-in ones."""
+    return jnp.where((np.asarray(patterns.kind) == _USER)[:, None, None], user_tile, 1.0)
 
 
 def _target_tile(
-    patterns: HeadPatterns, head_tokens: jax.Array | None, rows: int, cols: jax.Array, n: int
+    patterns: HeadPatterns,
+    head_tokens: jax.Array | None,
+    rows: int,
+    cols: jax.Array,
+    n: int,
+    user_tile: jax.Array | None = None,
 ) -> jax.Array:
-    """``[B or 1, H, rows, len(cols)]`` bool: where each head's target is 1 (columns past ``n``,
-    the padding of the last block, never are)."""
+    """``[B or 1, H, rows, len(cols)]`` bool: where each head's target is 1, or nonzero for
+    registered patterns (columns past ``n``, the padding of the last block, never are)."""
     kind = np.asarray(patterns.kind)[:, None, None]
     offset = np.asarray(patterns.offset)[:, None, None]
     row = jax.lax.broadcasted_iota(jnp.int32, (1, rows, 1), 1)
@@ -73,21 +121,40 @@ def _target_tile(
     if head_tokens is not None:  # [B, H, n_padded] → the tile's columns
         on_token = jnp.take(head_tokens, cols, axis=2)[:, :, None, :] > 0
         target = target | ((kind == _TOKEN)[None] & on_token)
+    if user_tile is not None:
+        target = target | (user_tile != 0)
     return target & (col < n)[None]
 
 
 def _target_counts(patterns: HeadPatterns, head_tokens: jax.Array | None, n: int) -> jax.Array:
     """``[B or 1, H, n]``: how many targets each query row has (0 or 1 for positional
-    patterns; the token count of the example for token sets)."""
+    patterns; the token count of the example for token sets; nonzeros for registered ones)."""
     kind = np.asarray(patterns.kind)[:, None]
     offset = np.asarray(patterns.offset)[:, None]
     row = np.arange(n)[None, :]
     inside = (row + offset >= 0) & (row + offset < n)
-    counts = jnp.asarray(((kind == _DIAGONAL) & inside) | (kind == _FIRST), jnp.float32)[None]
+    fixed = (((kind == _DIAGONAL) & inside) | (kind == _FIRST)).astype(np.float32)
+    for h in np.flatnonzero(kind[:, 0] == _USER):
+        target = pattern_target(patterns.user[patterns.user_index[h]], n)
+        fixed[h] = np.count_nonzero(target, axis=1)
+    counts = jnp.asarray(fixed)[None]
     if head_tokens is not None:
         per_example = jnp.sum(head_tokens[:, :, :n], axis=-1, keepdims=True)  # [B, H, 1]
         counts = counts + jnp.where(kind[None] == _TOKEN, per_example, 0.0)
     return counts
+
+
+def _user_row_stats(patterns: HeadPatterns, n: int) -> tuple[jax.Array, jax.Array]:
+    """``[1, H, n]`` each: the value of a row's only nonzero target (1 for other rows and
+    heads) and the row's ``Σ P²`` minus the count (0 for 0/1 targets)."""
+    single = np.ones((len(patterns.kind), n), np.float32)
+    extra = np.zeros((len(patterns.kind), n), np.float32)
+    for h in np.flatnonzero(np.asarray(patterns.kind) == _USER):
+        target = pattern_target(patterns.user[patterns.user_index[h]], n).astype(np.float64)
+        count = np.count_nonzero(target, axis=1)
+        single[h] = np.where(count == 1, target.sum(axis=1), 1.0)
+        extra[h] = np.square(target).sum(axis=1) - count
+    return jnp.asarray(single)[None], jnp.asarray(extra)[None]
 
 
 def dropout_keep_mask(
@@ -141,9 +208,10 @@ def _forward(static: _Static, q, k, v, bias, head_tokens, key):
         l=jnp.zeros(rows, jnp.float32),
         acc=jnp.zeros((batch, heads, n, v.shape[-1]), jnp.float32),
     )
+    user = _user_targets(static.patterns, static.n, k.shape[1]) if guided else None
     if guided:
         init.update(off=init["l"], on1=init["l"])
-        if head_tokens is not None:  # several targets per row are possible
+        if head_tokens is not None or user is not None:  # several targets per row are possible
             init.update(on2=init["l"])
 
     def body(carry, xs):
@@ -165,11 +233,13 @@ def _forward(static: _Static, q, k, v, bias, head_tokens, key):
         if guided:
             a = dropped if static.after_dropout else e
             cols = j * block + jnp.arange(block)
-            target = _target_tile(static.patterns, head_tokens, n, cols, static.n)
+            user_tile = _user_tile(static.patterns, user, j, block)
+            target = _target_tile(static.patterns, head_tokens, n, cols, static.n, user_tile)
             squares = jnp.square(a)
+            weighted = a if user_tile is None else a * _user_weights(static.patterns, user_tile)
             out.update(
                 off=carry["off"] * alpha**2 + jnp.sum(jnp.where(target, 0.0, squares), axis=-1),
-                on1=carry["on1"] * alpha + jnp.sum(jnp.where(target, a, 0.0), axis=-1),
+                on1=carry["on1"] * alpha + jnp.sum(jnp.where(target, weighted, 0.0), axis=-1),
             )
             if "on2" in carry:
                 on2 = jnp.sum(jnp.where(target, squares, 0.0), axis=-1)
@@ -190,14 +260,17 @@ def _forward(static: _Static, q, k, v, bias, head_tokens, key):
         return out, None, (lse, None)
     on_sum, off = carry["on1"] / total, carry["off"] / total**2
     count = _target_counts(static.patterns, head_tokens, n)
-    row_loss = off + jnp.square(on_sum - 1.0) + (count - 1.0)
+    # p: the value of a row's only target (1 for 0/1 patterns); a_t = R / p its probability.
+    single, extra = (1.0, 0.0) if user is None else _user_row_stats(static.patterns, n)
+    on_target = on_sum if user is None else on_sum / single
+    row_loss = off + jnp.square(on_target - single) + (count + extra - jnp.square(single))
     # Σ_j a_j (a_j - P_j), the guidance part of the backward's row term.
-    row_pull = off + on_sum * (on_sum - 1.0)
+    row_pull = off + on_target * (on_target - single)
     if "on2" in carry:
         # With at most one target in a row, Q = S² exactly: leave the rounding of Q - S² out
         # there, it would swamp the loss of a head that follows its pattern.
         on_squares, several = carry["on2"] / total**2, count > 1.0
-        row_loss = row_loss + jnp.where(several, on_squares - jnp.square(on_sum), 0.0)
+        row_loss = row_loss + jnp.where(several, on_squares - jnp.square(on_target), 0.0)
         row_pull = jnp.where(several, off + on_squares - on_sum, row_pull)
     return out, jnp.sum(row_loss, axis=(0, 2)), (lse, row_pull)
 
@@ -213,6 +286,7 @@ def _backward(static: _Static, res, cotangents):
     if guided:
         c = d_head_sums.astype(jnp.float32)[None, :, None]
         row_term = row_term + 2.0 * c * row_pull
+    user = _user_targets(static.patterns, static.n, k.shape[1]) if guided else None
     scale_qk = q.shape[-1] ** -0.5
 
     def body(dq, xs):
@@ -232,8 +306,11 @@ def _backward(static: _Static, res, cotangents):
         d_probs = d_dropped if scale is None else d_dropped * scale
         if guided:
             cols = j * block + jnp.arange(block)
-            target = _target_tile(static.patterns, head_tokens, n, cols, static.n)
+            user_tile = _user_tile(static.patterns, user, j, block)
+            target = _target_tile(static.patterns, head_tokens, n, cols, static.n, user_tile)
             a = dropped if static.after_dropout else probs
+            if user_tile is not None:  # the target's values, not only where it is nonzero
+                target = jnp.where(target, _user_weights(static.patterns, user_tile), 0.0)
             pull = 2.0 * c[..., None] * (a - target)
             d_probs = d_probs + (
                 pull if scale is None or not static.after_dropout else pull * scale

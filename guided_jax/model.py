@@ -411,7 +411,7 @@ class EncoderForMLM(nnx.Module):
         guidance, attentions = [], []
         for index, layer in enumerate(self.layers):
             key = _fold(dropout_key, index + 1)
-            layer_guide = guide if guide is not None and guide.spec.guides_layer(index) else None
+            layer_guide = None if guide is None else guide.for_layer(index)
             if return_attentions:
                 q, k, _ = layer.attention.qkv(x)
                 attentions.append(attention_probs(q, k, attention_bias(key_mask)))

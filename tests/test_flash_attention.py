@@ -11,7 +11,13 @@ import pytest
 
 from guided_jax.attention import attention_bias, attention_probs
 from guided_jax.flash_attention import HeadPatterns, dropout_keep_mask, flash_attention
-from guided_jax.guidance import HeadSpec, group_losses, losses_from_head_sums, token_masks
+from guided_jax.guidance import (
+    HeadSpec,
+    group_losses,
+    losses_from_head_sums,
+    register_pattern,
+    token_masks,
+)
 
 BATCH, HEADS, HEAD_DIM = 2, 8, 8
 # Every pattern type, two heads of one group, and two unguided heads at the end.
@@ -28,27 +34,27 @@ def _inputs(n: int, padded: bool, seed: int = 0):
     return q, k, v, key_mask, token_masks(ids, [TOKEN_ID])
 
 
-def _dense(q, k, v, key_mask, masks, *, keep, rate, after_dropout):
+def _dense(q, k, v, key_mask, masks, *, keep, rate, after_dropout, spec=SPEC):
     probs = attention_probs(q, k, attention_bias(key_mask))
     dropped = probs if keep is None else probs * keep / (1.0 - rate)
     out = jnp.einsum("bhqk,bkhd->bqhd", dropped, v)
-    return out, group_losses(dropped if after_dropout else probs, SPEC, masks)
+    return out, group_losses(dropped if after_dropout else probs, spec, masks)
 
 
-def _flash(q, k, v, key_mask, masks, *, key, rate, after_dropout, block):
+def _flash(q, k, v, key_mask, masks, *, key, rate, after_dropout, block, spec=SPEC):
     out, head_sums = flash_attention(
         q,
         k,
         v,
         key_mask,
-        patterns=HeadPatterns.from_spec(SPEC, HEADS),
+        patterns=HeadPatterns.from_spec(spec, HEADS),
         token_masks=masks,
         dropout_rate=rate,
         dropout_key=key,
         after_dropout=after_dropout,
         block=block,
     )
-    return out, losses_from_head_sums(head_sums, SPEC, q.shape[0], q.shape[1])
+    return out, losses_from_head_sums(head_sums, spec, q.shape[0], q.shape[1])
 
 
 def _objective(attention):
@@ -163,3 +169,41 @@ def test_guided_flash_memory_grows_linearly_and_dense_quadratically() -> None:
     assert flash[2048] / flash[512] < 6 and flash[8192] / flash[2048] < 6, flash
     assert dense[2048] / dense[512] > 10 and dense[8192] / dense[2048] > 10, dense
     assert flash[8192] * 20 < dense[8192]
+
+
+# Registered dense patterns beside built-in ones: a row-normalised window (several targets per
+# row, fractional values), a k-th previous token (rows without a target), a custom pattern with
+# one non-unit value per row, and a token set.
+register_pattern("test_flash_half_last", lambda n: 0.5 * np.eye(n)[::-1], replace=True)
+USER_SPEC = HeadSpec.parse("window2:2,prev2:1,test_flash_half_last:1,token[7]:1,next:1")
+
+
+@pytest.mark.parametrize(
+    "n, block, padded, rate, after_dropout",
+    [
+        (40, 16, True, 0.0, True),  # ragged last block, padded keys
+        (37, 8, False, 0.25, False),  # dropout, the loss sees the clean softmax
+        (48, 16, True, 0.25, True),  # dropout, the loss sees the dropped maps
+    ],
+)
+def test_flash_matches_dense_with_registered_patterns(n, block, padded, rate, after_dropout):
+    q, k, v, key_mask, masks = _inputs(n, padded, seed=1)
+    key = jax.random.key(4) if rate else None
+    keep = None if key is None else dropout_keep_mask(key, (BATCH, HEADS, n, n), rate, block)
+    options = dict(rate=rate, after_dropout=after_dropout, spec=USER_SPEC)
+
+    def dense(q, k, v):
+        return _dense(q, k, v, key_mask, masks, keep=keep, **options)
+
+    def flash(q, k, v):
+        return _flash(q, k, v, key_mask, masks, key=key, block=block, **options)
+
+    want_out, want_losses = jax.jit(dense)(q, k, v)
+    got_out, got_losses = jax.jit(flash)(q, k, v)
+    np.testing.assert_allclose(got_out, want_out, atol=1e-5)
+    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5, atol=1e-7)
+    assert np.all(np.asarray(want_losses) > 0)
+    want_grads = jax.jit(jax.grad(_objective(dense), argnums=(0, 1, 2)))(q, k, v)
+    got_grads = jax.jit(jax.grad(_objective(flash), argnums=(0, 1, 2)))(q, k, v)
+    for name, got, want in zip("qkv", got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"d{name}")

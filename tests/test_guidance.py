@@ -510,3 +510,233 @@ def test_guidance_weight_when_stagnant_covers_the_whole_run() -> None:
     assert float(guidance_weight(0, **kwargs)) == 100.0
     assert float(guidance_weight(999, **kwargs)) == 100.0
     assert float(guidance_weight(20_000, **kwargs)) == 0.0
+
+
+# ----------------------------------------------------------------------------- user patterns
+
+
+def _band(k: int, n: int) -> np.ndarray:
+    """Independent ±k window, row-normalised, written entry by entry."""
+    target = np.zeros((n, n))
+    for i in range(n):
+        keys = [j for j in range(n) if abs(i - j) <= k]
+        for j in keys:
+            target[i, j] = 1.0 / len(keys)
+    return target
+
+
+def _dense_user_loss(attention: np.ndarray, heads: list[int], target: np.ndarray) -> float:
+    diff = attention[:, heads].astype(np.float64) - target[None, None]
+    return float(np.mean(diff**2))
+
+
+class _CountingBuilder:
+    """A ``k``-th previous token pattern that counts how often it is built, per length."""
+
+    def __init__(self, offset: int = -2):
+        self.offset = offset
+        self.calls: list[int] = []
+
+    def __call__(self, n: int) -> np.ndarray:
+        self.calls.append(n)
+        return np.eye(n, k=self.offset)
+
+
+def test_builtin_registered_patterns_are_available() -> None:
+    from guided_jax.guidance import pattern_target, registered_patterns
+
+    names = registered_patterns()
+    for name in ("window1", "window2", "window3", "prev2", "next2", "last"):
+        assert name in names
+    np.testing.assert_allclose(pattern_target("window2", 7), _band(2, 7), rtol=1e-6)
+    np.testing.assert_array_equal(pattern_target("prev2", 5), np.eye(5, k=-2))
+    assert pattern_target("last", 4)[:, -1].tolist() == [1.0] * 4
+    assert not pattern_target("window2", 7).flags.writeable  # the cached constant is shared
+
+
+@pytest.mark.parametrize("case", ["window2_after_next", "custom_between_tokens"])
+def test_user_pattern_loss_and_gradient_match_dense_formula(case: str) -> None:
+    from guided_jax.guidance import register_pattern
+
+    builder = _CountingBuilder(-3)
+    register_pattern("test_prev3_dense", builder, replace=True)
+    rng = np.random.default_rng(10)
+    (attention,) = random_attention(rng, 1)
+    ids = example_ids(rng)
+    if case == "window2_after_next":
+        spec = HeadSpec.parse("next:1,window2:2")
+        expected = [
+            dense_loss_and_grad([attention], [("next", [0], None)], 0, ids)[0],
+            _dense_user_loss(attention, [1, 2], _band(2, N)),
+        ]
+        masks = None
+    else:
+        spec = HeadSpec.parse("token[.]:1,test_prev3_dense:2,first:1")
+        expected = [
+            dense_loss_and_grad([attention], [("token", [0], DOT_ID)], 0, ids)[0],
+            _dense_user_loss(attention, [1, 2], np.eye(N, k=-3)),
+            dense_loss_and_grad([attention], [("first", [3], None)], 0, ids)[0],
+        ]
+        masks = token_masks(jnp.asarray(ids), [DOT_ID])
+    got = jax.jit(lambda a: Guide(spec, masks).layer_losses(a))(jnp.asarray(attention))
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6)
+    # gradient of the summed loss: 2 (A - P) / size within each group
+    grad = jax.grad(lambda a: jnp.sum(Guide(spec, masks).layer_losses(a)))(jnp.asarray(attention))
+    if case == "window2_after_next":
+        want = 2.0 * (attention[:, 1:3] - _band(2, N)[None, None]) / (B * 2 * N * N)
+        np.testing.assert_allclose(np.asarray(grad)[:, 1:3], want, atol=1e-9)
+    assert not np.asarray(grad)[:, spec.num_guided_heads :].any()
+
+
+def test_user_target_is_built_once_per_length() -> None:
+    from guided_jax.guidance import pattern_target, register_pattern
+
+    builder = _CountingBuilder()
+    register_pattern("test_counted_once", builder, replace=True)
+    spec = HeadSpec.parse("test_counted_once:2")
+    step = jax.jit(lambda a: jnp.sum(Guide(spec).layer_losses(a)))
+    rng = np.random.default_rng(11)
+    for _ in range(3):  # three "steps" at one length, then another length
+        step(jnp.asarray(random_attention(rng, 1)[0]))
+    step(jnp.asarray(random_attention(rng, 1, shape=(B, H, 9, 9))[0]))
+    assert pattern_target("test_counted_once", N) is pattern_target("test_counted_once", N)
+    assert builder.calls == [N, 9]
+    register_pattern("test_counted_once", builder, replace=True)  # rebinding drops the cache
+    pattern_target("test_counted_once", N)
+    assert builder.calls == [N, 9, N]
+
+
+def test_named_form_takes_registered_patterns_and_rejects_unknown_ones() -> None:
+    spec = HeadSpec.parse("next:1,window2:2,prev2:1")
+    assert [g.name for g in spec.groups] == ["next", "window2", "prev2"]
+    assert spec.user_patterns == ("window2", "prev2")
+    assert HeadSpec.parse(str(spec)) == spec
+    with pytest.raises(SpecError, match=r"unknown pattern 'window9' in 'window9:2'.*window2"):
+        HeadSpec.parse("next:1,window9:2")
+
+
+@pytest.mark.parametrize(
+    ("name", "builder", "kwargs", "match"),
+    [
+        ("2bad", np.eye, {}, "must be an identifier"),
+        ("next", np.eye, {}, "reserved"),
+        ("layers", np.eye, {}, "reserved"),
+        ("window2", np.eye, {}, "already registered"),
+        ("test_not_callable", 3, {}, "must be a function"),
+    ],
+)
+def test_register_pattern_errors(name, builder, kwargs, match) -> None:
+    from guided_jax.guidance import register_pattern
+
+    with pytest.raises(SpecError, match=match):
+        register_pattern(name, builder, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("builder", "normalize", "match"),
+    [
+        (lambda n: np.ones((n, n + 1)), False, r"shape \(5, 6\), expected \(5, 5\)"),
+        (lambda n: np.full((n, n), np.nan), False, "non-finite"),
+        (lambda n: -np.eye(n), True, "negative values"),
+        (lambda n: [["a"] * n] * n, False, "not numeric"),
+    ],
+)
+def test_bad_builder_output_is_named(builder, normalize, match) -> None:
+    from guided_jax.guidance import pattern_target, register_pattern
+
+    register_pattern("test_bad_builder", builder, normalize=normalize, replace=True)
+    with pytest.raises(SpecError, match="'test_bad_builder'.*" + match):
+        pattern_target("test_bad_builder", 5)
+
+
+def test_row_normalisation_leaves_empty_rows_empty() -> None:
+    from guided_jax.guidance import pattern_target, register_pattern
+
+    register_pattern(
+        "test_norm_prev", lambda n: 3.0 * np.eye(n, k=-1), normalize=True, replace=True
+    )
+    target = pattern_target("test_norm_prev", 4)
+    np.testing.assert_array_equal(target, np.eye(4, k=-1))
+
+
+# ----------------------------------------------------------------------------- per-layer specs
+
+
+def test_layered_spec_parses_parts_and_lays_out_the_runs_groups() -> None:
+    from guided_jax.guidance import LayeredSpec, parse_spec
+
+    spec = parse_spec("layers=0-1:next:1,prev:1; 2:first:2,window2:1,next:1;3-3:0,0,0,1")
+    assert isinstance(spec, LayeredSpec)
+    assert [g.name for g in spec.groups] == ["next", "prev", "first", "window2"]
+    assert spec.for_layer(4) is None and not spec.guides_layer(4)
+    layer2 = spec.for_layer(2)
+    assert layer2.head_ranges == ((0, 2), (2, 3), (3, 4))
+    assert layer2.output_slots() == ((2, 3, 0), 4)
+    assert spec.for_layer(0) is spec.for_layer(1)
+    assert spec.for_layer(3).output_slots() == ((2,), 4)
+    assert spec.num_guided_heads == 4
+    assert parse_spec(str(spec)) == spec
+    assert str(spec) == "layers=0-1:next:1,prev:1;2:first:2,window2:1,next:1;3:first:1"
+    spec.validate(num_heads=4, num_layers=4)
+    # A uniform spec is still a HeadSpec.
+    assert isinstance(parse_spec("0,1,1,4", start_layer=1), HeadSpec)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("layers=", "names no layers"),
+        ("layers=0-1:next:1;;2:first:1", "empty part"),
+        ("layers=0-3:next:1;2-5:first:1", r"layers 2-3 are given by both '0-3:next:1' and '2-5"),
+        ("layers=1:next:1;0-1:first:2", r"layers 1-1 are given by both"),
+        ("layers=3-1:next:1", "reversed"),
+        ("layers=a-b:next:1", "cannot parse 'a-b:next:1'"),
+        ("layers=0:next:1,foo:2", r"layers 0-0 of .*unknown pattern 'foo'"),
+        ("layers=0:next:1,next:2", "listed twice"),
+    ],
+)
+def test_layered_spec_errors(text: str, match: str) -> None:
+    from guided_jax.guidance import parse_spec
+
+    with pytest.raises(SpecError, match=match):
+        parse_spec(text)
+
+
+def test_layered_spec_validation_names_the_part() -> None:
+    from guided_jax.guidance import parse_spec
+
+    spec = parse_spec("layers=0-1:next:1;2-5:first:3")
+    with pytest.raises(SpecError, match=r"layer range 2-5 .* out of range .* 4 layers"):
+        spec.validate(num_heads=4, num_layers=4)
+    with pytest.raises(SpecError, match=r"layers 2-5 .* need 3 heads but the model has 2"):
+        spec.validate(num_heads=2, num_layers=8)
+    with pytest.raises(SpecError, match="start_layer=1 cannot be combined"):
+        parse_spec("layers=0:next:1", start_layer=1)
+    with pytest.raises(SpecError, match="parse_spec"):
+        HeadSpec.parse("layers=0:next:1")
+
+
+def test_layered_guidance_loss_matches_dense_reference_per_layer() -> None:
+    from guided_jax.guidance import parse_spec
+
+    rng = np.random.default_rng(12)
+    attentions = random_attention(rng, 4)
+    ids = example_ids(rng)
+    spec = parse_spec("layers=0:next:2,token[</s>]:1;2-3:token[.]:1,window1:1,next:1")
+    band = _band(1, N)
+    want = dense_loss_and_grad(
+        attentions[:1], [("next", [0, 1], None), ("token", [2], EOS_ID)], 0, ids
+    )[0]
+    for layer in (2, 3):
+        want += dense_loss_and_grad([attentions[layer]], [("token", [0], DOT_ID)], 0, ids)[0]
+        want += _dense_user_loss(attentions[layer], [1], band)
+        want += dense_loss_and_grad([attentions[layer]], [("next", [2], None)], 0, ids)[0]
+    got = guidance_loss([jnp.asarray(a) for a in attentions], spec, ids, TOKEN_IDS)
+    assert _rel_err(float(got), want) <= 1e-6
+    # per layer, the losses land in the run's groups: next, token[</s>], token[.], window1
+    masks = token_masks(jnp.asarray(ids), [EOS_ID, DOT_ID])
+    layer2 = Guide(spec, masks).for_layer(2)
+    assert layer2.spec.tokens == (".",) and layer2.masks.shape == (1, B, N)
+    losses = np.asarray(layer2.layer_losses(jnp.asarray(attentions[2])))
+    assert losses.shape == (4,) and losses[1] == 0.0 and losses[0] > 0 and losses[2] > 0
+    assert Guide(spec, masks).for_layer(1) is None
