@@ -117,6 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Comma-separated steps whose checkpoints are saved and kept besides the newest ones
     # (guided_jax.reproduce keeps those it plots attention maps of).
     config.train.keep_steps = ""
+    # Per-head attention statistics (diag/... in metrics.jsonl) on log steps; see
+    # guided_jax/diagnostics.py for what they cost.
+    config.train.diagnostics = False
 
     # Devices: data x fsdp x tensor (-1 = all remaining devices). Changing the mesh between
     # runs of one workdir is allowed: checkpoints restore onto any mesh.

@@ -231,6 +231,7 @@ LAYOUT_KEYS = (
     "data.cache_dir",
     "data.tfds_data_dir",
     "data.prefetch",
+    "train.diagnostics",  # only adds metrics
 )
 # Keys added after runs were first written, with the value those runs had implicitly: a saved
 # config without them resumes when they hold it.

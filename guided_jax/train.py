@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from guided_jax import checkpointing, data, hf_interop, pipeline, sharding
+from guided_jax import checkpointing, data, diagnostics, hf_interop, pipeline, sharding
 from guided_jax.experiment import ConfigError, Experiment, check_config, prepare
 from guided_jax.guidance import Guide, guidance_weight, token_masks
 from guided_jax.masking import mask_tokens, mlm_loss
@@ -437,6 +437,14 @@ def _train_loop(exp: Experiment, mesh: jax.sharding.Mesh, workdir: str | os.Path
     train_step, graphdef = program.train_step, program.graphdef
     replicated = NamedSharding(mesh, P())
     eval_step = jax.jit(make_eval_step(exp, graphdef), out_shardings=replicated)
+    diagnostics_step = None  # heads' attention statistics, on log steps only
+    if cfg.train.diagnostics:
+        batch_spec = jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=program.batch_sharding)
+        diagnostics_step = (
+            jax.jit(diagnostics.make_diagnostics_step(exp, graphdef), out_shardings=replicated)
+            .lower(program.abstract_state.params, batch_spec)
+            .compile()
+        )
     eval_sets = [
         sharding.global_batch(
             sharding.batch_sharding(mesh, len(b)), b.shape, lambda rows, b=b: b[rows]
@@ -489,7 +497,8 @@ def _train_loop(exp: Experiment, mesh: jax.sharding.Mesh, workdir: str | os.Path
         ) as bar,
     ):
         for step in range(start, total):
-            state, metrics = train_step(state, next_batch())
+            batch = next_batch()
+            state, metrics = train_step(state, batch)
             if step == start:  # exclude compilation from the throughput
                 jax.block_until_ready(metrics)
                 clock.update(time=time.perf_counter(), step=step + 1)
@@ -499,6 +508,8 @@ def _train_loop(exp: Experiment, mesh: jax.sharding.Mesh, workdir: str | os.Path
             done = step + 1
             stopping = stop.requested(done)
             log_due = done % cfg.train.log_every == 0 or done == total
+            if log_due and diagnostics_step is not None:
+                metrics = {**metrics, **diagnostics_step(state.params, batch)}
             eval_due = (
                 bool(eval_sets)
                 and cfg.train.eval_every > 0
