@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from guided_jax import flash_attention as flash
+from guided_jax import pallas_attention as pallas
 from guided_jax.guidance import Guide, losses_from_head_sums
 
 
@@ -76,4 +77,35 @@ def flash_attention(
     return out, losses_from_head_sums(head_sums, guide.spec, q.shape[0], q.shape[1])
 
 
-ATTENTION = {"dense": dense_attention, "flash": flash_attention}
+def pallas_flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_mask: jax.Array,
+    *,
+    dropout: nnx.Dropout,
+    dropout_key: jax.Array | None,
+    guide: Guide | None,
+) -> tuple[jax.Array, jax.Array | None]:
+    """The Pallas kernels (Triton on GPU, Mosaic on TPU, interpreted on CPU); no dropout."""
+    if dropout_key is not None and dropout.rate > 0.0:
+        raise ValueError(
+            "model.attention='pallas' applies no attention dropout; set "
+            "model.attention_dropout=0 or use model.attention='flash'"
+        )
+    patterns = None if guide is None else flash.HeadPatterns.from_spec(guide.spec, q.shape[2])
+    out, head_sums = pallas.pallas_attention(
+        q,
+        k,
+        v,
+        key_mask,
+        patterns=patterns,
+        token_masks=None if guide is None else guide.masks,
+        interpret=jax.default_backend() == "cpu",
+    )
+    if guide is None:
+        return out, None
+    return out, losses_from_head_sums(head_sums, guide.spec, q.shape[0], q.shape[1])
+
+
+ATTENTION = {"dense": dense_attention, "flash": flash_attention, "pallas": pallas_flash_attention}

@@ -57,7 +57,8 @@ def model_config(preset: str | None = None, **overrides: object) -> ml_collectio
     config.initializer_range = 0.02
     config.dtype = "float32"  # compute dtype (bfloat16 on TPU/GPU); parameters stay float32
     config.remat = "none"  # recompute layer activations in the backward: none | full | dots
-    # dense: the reference's full [B, H, n, n] maps; flash: blockwise, O(n) memory, same results
+    # dense: the reference's full [B, H, n, n] maps; flash: blockwise, O(n) memory, same results;
+    # pallas: the blockwise kernels for GPU/TPU (interpreted on CPU), needs attention_dropout=0
     config.attention = "dense"
     if preset is not None:
         if preset not in MODEL_PRESETS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -41,3 +42,24 @@ def mlm_loss(logits: jax.Array, labels: jax.Array, selected: jax.Array) -> jax.A
     token_nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
     weights = selected.astype(jnp.float32)
     return jnp.sum(token_nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def max_predictions(length: int, probability: float) -> int:
+    """How many selected positions per row the MLM head is sized for: the mean plus six standard
+    deviations of the binomial count, rounded up to a multiple of 8 (at most ``length``). A row
+    exceeds it about once in 10^9 rows; :func:`prediction_positions` says when."""
+    mean = length * probability
+    bound = mean + 6.0 * math.sqrt(mean * (1.0 - probability)) + 1.0
+    return min(length, 8 * math.ceil(bound / 8))
+
+
+def prediction_positions(
+    selected: jax.Array, max_per_row: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(positions [B, K], valid [B, K], fits)``: each row's selected positions first (in order),
+    padded with unselected ones that ``valid`` marks off; ``fits`` is False when some row has more
+    than ``K = max_per_row`` selected positions."""
+    order = jnp.argsort(~selected, axis=1, stable=True)[:, :max_per_row].astype(jnp.int32)
+    valid = jnp.take_along_axis(selected, order, axis=1)
+    fits = jnp.all(jnp.sum(selected, axis=1) <= max_per_row)
+    return order, valid, fits

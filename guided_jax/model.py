@@ -36,8 +36,9 @@ REMAT_POLICIES: dict[str, Any] = {
 }
 
 
-# How attention is computed: the reference's full maps, or blockwise with O(n) memory.
-ATTENTION_KINDS = ("dense", "flash")
+# How attention is computed: the reference's full maps, or blockwise with O(n) memory (portable
+# JAX with dropout, or Pallas kernels for GPU/TPU without attention dropout).
+ATTENTION_KINDS = ("dense", "flash", "pallas")
 
 # Encoder types: how positions are numbered (see the module docstring).
 MODEL_TYPES = ("roberta", "bert")
@@ -62,7 +63,7 @@ class ModelConfig:
     pad_token_id: int = 1
     dtype: str = "float32"  # compute dtype; parameters stay float32
     remat: str = "none"  # recompute each layer in the backward: none | full | dots
-    attention: str = "dense"  # dense (the reference: full maps) | flash (blockwise, O(n) memory)
+    attention: str = "dense"  # dense (reference: full maps) | flash | pallas (blockwise, O(n))
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> ModelConfig:
@@ -122,6 +123,12 @@ class ModelConfig:
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(
                 f"model.attention must be one of {list(ATTENTION_KINDS)}, got {self.attention!r}"
+            )
+        if self.attention == "pallas" and self.attention_dropout > 0.0:
+            raise ValueError(
+                f"model.attention='pallas' applies no attention dropout, but "
+                f"model.attention_dropout={self.attention_dropout}; set it to 0 or use "
+                f"model.attention='flash'"
             )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(
@@ -391,12 +398,42 @@ class EncoderForMLM(nnx.Module):
         return_attentions: bool = False,
         return_hidden: bool = False,
     ) -> tuple[jax.Array, dict[str, Any]]:
-        """``attention_mask`` ``[B, n]`` marks the keys to attend to (default: the non-pad
-        ids; pass the unmasked batch's when MLM noise may have drawn the pad id, as the
-        reference takes it from the tokenizer); ``dropout_key=None`` runs deterministically
-        (eval); ``guide`` turns on the guidance statistics; ``return_attentions`` also returns
-        every layer's full maps (for analysis); ``return_hidden`` also returns the last layer's
-        output ``[B, n, d]`` (for fine-tuning heads; under jit an unused MLM head costs nothing)."""
+        """``(mlm_logits [B, n, V], aux)``; arguments as for :meth:`encode`. ``return_hidden``
+        also returns the last layer's output ``[B, n, d]`` in ``aux["hidden"]`` (for fine-tuning
+        heads; under jit an unused MLM head costs nothing)."""
+        hidden, aux = self.encode(
+            input_ids,
+            attention_mask=attention_mask,
+            dropout_key=dropout_key,
+            guide=guide,
+            return_attentions=return_attentions,
+        )
+        if return_hidden:
+            aux["hidden"] = hidden
+        return self.logits(hidden), aux
+
+    def logits(self, hidden: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """MLM logits (float32) of the encoder's output; only at ``positions`` ``[B, K]`` when
+        given: the vocabulary projection is the costliest matmul, and the MLM loss needs only
+        the ~15% of positions it selected."""
+        if positions is not None:
+            hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+        return self.head(hidden, self.embeddings.word).astype(jnp.float32)
+
+    def encode(
+        self,
+        input_ids: jax.Array,
+        *,
+        attention_mask: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
+        guide: Guide | None = None,
+        return_attentions: bool = False,
+    ) -> tuple[jax.Array, dict[str, Any]]:
+        """The encoder's output ``[B, n, d]`` and ``aux``. ``attention_mask`` ``[B, n]`` marks
+        the keys to attend to (default: the non-pad ids; pass the unmasked batch's when MLM noise
+        may have drawn the pad id, as the reference takes it from the tokenizer);
+        ``dropout_key=None`` runs deterministically (eval); ``guide`` turns on the guidance
+        statistics; ``return_attentions`` also returns every layer's full maps (for analysis)."""
         if input_ids.shape[-1] > self.config.max_block_size:
             raise ValueError(
                 f"input of {input_ids.shape[-1]} tokens is longer than the model's "
@@ -419,12 +456,9 @@ class EncoderForMLM(nnx.Module):
             x = constrain_to_batch(x)
             if losses is not None:
                 guidance.append(losses)
-        logits = self.head(x, self.embeddings.word).astype(jnp.float32)
         aux: dict[str, Any] = {}
         if guidance:
             aux["guidance"] = jnp.stack(guidance)  # [guided layers, groups]
         if return_attentions:
             aux["attentions"] = tuple(attentions)
-        if return_hidden:
-            aux["hidden"] = x
-        return logits, aux
+        return x, aux

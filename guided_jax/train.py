@@ -34,7 +34,7 @@ from tqdm import tqdm
 from guided_jax import checkpointing, data, diagnostics, hf_interop, pipeline, sharding
 from guided_jax.experiment import ConfigError, Experiment, check_config, prepare
 from guided_jax.guidance import Guide, guidance_weight, token_masks
-from guided_jax.masking import mask_tokens, mlm_loss
+from guided_jax.masking import mask_tokens, max_predictions, mlm_loss, prediction_positions
 from guided_jax.metrics import MetricsWriter
 from guided_jax.model import EncoderForMLM
 
@@ -111,9 +111,34 @@ def mlm_forward(
         masks = token_masks(inputs, exp.token_ids) if exp.token_ids else None
         guide = Guide(exp.spec, masks, after_dropout=exp.config.guidance.after_dropout)
     attend = batch != exp.model.pad_token_id
-    logits, aux = model(inputs, attention_mask=attend, dropout_key=dropout_key, guide=guide)
+    hidden, aux = model.encode(inputs, attention_mask=attend, dropout_key=dropout_key, guide=guide)
     groups = aux["guidance"].sum(axis=0) if guided else jnp.zeros((0,), jnp.float32)
-    return mlm_loss(logits, batch, selected), groups, jnp.sum(selected)
+    probability = exp.config.data.mlm_probability
+    mlm = selected_mlm_loss(model, hidden, batch, selected, probability)
+    return mlm, groups, jnp.sum(selected)
+
+
+def selected_mlm_loss(
+    model: EncoderForMLM,
+    hidden: jax.Array,
+    labels: jax.Array,
+    selected: jax.Array,
+    probability: float,
+) -> jax.Array:
+    """The MLM loss with the head run only on each row's selected positions (as many as
+    :func:`max_predictions` allows for selection ``probability``); a batch with a fuller row
+    takes the head on every position instead, so the loss is always exact."""
+    bound = max_predictions(labels.shape[1], probability)
+    if bound >= labels.shape[1]:
+        return mlm_loss(model.logits(hidden), labels, selected)
+    positions, valid, fits = prediction_positions(selected, bound)
+    return jax.lax.cond(
+        fits,
+        lambda: mlm_loss(
+            model.logits(hidden, positions), jnp.take_along_axis(labels, positions, 1), valid
+        ),
+        lambda: mlm_loss(model.logits(hidden), labels, selected),
+    )
 
 
 def make_train_step(

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from guided_jax.masking import mask_tokens, mlm_loss
+from guided_jax.masking import mask_tokens, max_predictions, mlm_loss, prediction_positions
 
 VOCAB = 1000
 BOS, PAD, EOS, UNK, MASK = 0, 1, 2, 3, 4
@@ -211,3 +211,24 @@ def test_mlm_loss_gradient_only_reaches_selected_positions() -> None:
     probs = shifted / shifted.sum(-1, keepdims=True)
     onehot = np.eye(37)[labels]
     np.testing.assert_allclose(grad[selected], (probs - onehot)[selected] / 2, atol=1e-6)
+
+
+def test_max_predictions_bounds_the_binomial_count() -> None:
+    assert max_predictions(512, 0.15) == 128  # mean 77, sd 8: a quarter of the positions
+    assert max_predictions(128, 0.15) == 48
+    assert max_predictions(16, 0.15) == 16  # never more than the row
+    assert all(
+        max_predictions(n, p) % 8 == 0 or max_predictions(n, p) == n
+        for n in (7, 64, 100, 1000)
+        for p in (0.05, 0.15, 0.5)
+    )
+
+
+def test_prediction_positions_list_selected_first_and_flag_overflow() -> None:
+    selected = jnp.asarray([[0, 1, 0, 1, 1, 0], [1, 0, 0, 0, 0, 0]], bool)
+    positions, valid, fits = prediction_positions(selected, 3)
+    np.testing.assert_array_equal(positions, [[1, 3, 4], [0, 1, 2]])
+    np.testing.assert_array_equal(valid, [[1, 1, 1], [1, 0, 0]])
+    assert bool(fits)
+    _, _, fits = prediction_positions(selected, 2)
+    assert not bool(fits)

@@ -555,11 +555,12 @@ def _assert_same_loss_and_grads(got: tuple[float, dict], want: tuple[float, dict
         np.testing.assert_allclose(got[1][path], value, rtol=rtol, atol=rtol * scale, err_msg=path)
 
 
-def test_flash_attention_gives_the_same_loss_and_gradients(
-    plain_model: EncoderForMLM, no_remat_grads: tuple[float, dict, list]
+@pytest.mark.parametrize("attention", ["flash", "pallas"])
+def test_blockwise_attention_gives_the_same_loss_and_gradients(
+    plain_model: EncoderForMLM, no_remat_grads: tuple[float, dict, list], attention: str
 ) -> None:
     want_loss, want, _ = no_remat_grads
-    config = dataclasses.replace(NO_DROPOUT, attention="flash")
+    config = dataclasses.replace(NO_DROPOUT, attention=attention)
     got_loss, got, _ = _loss_and_grads(config, nnx.state(plain_model, nnx.Param))
     _assert_same_loss_and_grads((got_loss, got), (want_loss, want), rtol=1e-5)
 

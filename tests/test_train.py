@@ -9,13 +9,17 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import nnx
 
 from conftest import REPO, write_corpus
 from guided_jax import train
 from guided_jax.config import load_config
 from guided_jax.experiment import ConfigError
+from guided_jax.masking import max_predictions, mlm_loss
 from guided_jax.metrics import read_metrics
+from guided_jax.model import EncoderForMLM, ModelConfig
 
 ONE_DEVICE = jax.devices()[:1]
 
@@ -338,3 +342,35 @@ def test_a_second_run_on_the_same_workdir_is_refused(tiny_config, tmp_path):
     assert not (workdir / "checkpoints").exists()
     train.train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)  # free again: runs
     assert (workdir / "checkpoints" / "6").is_dir()
+
+
+# ----------------------------------------------------------------------------- MLM head
+
+
+@pytest.mark.parametrize("probability", [0.15, 0.9])  # rows within the bound; a fuller row
+def test_head_on_selected_positions_gives_the_full_loss_and_gradients(probability):
+    config = ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=4,
+        intermediate_size=32,
+        max_position_embeddings=80,
+    )
+    model = EncoderForMLM(config, rngs=nnx.Rngs(0))
+    keys = jax.random.split(jax.random.key(1), 3)
+    hidden = jax.random.normal(keys[0], (3, 64, 32))
+    labels = jax.random.randint(keys[1], (3, 64), 0, 64)
+    selected = jax.random.bernoulli(keys[2], probability, (3, 64))
+    assert max_predictions(64, 0.15) < 64
+
+    def selected_only(h):
+        return train.selected_mlm_loss(model, h, labels, selected, 0.15)
+
+    def every_position(h):
+        return mlm_loss(model.logits(h), labels, selected)
+
+    got, got_grad = jax.value_and_grad(selected_only)(hidden)
+    want, want_grad = jax.value_and_grad(every_position)(hidden)
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    np.testing.assert_allclose(got_grad, want_grad, atol=1e-7)
