@@ -120,6 +120,12 @@ class Tokenizer:
         encodings = self._backend.encode_batch(list(texts), add_special_tokens=False)
         return [encoding.ids for encoding in encodings]
 
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of ``text`` (no special tokens) and each token's ``(start, end)`` character
+        span in it, to map words onto their subword tokens."""
+        encoding = self._backend.encode(text, add_special_tokens=False)
+        return list(encoding.ids), [tuple(span) for span in encoding.offsets]
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``; special tokens are shown by default so masked inputs stay readable."""
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
