@@ -20,6 +20,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from guided_jax.experiment import head_spec
+from guided_jax.guidance import HeadSpec
 from guided_jax.model import EncoderForMLM
 from guided_jax.tokenizer import Tokenizer
 
@@ -56,7 +57,7 @@ def head_titles(config: ml_collections.ConfigDict | None, num_heads: int) -> lis
     if config is None:
         return titles
     spec = head_spec(config) if config.guidance.heads.strip() else None
-    if spec is None:
+    if not isinstance(spec, HeadSpec):  # none, or per-layer heads (no one title per column)
         return titles
     for group, (start, stop) in zip(spec.groups, spec.head_ranges, strict=True):
         for h in range(start, min(stop, num_heads)):
