@@ -220,6 +220,11 @@ def _check_resolved_config(config: ml_collections.ConfigDict) -> None:
     spec = head_spec(config)
     if spec is not None:
         spec.validate(num_heads=model.num_heads, num_layers=model.num_layers)
+        if spec.user_patterns and model.attention not in ("dense", "flash"):
+            raise ConfigError(
+                f"guidance.heads uses registered patterns {list(spec.user_patterns)}, which "
+                f"model.attention={model.attention!r} cannot score; use 'dense' or 'flash'"
+            )
 
 
 # How a run is laid out on devices, not what it computes: these may change between restarts

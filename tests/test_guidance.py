@@ -740,3 +740,16 @@ def test_layered_guidance_loss_matches_dense_reference_per_layer() -> None:
     losses = np.asarray(layer2.layer_losses(jnp.asarray(attentions[2])))
     assert losses.shape == (4,) and losses[1] == 0.0 and losses[0] > 0 and losses[2] > 0
     assert Guide(spec, masks).for_layer(1) is None
+
+
+def test_config_refuses_registered_patterns_for_kernels_without_them(tiny_config) -> None:
+    from guided_jax.experiment import ConfigError, check_config
+
+    tiny_config.guidance.heads = "layers=0:next:1;1:window1:1"
+    check_config(tiny_config)
+    tiny_config.model.attention = "flash"
+    check_config(tiny_config)
+    tiny_config.model.attention = "pallas"
+    tiny_config.model.attention_dropout = 0.0
+    with pytest.raises(ConfigError, match=r"\['window1'\].*model.attention='pallas'"):
+        check_config(tiny_config)
