@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from guided_jax import flash_attention as flash
 from guided_jax import pallas_attention as pallas
+from guided_jax.dropout import dropout
 from guided_jax.guidance import Guide, losses_from_head_sums
 
 
@@ -34,13 +34,13 @@ def dense_attention(
     v: jax.Array,
     key_mask: jax.Array,
     *,
-    dropout: nnx.Dropout,
+    dropout_rate: float,
     dropout_key: jax.Array | None,
     guide: Guide | None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Softmax attention with the full ``[B, H, n, n]`` probabilities (the reference path)."""
     probs = attention_probs(q, k, attention_bias(key_mask))
-    dropped = dropout(probs, deterministic=dropout_key is None, rngs=dropout_key)
+    dropped = dropout(probs, dropout_rate, dropout_key)
     losses = None
     if guide is not None:
         losses = guide.layer_losses(dropped if guide.after_dropout else probs)
@@ -54,7 +54,7 @@ def flash_attention(
     v: jax.Array,
     key_mask: jax.Array,
     *,
-    dropout: nnx.Dropout,
+    dropout_rate: float,
     dropout_key: jax.Array | None,
     guide: Guide | None,
 ) -> tuple[jax.Array, jax.Array | None]:
@@ -68,7 +68,7 @@ def flash_attention(
         key_mask,
         patterns=patterns,
         token_masks=None if guide is None else guide.masks,
-        dropout_rate=dropout.rate if dropout_key is not None else 0.0,
+        dropout_rate=dropout_rate if dropout_key is not None else 0.0,
         dropout_key=dropout_key,
         after_dropout=True if guide is None else guide.after_dropout,
     )
@@ -83,12 +83,12 @@ def pallas_flash_attention(
     v: jax.Array,
     key_mask: jax.Array,
     *,
-    dropout: nnx.Dropout,
+    dropout_rate: float,
     dropout_key: jax.Array | None,
     guide: Guide | None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """The Pallas kernels (Triton on GPU, Mosaic on TPU, interpreted on CPU); no dropout."""
-    if dropout_key is not None and dropout.rate > 0.0:
+    if dropout_key is not None and dropout_rate > 0.0:
         raise ValueError(
             "model.attention='pallas' applies no attention dropout; set "
             "model.attention_dropout=0 or use model.attention='flash'"

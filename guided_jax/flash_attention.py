@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from guided_jax.dropout import keep_mask, keep_scale
 from guided_jax.guidance import HeadSpec, pattern_target
 
 # Per-head pattern codes.
@@ -164,8 +165,7 @@ def dropout_keep_mask(
     batch, heads, n, n_keys = shape
     blocks = -(-n_keys // block)
     tiles = [
-        jax.random.bernoulli(jax.random.fold_in(key, j), 1.0 - rate, (batch, heads, n, block))
-        for j in range(blocks)
+        keep_mask(jax.random.fold_in(key, j), rate, (batch, heads, n, block)) for j in range(blocks)
     ]
     return jnp.concatenate(tiles, axis=-1)[..., :n_keys]
 
@@ -186,11 +186,11 @@ def _blocks(x: jax.Array, block: int) -> jax.Array:
 
 
 def _keep_scale(static: _Static, key: jax.Array | None, j: jax.Array, shape) -> jax.Array | None:
-    """``mask / (1 - rate)`` of key block ``j``, or None without dropout."""
+    """The kept elements' scale (0 where dropped) of key block ``j``, or None without dropout."""
     if key is None or static.dropout_rate == 0.0:
         return None
-    keep = jax.random.bernoulli(jax.random.fold_in(key, j), 1.0 - static.dropout_rate, shape)
-    return keep.astype(jnp.float32) / (1.0 - static.dropout_rate)
+    keep = keep_mask(jax.random.fold_in(key, j), static.dropout_rate, shape)
+    return keep.astype(jnp.float32) * keep_scale(static.dropout_rate)
 
 
 def _scores(q: jax.Array, k_block: jax.Array, bias_block: jax.Array) -> jax.Array:
@@ -377,6 +377,11 @@ def flash_attention(
     token-set group's token is. Without ``dropout_key`` no dropout is applied.
     """
     n = q.shape[1]
+    if key_mask.shape != q.shape[:2] or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"attention expects q, k, v of shape [B, n, H, d] and key_mask [B, n]; got q "
+            f"{q.shape}, k {k.shape}, v {v.shape}, key_mask {key_mask.shape}"
+        )
     block = min(block, n)
     padded = -(-n // block) * block
     bias = jnp.where(key_mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)

@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from guided_jax.attention import ATTENTION, attention_bias, attention_probs
+from guided_jax.dropout import dropout
 from guided_jax.guidance import Guide
 from guided_jax.sharding import BATCH_AXES
 
@@ -257,7 +258,6 @@ class Embeddings(nnx.Module):
         if config.model_type == "roberta":
             self.position.embedding[...] = self.position.embedding[...].at[pad].set(0.0)
         self.norm = _layer_norm(config, rngs)
-        self.dropout = nnx.Dropout(config.dropout)
 
     def __call__(self, input_ids: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
         positions = position_ids(input_ids, self.config)
@@ -267,7 +267,7 @@ class Embeddings(nnx.Module):
             + _lookup(self.token_type, jnp.zeros_like(input_ids))
         )
         x = self.norm(x)
-        return self.dropout(x, deterministic=dropout_key is None, rngs=dropout_key)
+        return dropout(x, self.config.dropout, dropout_key)
 
 
 class SelfAttention(nnx.Module):
@@ -295,7 +295,7 @@ class SelfAttention(nnx.Module):
             kernel_metadata={"logical_axes": ("heads", "kv", "embed")},
             bias_metadata={"logical_axes": ("embed",)},
         )
-        self.attention_dropout = nnx.Dropout(config.attention_dropout)
+        self.attention_dropout = config.attention_dropout
         self.kernel = ATTENTION[config.attention]
 
     def __call__(
@@ -303,7 +303,13 @@ class SelfAttention(nnx.Module):
     ) -> tuple[jax.Array, jax.Array | None]:
         q, k, v = self.qkv(x)
         values, losses = self.kernel(
-            q, k, v, key_mask, dropout=self.attention_dropout, dropout_key=dropout_key, guide=guide
+            q,
+            k,
+            v,
+            key_mask,
+            dropout_rate=self.attention_dropout,
+            dropout_key=dropout_key,
+            guide=guide,
         )
         return self.out(values), losses
 
@@ -329,14 +335,13 @@ class EncoderLayer(nnx.Module):
         self.attention_norm = _layer_norm(config, rngs)
         self.ffn = FeedForward(config, rngs) if config.intermediate_size else None
         self.ffn_norm = _layer_norm(config, rngs) if config.intermediate_size else None
-        self.dropout = nnx.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def __call__(
         self, x: jax.Array, key_mask: jax.Array, dropout_key: jax.Array | None, guide: Guide | None
     ) -> tuple[jax.Array, jax.Array | None]:
         def drop(y: jax.Array, site: int) -> jax.Array:
-            key = _fold(dropout_key, site)
-            return self.dropout(y, deterministic=key is None, rngs=key)
+            return dropout(y, self.dropout, _fold(dropout_key, site))
 
         h, losses = self.attention(x, key_mask, _fold(dropout_key, 0), guide)
         x = self.attention_norm(x + drop(h, 1))

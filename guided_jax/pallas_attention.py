@@ -296,6 +296,11 @@ def pallas_attention(
     """Same contract as :func:`guided_jax.flash_attention.flash_attention` without dropout:
     ``[B, n, H, d]`` values and, with ``patterns``, each head's summed squared error ``[H]``."""
     batch, n, heads, _ = q.shape
+    if key_mask.shape != q.shape[:2] or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"attention expects q, k, v of shape [B, n, H, d] and key_mask [B, n]; got q "
+            f"{q.shape}, k {k.shape}, v {v.shape}, key_mask {key_mask.shape}"
+        )
     block = min(block, pl.next_power_of_2(n))
     padded = pl.cdiv(n, block) * block
     bias = jnp.where(key_mask, 0.0, _NEG).astype(jnp.float32)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from guided_jax.attention import attention_bias, attention_probs
+from guided_jax.dropout import keep_scale
 from guided_jax.flash_attention import HeadPatterns, dropout_keep_mask, flash_attention
 from guided_jax.guidance import (
     HeadSpec,
@@ -36,7 +37,7 @@ def _inputs(n: int, padded: bool, seed: int = 0):
 
 def _dense(q, k, v, key_mask, masks, *, keep, rate, after_dropout, spec=SPEC):
     probs = attention_probs(q, k, attention_bias(key_mask))
-    dropped = probs if keep is None else probs * keep / (1.0 - rate)
+    dropped = probs if keep is None else probs * keep * keep_scale(rate)
     out = jnp.einsum("bhqk,bkhd->bqhd", dropped, v)
     return out, group_losses(dropped if after_dropout else probs, spec, masks)
 

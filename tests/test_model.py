@@ -567,7 +567,7 @@ def test_blockwise_attention_gives_the_same_loss_and_gradients(
 
 def test_attention_kind_is_validated() -> None:
     with pytest.raises(ValueError, match=r"model\.attention must be one of .*'flash'"):
-        ModelConfig(attention="pallas").validate()
+        ModelConfig(attention="cudnn").validate()
 
 
 def test_remat_policy_is_validated() -> None:
