@@ -127,17 +127,22 @@ def selected_mlm_loss(
 ) -> jax.Array:
     """The MLM loss with the head run only on each row's selected positions (as many as
     :func:`max_predictions` allows for selection ``probability``); a batch with a fuller row
-    takes the head on every position instead, so the loss is always exact."""
+    takes the head on every position instead, so the loss is always exact. (Gathering over
+    groups of rows would need fewer positions, but XLA's gather and scatter over long rows cost
+    more than the smaller head saves: measured on CPU.)"""
     bound = max_predictions(labels.shape[1], probability)
     if bound >= labels.shape[1]:
         return mlm_loss(model.logits(hidden), labels, selected)
     positions, valid, fits = prediction_positions(selected, bound)
+    # Rematerialised: a cond keeps the residuals of both branches, and the full head's would
+    # be the [B, n, V] logits.
+    every_position = jax.checkpoint(lambda h: mlm_loss(model.logits(h), labels, selected))
     return jax.lax.cond(
         fits,
         lambda: mlm_loss(
             model.logits(hidden, positions), jnp.take_along_axis(labels, positions, 1), valid
         ),
-        lambda: mlm_loss(model.logits(hidden), labels, selected),
+        lambda: every_position(hidden),
     )
 
 
