@@ -309,6 +309,11 @@ def pallas_attention(
         q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
         bias = jnp.pad(bias, ((0, 0), (0, pad)), constant_values=_NEG)
     guided = patterns is not None
+    if guided and patterns.user:
+        raise ValueError(
+            f"the Pallas kernels score the built-in patterns only, not registered ones "
+            f"{list(patterns.user)}; use model.attention='flash' or 'dense'"
+        )
     if guided:
         kind = np.asarray(patterns.kind, np.int32)
         offset = np.asarray(patterns.offset, np.int32)

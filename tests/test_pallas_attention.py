@@ -80,3 +80,10 @@ def test_bfloat16_inputs_stay_close_to_float32() -> None:
     assert got_out.dtype == jnp.bfloat16
     np.testing.assert_allclose(got_out.astype(jnp.float32), want_out, atol=5e-2)
     np.testing.assert_allclose(got_losses, want_losses, rtol=5e-2)
+
+
+def test_registered_patterns_are_refused() -> None:
+    q, k, v, key_mask, _ = _inputs(8, padded=False)
+    patterns = HeadPatterns((4, 0), (0, 0), (0, 0), ("window1",), (0, 0))
+    with pytest.raises(ValueError, match=r"built-in patterns only.*'window1'"):
+        pallas_attention(q[:, :, :2], k[:, :, :2], v[:, :, :2], key_mask, patterns=patterns)
