@@ -1,5 +1,6 @@
-"""Flash vs dense attention on whatever backend JAX finds (run it on a GPU/TPU host; the test
-suite checks the same on CPU): values, guidance losses and gradients, float32.
+"""Flash (portable) and Pallas vs dense attention on whatever backend JAX finds (run it on a
+GPU/TPU host; the test suite checks the same on CPU, Pallas interpreted): values, guidance losses
+and gradients, float32, no dropout.
 
     python benchmarks/flash_check.py
 """
@@ -11,6 +12,7 @@ import numpy as np
 from guided_jax.attention import attention_bias, attention_probs
 from guided_jax.flash_attention import HeadPatterns, flash_attention
 from guided_jax.guidance import HeadSpec, group_losses, losses_from_head_sums, token_masks
+from guided_jax.pallas_attention import pallas_attention
 
 jax.config.update("jax_default_matmul_precision", "highest")
 spec = HeadSpec.parse("self:1,next:1,prev:1,first:2,token[7]:1")
@@ -34,20 +36,30 @@ def flash(q, k, v):
     return out, losses_from_head_sums(sums, spec, B, n)
 
 
+def pallas(q, k, v):
+    out, sums = pallas_attention(
+        q, k, v, mask, patterns=HeadPatterns.from_spec(spec, H), token_masks=masks
+    )
+    return out, losses_from_head_sums(sums, spec, B, n)
+
+
 def objective(f):
     return lambda *a: jnp.sum(jnp.sin(f(*a)[0])) + 1e3 * jnp.sum(f(*a)[1])
 
 
 print("device:", jax.devices()[0].device_kind)
-for name, got, want in [
-    ("out", jax.jit(flash)(q, k, v)[0], jax.jit(dense)(q, k, v)[0]),
-    ("losses", jax.jit(flash)(q, k, v)[1], jax.jit(dense)(q, k, v)[1]),
-    *zip(
-        ("dq", "dk", "dv"),
-        jax.jit(jax.grad(objective(flash), argnums=(0, 1, 2)))(q, k, v),
-        jax.jit(jax.grad(objective(dense), argnums=(0, 1, 2)))(q, k, v),
-        strict=True,
-    ),
-]:
-    err = float(np.max(np.abs(np.asarray(got) - np.asarray(want))))
-    print(f"{name}: max abs diff {err:.2e} (max |value| {float(np.max(np.abs(want))):.2e})")
+for label, kernel in (("flash", flash), ("pallas", pallas)):
+    checks = [
+        ("out", jax.jit(kernel)(q, k, v)[0], jax.jit(dense)(q, k, v)[0]),
+        ("losses", jax.jit(kernel)(q, k, v)[1], jax.jit(dense)(q, k, v)[1]),
+        *zip(
+            ("dq", "dk", "dv"),
+            jax.jit(jax.grad(objective(kernel), argnums=(0, 1, 2)))(q, k, v),
+            jax.jit(jax.grad(objective(dense), argnums=(0, 1, 2)))(q, k, v),
+            strict=True,
+        ),
+    ]
+    for name, got, want in checks:
+        err = float(np.max(np.abs(np.asarray(got) - np.asarray(want))))
+        scale = float(np.max(np.abs(want)))
+        print(f"{label} {name}: max abs diff {err:.2e} (max |value| {scale:.2e})")

@@ -31,17 +31,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import app, flags, logging
+from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
-from guided_jax import pipeline, sharding
+from guided_jax import diagnostics, pipeline, sharding
 from guided_jax.experiment import Experiment, prepare
 from guided_jax.masking import mask_tokens, mlm_loss
+from guided_jax.model import EncoderForMLM
 from guided_jax.train import build_train_program, make_optimizer
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/benchmark.py", "Benchmark shapes (configs/benchmark.py[:roberta_12])."
+    "config", None, "Benchmark shapes (configs/benchmark.py[:roberta_12])."
 )
 _STEPS = flags.DEFINE_integer("steps", 12, "Timed steps per arm (medians are reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per arm after compiling.")
@@ -111,12 +113,15 @@ def peak_flops(device: jax.Device) -> float | None:
 
 
 def model_flops_per_step(exp: Experiment) -> float:
-    """Training FLOPs of one step (forward + backward = 3x forward) counting matmuls only:
-    ``6 N`` per token for the ``N`` weights used in matmuls, plus ``12 L n d`` for attention."""
-    m, tokens = exp.model, exp.config.train.batch_size * exp.config.data.block_size
-    d, layers, n = m.hidden_size, m.num_layers, exp.config.data.block_size
-    matmul_weights = layers * (4 * d * d + 2 * d * m.intermediate_size) + d * d + d * m.vocab_size
-    return tokens * (6 * matmul_weights + 12 * layers * n * d)
+    """Useful training FLOPs of one step (forward + backward = 3x forward), matmuls only:
+    ``6 N`` per token for the encoder's ``N`` matmul weights and ``12 L n d`` for attention,
+    plus the MLM head (dense + decoder) on the selected ~15% of tokens the loss needs (an arm
+    that projects every position does that extra work at a lower utilisation)."""
+    m, cfg = exp.model, exp.config
+    tokens, n, d = cfg.train.batch_size * cfg.data.block_size, cfg.data.block_size, m.hidden_size
+    encoder = m.num_layers * (4 * d * d + 2 * d * m.intermediate_size)
+    head = cfg.data.mlm_probability * (d * d + d * m.vocab_size)
+    return tokens * (6 * (encoder + head) + 12 * m.num_layers * n * d)
 
 
 def compiled_memory(compiled: Any) -> int | None:
@@ -247,6 +252,7 @@ def benchmark(
         for _ in range(rounds):
             for arm in arms:
                 arm.run(batches, per_round, record=True)
+        diagnostics_ms = diagnostics_time(exp, arms[1].state.params, batches, steps) * 1000
     results = {
         arm.name: ArmResult(arm.name, arm.times, tokens, compiled_memory(arm.compiled))
         for arm in arms
@@ -259,7 +265,22 @@ def benchmark(
         device=jax.devices()[0],
         device_count=len(jax.devices()),
         input_examples_per_sec=input_pipeline_rate(exp),
+        diagnostics_ms=diagnostics_ms,
     )
+
+
+def diagnostics_time(exp: Experiment, params: Any, batches: list[jax.Array], calls: int) -> float:
+    """Median seconds of one call of the head diagnostics (``train.diagnostics``), which a run
+    makes on its log steps only."""
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: EncoderForMLM(exp.model, rngs=nnx.Rngs(0))))
+    step = jax.jit(diagnostics.make_diagnostics_step(exp, graphdef))
+    jax.block_until_ready(step(params, batches[0]))
+    times = []
+    for i in range(calls):
+        start = time.perf_counter()
+        jax.block_until_ready(step(params, batches[i % len(batches)]))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def ratios(arms: dict[str, ArmResult]) -> dict[str, float]:
@@ -298,6 +319,12 @@ def report(results: dict[str, Any]) -> list[str]:
     if "peak_bytes_in_use" in stats:
         lines.append(f"device peak memory (all arms): {stats['peak_bytes_in_use'] / 2**30:.2f} GiB")
     lines.append(f"input pipeline: {results['input_examples_per_sec']:.0f} examples/s")
+    log_every = exp.config.train.log_every
+    share = results["diagnostics_ms"] / (log_every * 1000 * arms["ours_guided"].median)
+    lines.append(
+        f"head diagnostics: {results['diagnostics_ms']:.1f} ms per log step, "
+        f"{100 * share:.2f}% of training time at train.log_every={log_every}"
+    )
     lines.append(" ".join(f"{k}={v:.3f}x" for k, v in ratios(arms).items()))
     return lines
 
@@ -373,4 +400,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
     app.run(main)
