@@ -48,6 +48,17 @@ def dense_attention(
     return out, losses
 
 
+def _scored(guide: Guide | None, out: jax.Array, head_sums: jax.Array | None):
+    """The blockwise kernels' per-head sums as the per-group losses a layer returns."""
+    if guide is None:
+        return out, None
+    return out, losses_from_head_sums(head_sums, guide.spec, out.shape[0], out.shape[1])
+
+
+def _patterns(guide: Guide | None, num_heads: int) -> flash.HeadPatterns | None:
+    return None if guide is None else flash.HeadPatterns.from_spec(guide.spec, num_heads)
+
+
 def flash_attention(
     q: jax.Array,
     k: jax.Array,
@@ -60,21 +71,18 @@ def flash_attention(
 ) -> tuple[jax.Array, jax.Array | None]:
     """Blockwise attention; guided heads are scored inside the kernel. Dropout masks are drawn
     per key block (not the same draws as ``dense``, the same distribution)."""
-    patterns = None if guide is None else flash.HeadPatterns.from_spec(guide.spec, q.shape[2])
     out, head_sums = flash.flash_attention(
         q,
         k,
         v,
         key_mask,
-        patterns=patterns,
+        patterns=_patterns(guide, q.shape[2]),
         token_masks=None if guide is None else guide.masks,
         dropout_rate=dropout_rate if dropout_key is not None else 0.0,
         dropout_key=dropout_key,
         after_dropout=True if guide is None else guide.after_dropout,
     )
-    if guide is None:
-        return out, None
-    return out, losses_from_head_sums(head_sums, guide.spec, q.shape[0], q.shape[1])
+    return _scored(guide, out, head_sums)
 
 
 def pallas_flash_attention(
@@ -93,19 +101,16 @@ def pallas_flash_attention(
             "model.attention='pallas' applies no attention dropout; set "
             "model.attention_dropout=0 or use model.attention='flash'"
         )
-    patterns = None if guide is None else flash.HeadPatterns.from_spec(guide.spec, q.shape[2])
     out, head_sums = pallas.pallas_attention(
         q,
         k,
         v,
         key_mask,
-        patterns=patterns,
+        patterns=_patterns(guide, q.shape[2]),
         token_masks=None if guide is None else guide.masks,
         interpret=jax.default_backend() == "cpu",
     )
-    if guide is None:
-        return out, None
-    return out, losses_from_head_sums(head_sums, guide.spec, q.shape[0], q.shape[1])
+    return _scored(guide, out, head_sums)
 
 
 ATTENTION = {"dense": dense_attention, "flash": flash_attention, "pallas": pallas_flash_attention}

@@ -158,6 +158,20 @@ def _user_row_stats(patterns: HeadPatterns, n: int) -> tuple[jax.Array, jax.Arra
     return jnp.asarray(single)[None], jnp.asarray(extra)[None]
 
 
+def head_token_masks(
+    patterns: HeadPatterns | None, token_masks: jax.Array | None, padded: int
+) -> jax.Array | None:
+    """``[B, H, padded]``: where each token-set head's token is (keys past ``n`` padded with 0),
+    or None when no head has a token set."""
+    if patterns is None or _TOKEN not in patterns.kind:
+        return None
+    if token_masks is None:
+        raise ValueError("guided token-set heads need token_masks")
+    per_head = jnp.take(token_masks.astype(jnp.float32), np.asarray(patterns.token_group), axis=0)
+    per_head = jnp.swapaxes(per_head, 0, 1)  # [B, H, n]
+    return jnp.pad(per_head, ((0, 0), (0, 0), (0, padded - per_head.shape[-1])))
+
+
 def dropout_keep_mask(
     key: jax.Array, shape: tuple[int, int, int, int], rate: float, block: int
 ) -> jax.Array:
@@ -389,15 +403,7 @@ def flash_attention(
         pad = ((0, 0), (0, padded - n), (0, 0), (0, 0))
         k, v = jnp.pad(k, pad), jnp.pad(v, pad)
         bias = jnp.pad(bias, ((0, 0), (0, padded - n)), constant_values=jnp.finfo(jnp.float32).min)
-    head_tokens = None
-    if patterns is not None and _TOKEN in patterns.kind:
-        if token_masks is None:
-            raise ValueError("guided token-set heads need token_masks")
-        head_tokens = jnp.take(
-            token_masks.astype(jnp.float32), np.asarray(patterns.token_group), axis=0
-        )  # [H, B, n]
-        head_tokens = jnp.swapaxes(head_tokens, 0, 1)
-        head_tokens = jnp.pad(head_tokens, ((0, 0), (0, 0), (0, padded - n)))
+    head_tokens = head_token_masks(patterns, token_masks, padded)
     key = dropout_key if dropout_rate > 0.0 else None
     static = _Static(patterns, float(dropout_rate), after_dropout, block, n)
     out, head_sums = _flash(static, q, k, v, bias, head_tokens, key)

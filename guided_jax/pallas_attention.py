@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from guided_jax.flash_attention import _DIAGONAL, _FIRST, _TOKEN, HeadPatterns
+from guided_jax.flash_attention import _DIAGONAL, _FIRST, _TOKEN, HeadPatterns, head_token_masks
 
 _NEG = float(jnp.finfo(jnp.float32).min)
 
@@ -319,12 +319,9 @@ def pallas_attention(
         offset = np.asarray(patterns.offset, np.int32)
     else:
         kind, offset = np.zeros(heads, np.int32), np.zeros(heads, np.int32)
-    tokens = jnp.zeros((batch, heads, padded), jnp.float32)
-    if guided and _TOKEN in patterns.kind:
-        if token_masks is None:
-            raise ValueError("guided token-set heads need token_masks")
-        per_head = jnp.take(token_masks.astype(jnp.float32), np.asarray(patterns.token_group), 0)
-        tokens = jnp.pad(jnp.swapaxes(per_head, 0, 1), ((0, 0), (0, 0), (0, pad)))
+    tokens = head_token_masks(patterns, token_masks, padded)
+    if tokens is None:  # the kernels always take one
+        tokens = jnp.zeros((batch, heads, padded), jnp.float32)
     static = _Static(guided, block, n, interpret)
     out, head_sums = _attention(static, jnp.asarray(kind), jnp.asarray(offset), q, k, v, bias,
                                 tokens)  # fmt: skip
