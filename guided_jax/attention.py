@@ -11,15 +11,22 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from guided_jax import documents
 from guided_jax import flash_attention as flash
 from guided_jax import pallas_attention as pallas
 from guided_jax.dropout import dropout
 from guided_jax.guidance import Guide, losses_from_head_sums
 
 
-def attention_bias(key_mask: jax.Array, dtype: jnp.dtype = jnp.float32) -> jax.Array:
-    """Additive ``[B, 1, 1, n]`` bias that hides padded keys."""
-    return jnp.where(key_mask, 0.0, jnp.finfo(dtype).min).astype(dtype)[:, None, None, :]
+def attention_bias(
+    key_mask: jax.Array, dtype: jnp.dtype = jnp.float32, segment_ids: jax.Array | None = None
+) -> jax.Array:
+    """Additive ``[B, 1, 1, n]`` bias that hides padded keys; with ``segment_ids`` ``[B, n]``,
+    ``[B, 1, n, n]`` that also hides other documents' keys (:mod:`guided_jax.documents`)."""
+    if segment_ids is None:
+        return jnp.where(key_mask, 0.0, jnp.finfo(dtype).min).astype(dtype)[:, None, None, :]
+    seen = key_mask[:, None, :] & documents.visible(segment_ids, segment_ids)
+    return jnp.where(seen, 0.0, jnp.finfo(dtype).min).astype(dtype)[:, None]
 
 
 def attention_probs(q: jax.Array, k: jax.Array, bias: jax.Array) -> jax.Array:
@@ -37,9 +44,10 @@ def dense_attention(
     dropout_rate: float,
     dropout_key: jax.Array | None,
     guide: Guide | None,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Softmax attention with the full ``[B, H, n, n]`` probabilities (the reference path)."""
-    probs = attention_probs(q, k, attention_bias(key_mask))
+    probs = attention_probs(q, k, attention_bias(key_mask, segment_ids=segment_ids))
     dropped = dropout(probs, dropout_rate, dropout_key)
     losses = None
     if guide is not None:
@@ -68,6 +76,7 @@ def flash_attention(
     dropout_rate: float,
     dropout_key: jax.Array | None,
     guide: Guide | None,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Blockwise attention; guided heads are scored inside the kernel. Dropout masks are drawn
     per key block (not the same draws as ``dense``, the same distribution)."""
@@ -81,6 +90,7 @@ def flash_attention(
         dropout_rate=dropout_rate if dropout_key is not None else 0.0,
         dropout_key=dropout_key,
         after_dropout=True if guide is None else guide.after_dropout,
+        segment_ids=segment_ids,
     )
     return _scored(guide, out, head_sums)
 
@@ -94,8 +104,15 @@ def pallas_flash_attention(
     dropout_rate: float,
     dropout_key: jax.Array | None,
     guide: Guide | None,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
-    """The Pallas kernels (Triton on GPU, Mosaic on TPU, interpreted on CPU); no dropout."""
+    """The Pallas kernels (Triton on GPU, Mosaic on TPU, interpreted on CPU); no dropout and
+    no per-document masks."""
+    if segment_ids is not None:
+        raise ValueError(
+            "model.attention='pallas' applies no per-document attention masks; set "
+            "data.document_masks=false or use model.attention='flash'"
+        )
     if dropout_key is not None and dropout_rate > 0.0:
         raise ValueError(
             "model.attention='pallas' applies no attention dropout; set "

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from guided_jax import documents
 from guided_jax.dropout import keep_mask, keep_scale
 from guided_jax.guidance import HeadSpec, pattern_target
 
@@ -207,12 +208,30 @@ def _keep_scale(static: _Static, key: jax.Array | None, j: jax.Array, shape) -> 
     return keep.astype(jnp.float32) * keep_scale(static.dropout_rate)
 
 
-def _scores(q: jax.Array, k_block: jax.Array, bias_block: jax.Array) -> jax.Array:
+def _scores(
+    q: jax.Array,
+    k_block: jax.Array,
+    bias_block: jax.Array,
+    segments: jax.Array | None = None,
+    segments_block: jax.Array | None = None,
+) -> jax.Array:
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k_block, preferred_element_type=jnp.float32)
-    return s * q.shape[-1] ** -0.5 + bias_block[:, None, None, :]
+    s = s * q.shape[-1] ** -0.5 + bias_block[:, None, None, :]
+    if segments is None:
+        return s
+    # Another document's keys: hidden like padding (data.document_masks).
+    seen = documents.visible(segments, segments_block)[:, None]
+    return jnp.where(seen, s, jnp.finfo(jnp.float32).min)
 
 
-def _forward(static: _Static, q, k, v, bias, head_tokens, key):
+def _segment_blocks(segments: jax.Array | None, batch: int, block: int) -> jax.Array | None:
+    """``[B, n_padded]`` key segment ids → ``[n_blocks, B, block]`` for scanning (or None)."""
+    if segments is None:
+        return None
+    return jnp.moveaxis(segments.reshape(batch, -1, block), 1, 0)
+
+
+def _forward(static: _Static, q, k, v, bias, head_tokens, key, segments=None):
     batch, n, heads, _ = q.shape
     block = static.block
     guided = static.patterns is not None
@@ -223,14 +242,15 @@ def _forward(static: _Static, q, k, v, bias, head_tokens, key):
         acc=jnp.zeros((batch, heads, n, v.shape[-1]), jnp.float32),
     )
     user = _user_targets(static.patterns, static.n, k.shape[1]) if guided else None
+    query_segments = None if segments is None else segments[:, :n]
     if guided:
         init.update(off=init["l"], on1=init["l"])
         if head_tokens is not None or user is not None:  # several targets per row are possible
             init.update(on2=init["l"])
 
     def body(carry, xs):
-        j, k_j, v_j, bias_j = xs
-        s = _scores(q, k_j, bias_j)
+        j, k_j, v_j, bias_j, segments_j = xs
+        s = _scores(q, k_j, bias_j, query_segments, segments_j)
         m = jnp.maximum(carry["m"], jnp.max(s, axis=-1))
         alpha = jnp.exp(carry["m"] - m)
         e = jnp.exp(s - m[..., None])
@@ -265,6 +285,7 @@ def _forward(static: _Static, q, k, v, bias, head_tokens, key):
         _blocks(k, block),
         _blocks(v, block),
         jnp.moveaxis(bias.reshape(batch, -1, block), 1, 0),
+        _segment_blocks(segments, batch, block),
     )
     carry, _ = jax.lax.scan(body, init, xs)
     total = carry["l"]
@@ -290,7 +311,8 @@ def _forward(static: _Static, q, k, v, bias, head_tokens, key):
 
 
 def _backward(static: _Static, res, cotangents):
-    q, k, v, bias, head_tokens, key, out, lse, row_pull = res
+    q, k, v, bias, head_tokens, key, segments, out, lse, row_pull = res
+    query_segments = None if segments is None else segments[:, : q.shape[1]]
     d_out, d_head_sums = cotangents
     batch, n = q.shape[:2]
     block = static.block
@@ -304,8 +326,8 @@ def _backward(static: _Static, res, cotangents):
     scale_qk = q.shape[-1] ** -0.5
 
     def body(dq, xs):
-        j, k_j, v_j, bias_j = xs
-        probs = jnp.exp(_scores(q, k_j, bias_j) - lse[..., None])
+        j, k_j, v_j, bias_j, segments_j = xs
+        probs = jnp.exp(_scores(q, k_j, bias_j, query_segments, segments_j) - lse[..., None])
         scale = _keep_scale(static, key, j, probs.shape)
         dropped = probs if scale is None else probs * scale
         dv_j = jnp.einsum(
@@ -339,6 +361,7 @@ def _backward(static: _Static, res, cotangents):
         _blocks(k, block),
         _blocks(v, block),
         jnp.moveaxis(bias.reshape(batch, -1, block), 1, 0),
+        _segment_blocks(segments, batch, block),
     )
     dq, (dk, dv) = jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32), xs)
 
@@ -352,18 +375,19 @@ def _backward(static: _Static, res, cotangents):
         None,
         None,
         None,
+        None,
     )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(static: _Static, q, k, v, bias, head_tokens, key):
-    out, head_sums, _ = _forward(static, q, k, v, bias, head_tokens, key)
+def _flash(static: _Static, q, k, v, bias, head_tokens, key, segments):
+    out, head_sums, _ = _forward(static, q, k, v, bias, head_tokens, key, segments)
     return out, head_sums
 
 
-def _flash_fwd(static: _Static, q, k, v, bias, head_tokens, key):
-    out, head_sums, (lse, row_pull) = _forward(static, q, k, v, bias, head_tokens, key)
-    res = (q, k, v, bias, head_tokens, key, out, lse, row_pull)
+def _flash_fwd(static: _Static, q, k, v, bias, head_tokens, key, segments):
+    out, head_sums, (lse, row_pull) = _forward(static, q, k, v, bias, head_tokens, key, segments)
+    res = (q, k, v, bias, head_tokens, key, segments, out, lse, row_pull)
     return (out, head_sums), res
 
 
@@ -382,6 +406,7 @@ def flash_attention(
     dropout_key: jax.Array | None = None,
     after_dropout: bool = True,
     block: int = 512,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """``q, k, v``: ``[B, n, H, d]``; ``key_mask``: ``[B, n]`` keys to attend to.
 
@@ -389,6 +414,8 @@ def flash_attention(
     over batch and queries of ``Σ_keys (a - P)²`` (``[H]``, zero for unguided heads), whose
     gradient flows back into ``q`` and ``k``. ``token_masks`` ``[T, B, n]`` says where each
     token-set group's token is. Without ``dropout_key`` no dropout is applied.
+    ``segment_ids`` ``[B, n]`` keeps each query inside its document (see
+    :mod:`guided_jax.documents`), masked per tile in both passes.
     """
     n = q.shape[1]
     if key_mask.shape != q.shape[:2] or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
@@ -404,7 +431,15 @@ def flash_attention(
         k, v = jnp.pad(k, pad), jnp.pad(v, pad)
         bias = jnp.pad(bias, ((0, 0), (0, padded - n)), constant_values=jnp.finfo(jnp.float32).min)
     head_tokens = head_token_masks(patterns, token_masks, padded)
+    segments = None
+    if segment_ids is not None:
+        if segment_ids.shape != key_mask.shape:
+            raise ValueError(
+                f"segment_ids must be [B, n] like key_mask {key_mask.shape}, got "
+                f"{segment_ids.shape}"
+            )
+        segments = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, padded - n)))
     key = dropout_key if dropout_rate > 0.0 else None
     static = _Static(patterns, float(dropout_rate), after_dropout, block, n)
-    out, head_sums = _flash(static, q, k, v, bias, head_tokens, key)
+    out, head_sums = _flash(static, q, k, v, bias, head_tokens, key, segments)
     return jnp.swapaxes(out, 1, 2), head_sums  # [B, n, H, d]

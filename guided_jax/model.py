@@ -299,7 +299,12 @@ class SelfAttention(nnx.Module):
         self.kernel = ATTENTION[config.attention]
 
     def __call__(
-        self, x: jax.Array, key_mask: jax.Array, dropout_key: jax.Array | None, guide: Guide | None
+        self,
+        x: jax.Array,
+        key_mask: jax.Array,
+        dropout_key: jax.Array | None,
+        guide: Guide | None,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
         q, k, v = self.qkv(x)
         values, losses = self.kernel(
@@ -310,6 +315,7 @@ class SelfAttention(nnx.Module):
             dropout_rate=self.attention_dropout,
             dropout_key=dropout_key,
             guide=guide,
+            segment_ids=segment_ids,
         )
         return self.out(values), losses
 
@@ -338,12 +344,17 @@ class EncoderLayer(nnx.Module):
         self.dropout = config.dropout
 
     def __call__(
-        self, x: jax.Array, key_mask: jax.Array, dropout_key: jax.Array | None, guide: Guide | None
+        self,
+        x: jax.Array,
+        key_mask: jax.Array,
+        dropout_key: jax.Array | None,
+        guide: Guide | None,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
         def drop(y: jax.Array, site: int) -> jax.Array:
             return dropout(y, self.dropout, _fold(dropout_key, site))
 
-        h, losses = self.attention(x, key_mask, _fold(dropout_key, 0), guide)
+        h, losses = self.attention(x, key_mask, _fold(dropout_key, 0), guide, segment_ids)
         x = self.attention_norm(x + drop(h, 1))
         if self.ffn is not None:
             x = self.ffn_norm(x + drop(self.ffn(x), 2))
@@ -382,13 +393,14 @@ class EncoderForMLM(nnx.Module):
         key_mask: jax.Array,
         key: jax.Array | None,
         guide: Guide | None,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
         """One layer, rematerialised in the backward per ``config.remat``."""
         if self.config.remat == "none":
-            return layer(x, key_mask, key, guide)
+            return layer(x, key_mask, key, guide, segment_ids)
 
         def forward(layer: EncoderLayer, x: jax.Array, mask: jax.Array, key: jax.Array | None):
-            return layer(x, mask, key, guide)
+            return layer(x, mask, key, guide, segment_ids)
 
         policy = REMAT_POLICIES[self.config.remat]
         return nnx.remat(forward, policy=policy)(layer, x, key_mask, key)
@@ -402,6 +414,7 @@ class EncoderForMLM(nnx.Module):
         guide: Guide | None = None,
         return_attentions: bool = False,
         return_hidden: bool = False,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, Any]]:
         """``(mlm_logits [B, n, V], aux)``; arguments as for :meth:`encode`. ``return_hidden``
         also returns the last layer's output ``[B, n, d]`` in ``aux["hidden"]`` (for fine-tuning
@@ -412,6 +425,7 @@ class EncoderForMLM(nnx.Module):
             dropout_key=dropout_key,
             guide=guide,
             return_attentions=return_attentions,
+            segment_ids=segment_ids,
         )
         if return_hidden:
             aux["hidden"] = hidden
@@ -433,12 +447,15 @@ class EncoderForMLM(nnx.Module):
         dropout_key: jax.Array | None = None,
         guide: Guide | None = None,
         return_attentions: bool = False,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, Any]]:
         """The encoder's output ``[B, n, d]`` and ``aux``. ``attention_mask`` ``[B, n]`` marks
         the keys to attend to (default: the non-pad ids; pass the unmasked batch's when MLM noise
         may have drawn the pad id, as the reference takes it from the tokenizer);
         ``dropout_key=None`` runs deterministically (eval); ``guide`` turns on the guidance
-        statistics; ``return_attentions`` also returns every layer's full maps (for analysis)."""
+        statistics; ``return_attentions`` also returns every layer's full maps (for analysis);
+        ``segment_ids`` ``[B, n]`` keeps each token's attention inside its document
+        (``data.document_masks``, see :mod:`guided_jax.documents`)."""
         if input_ids.shape[-1] > self.config.max_block_size:
             raise ValueError(
                 f"input of {input_ids.shape[-1]} tokens is longer than the model's "
@@ -456,8 +473,9 @@ class EncoderForMLM(nnx.Module):
             layer_guide = None if guide is None else guide.for_layer(index)
             if return_attentions:
                 q, k, _ = layer.attention.qkv(x)
-                attentions.append(attention_probs(q, k, attention_bias(key_mask)))
-            x, losses = self._run_layer(layer, x, key_mask, key, layer_guide)
+                bias = attention_bias(key_mask, segment_ids=segment_ids)
+                attentions.append(attention_probs(q, k, bias))
+            x, losses = self._run_layer(layer, x, key_mask, key, layer_guide, segment_ids)
             x = constrain_to_batch(x)
             if losses is not None:
                 guidance.append(losses)
