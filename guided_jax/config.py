@@ -94,6 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.cache_dir = ""  # tokenized blocks, reused by reruns; "" = WORKDIR/token_cache
     config.data.tokenizer_max_documents = 1_000_000  # sample to train a tokenizer on; 0 = all
     config.data.prefetch = 2  # batches read ahead on background threads
+    # true: each token attends only to its own document within a packed block; the block's
+    # <s> and </s> still see and are seen by every document (off = the reference)
+    config.data.document_masks = False
 
     config.train = ml_collections.ConfigDict()
     config.train.steps = 10000

@@ -34,6 +34,7 @@ __all__ = [
     "eval_batches",
     "load_corpus",
     "pack_blocks",
+    "pack_starts",
     "read_text_file",
     "read_text_files",
     "split_blocks",
@@ -294,6 +295,32 @@ def pack_blocks(
     blocks[:, -1] = eos_id
     blocks[:, 1:-1] = stream[: num_blocks * chunk].reshape(num_blocks, chunk)
     return blocks
+
+
+def start_flags(lengths: Sequence[int]) -> np.ndarray:
+    """The uint8 flag stream of documents of these token ``lengths`` run together: 1 at each
+    document's first token (documents without tokens start nowhere)."""
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    flags = np.zeros(int(lengths.sum()), dtype=np.uint8)
+    firsts = np.cumsum(lengths) - lengths
+    flags[firsts[lengths > 0]] = 1
+    return flags
+
+
+def pack_starts(lengths: Sequence[int], block_size: int) -> np.ndarray:
+    """``[num_blocks, block_size]`` uint8: 1 where a document starts, in the blocks that
+    :func:`pack_blocks` cuts from documents of these token ``lengths`` (0 in the bos and eos
+    columns). ``data.document_masks`` turns these into attention masks
+    (:mod:`guided_jax.documents`)."""
+    block_size = _positive_int(block_size, "block_size")
+    if block_size < 3:
+        raise ValueError(f"block_size must be at least 3 (bos, one token, eos), got {block_size}")
+    stream = start_flags(lengths)
+    chunk = block_size - 2
+    num_blocks = stream.size // chunk
+    starts = np.zeros((num_blocks, block_size), dtype=np.uint8)
+    starts[:, 1:-1] = stream[: num_blocks * chunk].reshape(num_blocks, chunk)
+    return starts
 
 
 def split_blocks(blocks: np.ndarray, eval_fraction: float) -> tuple[np.ndarray, np.ndarray]:

@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 from matplotlib.figure import Figure
 
+from guided_jax import documents
 from guided_jax.guidance import Guide, PatternGroup, Spec, target_predicate, token_masks
 from guided_jax.metrics import read_metrics
 
@@ -135,8 +136,11 @@ def make_diagnostics_step(
 
     def diagnostics_step(params: nnx.State, batch: jax.Array) -> dict[str, jax.Array]:
         model = nnx.merge(graphdef, params)
+        batch, segment_ids = documents.split_batch(batch)  # [B, 2, n]: data.document_masks
         attend = batch != pad_id
-        _, aux = model(batch, attention_mask=attend, return_attentions=True)
+        _, aux = model(
+            batch, attention_mask=attend, return_attentions=True, segment_ids=segment_ids
+        )
         masks = token_masks(batch, exp.token_ids) if exp.token_ids else None
         values = head_diagnostics(aux["attentions"], spec, attend, masks)
         return flat_metrics(values, spec)

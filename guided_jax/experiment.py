@@ -48,6 +48,9 @@ class Experiment:
     tokenizer: Tokenizer
     train_blocks: np.ndarray  # [N, block_size] int32; a read-only memmap of the token cache
     eval_blocks: np.ndarray
+    # [N, block_size] uint8, 1 where a document starts; only with data.document_masks.
+    train_starts: np.ndarray | None = None
+    eval_starts: np.ndarray | None = None
 
 
 def _split_paths(value: str) -> list[str]:
@@ -217,6 +220,11 @@ def _check_resolved_config(config: ml_collections.ConfigDict) -> None:
             f"data.mlm_probability must be in (0, 1), got {config.data.mlm_probability}"
         )
     model = build_model_config(config, vocab_size=None)  # shape checks; vocab checked later
+    if config.data.get("document_masks", False) and model.attention == "pallas":
+        raise ConfigError(
+            "data.document_masks=true needs per-document attention masks, which "
+            "model.attention='pallas' does not apply; use 'dense' or 'flash'"
+        )
     spec = head_spec(config)
     if spec is not None:
         spec.validate(num_heads=model.num_heads, num_layers=model.num_layers)
@@ -250,6 +258,7 @@ ADDED_KEYS = {
     "data.documents": "line",
     "data.text_field": "text",
     "data.tokenizer_max_documents": 1_000_000,
+    "data.document_masks": False,
 }
 
 
@@ -326,17 +335,33 @@ class _Blocks:
         what: str,
     ) -> None:
         self.scratch: Path | None = None
+        self.with_starts = bool(config.data.get("document_masks", False))
+        self.starts: np.ndarray | None = None
         block_size = config.data.block_size
         if len(found) == 1 and isinstance(found[0], sources.CachedBlocks):
-            self.blocks = _cached_source_blocks(found[0].path, tokenizer, block_size)
+            path = found[0].path
+            self.blocks = _cached_source_blocks(path, tokenizer, block_size)
+            if self.with_starts:
+                self.starts = token_cache.load_starts(path)
+                if self.starts is None:
+                    raise ConfigError(
+                        f"token cache {path!r} records no document starts, which "
+                        f"data.document_masks=true needs; use the text sources themselves (the "
+                        f"run builds a cache entry with them) or set data.document_masks=false"
+                    )
             return
         self.key, meta = token_cache.cache_key(
-            tokenizer, sources.fingerprint(found), block_size, separator="\n"
+            tokenizer,
+            sources.fingerprint(found),
+            block_size,
+            separator="\n",
+            document_starts=self.with_starts,
         )
         self.final = cache_dir(config, workdir) / self.key
         blocks = token_cache.load(self.final)
         if blocks is not None:
             self.blocks = blocks
+            self.starts = self._load_starts()
             return
         parent = self.final.parent if self.final.parent.is_dir() else None
         self.scratch = Path(tempfile.mkdtemp(prefix="guided_jax_tokens_", dir=parent))
@@ -349,7 +374,10 @@ class _Blocks:
                 {**meta, "what": what, "described": [s.describe() for s in found]},
                 total=sources.count_documents(found),
                 description=f"tokenize {what}",
+                document_starts=self.with_starts,
             )
+            if self.with_starts:
+                self.starts = token_cache.load_starts(self.scratch / self.key)
         except BaseException:
             shutil.rmtree(self.scratch, ignore_errors=True)
             raise
@@ -365,12 +393,22 @@ class _Blocks:
             loaded = token_cache.load(self.final)
             assert loaded is not None
             self.blocks = loaded
+            self.starts = self._load_starts()
         return self.blocks
+
+    def _load_starts(self) -> np.ndarray | None:
+        """The entry's document-start flags when the config asks for them."""
+        if not self.with_starts:
+            return None
+        starts = token_cache.load_starts(self.final)
+        assert starts is not None  # the key of an entry with starts differs from one without
+        return starts
 
     def discard(self) -> None:
         """Removes the scratch directory (its blocks are copied into memory first)."""
         if self.scratch is not None:
             self.blocks = np.array(self.blocks)
+            self.starts = None if self.starts is None else np.array(self.starts)
             shutil.rmtree(self.scratch, ignore_errors=True)
             self.scratch = None
 
@@ -434,7 +472,10 @@ def prepare(
         for part in built:
             part.discard()
     train_blocks, eval_blocks = _split(config, [b.blocks for b in built])
-    return Experiment(config, model, spec, token_ids, tokenizer, train_blocks, eval_blocks)
+    starts: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
+    if config.data.get("document_masks", False):
+        starts = _split(config, [b.starts for b in built])
+    return Experiment(config, model, spec, token_ids, tokenizer, train_blocks, eval_blocks, *starts)
 
 
 def _split(

@@ -13,6 +13,10 @@ the same whatever the number of processes.
 The iterator is a ``grain`` dataset iterator: its state (the next step) goes into each orbax
 checkpoint with ``grain.checkpoint.CheckpointSave`` and comes back with ``CheckpointRestore``,
 so a resumed run sees exactly the batches an uninterrupted run would have.
+
+With ``data.document_masks`` each example is ``[2, block_size]``: the block's token ids and its
+document-start flags (:class:`BlocksWithStarts`), so batches are ``[rows, 2, block_size]``
+(:func:`guided_jax.documents.split_batch` takes them apart); otherwise the flags are never read.
 """
 
 from __future__ import annotations
@@ -28,6 +32,35 @@ if TYPE_CHECKING:
     from guided_jax.experiment import Experiment
 
 
+class BlocksWithStarts:
+    """Random access to ``[2, block_size]`` int32 examples: a block's token ids over its
+    document-start flags (both read from the token cache's memmaps only when asked for)."""
+
+    def __init__(self, blocks: np.ndarray, starts: np.ndarray) -> None:
+        if starts.shape != blocks.shape:
+            raise ValueError(
+                f"document-start flags of shape {starts.shape} do not match the blocks' "
+                f"{blocks.shape}"
+            )
+        self.blocks, self.starts = blocks, starts
+        self.shape = (blocks.shape[0], 2, blocks.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return np.stack([self.blocks[index], self.starts[index].astype(np.int32)])
+
+    def rows(self, index: slice) -> np.ndarray:
+        """Several examples at once, ``[k, 2, block_size]`` (for the fixed eval batches)."""
+        return np.stack([self.blocks[index], self.starts[index].astype(np.int32)], axis=1)
+
+
+def examples(blocks: np.ndarray, starts: np.ndarray | None) -> np.ndarray | BlocksWithStarts:
+    """What batches are cut from: the blocks, or the blocks with their document starts."""
+    return blocks if starts is None else BlocksWithStarts(blocks, starts)
+
+
 def shard_of_rows(rows: slice, batch_size: int) -> tuple[int, int]:
     """``(shard_index, shard_count)`` of a process that feeds ``rows`` of each global batch."""
     start, stop = rows.start or 0, batch_size if rows.stop is None else rows.stop
@@ -40,13 +73,17 @@ def shard_of_rows(rows: slice, batch_size: int) -> tuple[int, int]:
 
 
 def batch_dataset(
-    blocks: np.ndarray, batch_size: int, seed: int, rows: slice | None = None
+    blocks: np.ndarray | BlocksWithStarts,
+    batch_size: int,
+    seed: int,
+    rows: slice | None = None,
 ) -> grain.MapDataset:
     """Step ``s`` → this process's ``rows`` of global batch ``s`` (all rows by default), as an
-    endless random-access ``grain.MapDataset``."""
+    endless random-access ``grain.MapDataset``. ``blocks`` may carry document starts
+    (:func:`examples`)."""
     if len(blocks) < batch_size:
         raise CorpusError(
-            f"corpus has {len(blocks)} blocks of {blocks.shape[1]} tokens, fewer than one batch "
+            f"corpus has {len(blocks)} blocks of {blocks.shape[-1]} tokens, fewer than one batch "
             f"of {batch_size}; use more text, a smaller data.block_size or train.batch_size"
         )
     if isinstance(seed, bool) or not 0 <= seed < 2**32:
@@ -60,7 +97,8 @@ def train_iterator(
     exp: Experiment, rows: slice | None = None, *, start_step: int = 0
 ) -> grain.DatasetIterator:
     """The training batch iterator of an experiment: each ``next()`` is the ``[rows,
-    block_size]`` int32 numpy batch (this process's ``rows``; default all) of the next step.
+    block_size]`` int32 numpy batch (this process's ``rows``; default all) of the next step
+    (``[rows, 2, block_size]`` with document starts, see the module docstring).
 
     This is the whole input pipeline after tokenization, with ``data.prefetch`` batches read
     ahead on background threads. To time it (examples/s of the input pipeline alone), build it
@@ -69,7 +107,8 @@ def train_iterator(
     without a saved iterator state); otherwise restore the state from a checkpoint
     (:func:`guided_jax.checkpointing.restore_latest`)."""
     cfg = exp.config
-    steps = batch_dataset(exp.train_blocks, cfg.train.batch_size, cfg.train.seed, rows)
+    source = examples(exp.train_blocks, exp.train_starts)
+    steps = batch_dataset(source, cfg.train.batch_size, cfg.train.seed, rows)
     if start_step:
         steps = steps[start_step:]
     prefetch = int(cfg.data.get("prefetch", 2))

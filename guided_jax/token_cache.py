@@ -3,7 +3,10 @@
 A cache entry is a directory ``<cache_dir>/<key>/`` with ``blocks.bin`` (int32, row-major
 ``[num_blocks, block_size]``, read back as a ``numpy.memmap`` so a corpus larger than memory
 costs no RAM) and ``meta.json`` (shape, key and what the key was made of). ``meta.json`` is
-written last, so an entry cut short by a crash is never taken for a complete one.
+written last, so an entry cut short by a crash is never taken for a complete one. Entries built
+for ``data.document_masks`` also hold ``starts.bin`` (uint8, the same shape: 1 where a document
+starts, see :func:`guided_jax.data.pack_starts`) and have a key of their own; the others are
+read without it.
 
 The key hashes the tokenizer's files, the sources' fingerprint (file sizes and times, TFDS
 name, version and split), the block size and the document separator: a rerun of the same
@@ -12,6 +15,7 @@ config finds its blocks and skips tokenization; any change builds a new entry.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,13 +27,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from guided_jax.data import CorpusError
+from guided_jax.data import CorpusError, start_flags
 
 if TYPE_CHECKING:
     from guided_jax.tokenizer import Tokenizer
 
 FORMAT = 1
 BLOCKS_FILE = "blocks.bin"
+STARTS_FILE = "starts.bin"
 META_FILE = "meta.json"
 _CHUNK_DOCUMENTS = 4096  # documents per encode_batch call: library parallelism, bounded memory
 
@@ -48,9 +53,15 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
 
 
 def cache_key(
-    tokenizer: Tokenizer, source_fingerprint: str, block_size: int, separator: str
+    tokenizer: Tokenizer,
+    source_fingerprint: str,
+    block_size: int,
+    separator: str,
+    document_starts: bool = False,
 ) -> tuple[str, dict[str, Any]]:
-    """The entry name for these inputs, and the inputs themselves (recorded in meta.json)."""
+    """The entry name for these inputs, and the inputs themselves (recorded in meta.json).
+    ``document_starts`` entries also record where documents start (the key of an entry
+    without them is the same as before that option existed)."""
     parts = {
         "format": FORMAT,
         "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -60,6 +71,8 @@ def cache_key(
         "bos_id": tokenizer.bos_id,
         "eos_id": tokenizer.eos_id,
     }
+    if document_starts:
+        parts["document_starts"] = True
     text = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:24], parts
 
@@ -79,6 +92,26 @@ def load(path: str | os.PathLike[str]) -> np.ndarray | None:
             f"blocks of {shape[1]}); delete that directory to rebuild it"
         )
     return np.memmap(blocks_file, dtype=np.int32, mode="r", shape=shape)
+
+
+def load_starts(path: str | os.PathLike[str]) -> np.ndarray | None:
+    """The document-start flags of a complete entry (read-only uint8 memmap, the blocks'
+    shape), or None if the entry was built without them."""
+    path = Path(path)
+    meta_file = path / META_FILE
+    if not meta_file.is_file():
+        return None
+    meta = json.loads(meta_file.read_text())
+    if not meta.get("document_starts"):
+        return None
+    shape = (int(meta["num_blocks"]), int(meta["block_size"]))
+    starts_file = path / STARTS_FILE
+    if not starts_file.is_file() or starts_file.stat().st_size != shape[0] * shape[1]:
+        raise CorpusError(
+            f"token cache {str(path)!r} is damaged ({STARTS_FILE} does not hold {shape[0]} "
+            f"blocks of {shape[1]} flags); delete that directory to rebuild it"
+        )
+    return np.memmap(starts_file, dtype=np.uint8, mode="r", shape=shape)
 
 
 def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -102,12 +135,14 @@ def build(
     separator: str = "\n",
     total: int | None = None,
     description: str = "tokenize",
+    document_starts: bool = False,
 ) -> np.ndarray:
     """Tokenize ``documents`` and pack them into ``out_dir`` as the reference packs (see
     :func:`guided_jax.data.pack_blocks`: one token stream, ``[bos] + chunk + [eos]`` blocks,
     the remainder dropped), streaming, with a progress bar; returns the blocks (memmap).
 
-    Each document is followed by ``separator`` (the newline that reading removed)."""
+    Each document is followed by ``separator`` (the newline that reading removed).
+    ``document_starts`` also writes where documents start (:func:`load_starts` reads them)."""
     if block_size < 3:
         raise ValueError(f"block_size must be at least 3 (bos, one token, eos), got {block_size}")
     out = Path(out_dir)
@@ -117,8 +152,10 @@ def build(
     chunk = block_size - 2
     num_blocks = num_tokens = 0
     carry = np.zeros(0, dtype=np.int32)
+    carry_flags = np.zeros(0, dtype=np.uint8)
     with (
         open(out / BLOCKS_FILE, "wb") as sink,
+        open(out / STARTS_FILE, "wb") if document_starts else contextlib.nullcontext() as flags,
         tqdm(total=total, desc=description, unit="doc", dynamic_ncols=True) as bar,
     ):
         for texts in _chunks(documents, separator):
@@ -131,6 +168,13 @@ def build(
             blocks[:, -1] = tokenizer.eos_id
             blocks[:, 1:-1] = stream[: full * chunk].reshape(full, chunk)
             sink.write(blocks.tobytes())
+            if flags is not None:
+                lengths = [len(x) for x in ids]
+                stream_flags = np.concatenate([carry_flags, start_flags(lengths)])
+                starts = np.zeros((full, block_size), dtype=np.uint8)
+                starts[:, 1:-1] = stream_flags[: full * chunk].reshape(full, chunk)
+                flags.write(starts.tobytes())
+                carry_flags = stream_flags[full * chunk :]
             num_blocks += full
             carry = stream[full * chunk :]
             bar.update(len(texts))
@@ -142,7 +186,13 @@ def build(
             f"{block_size} ({chunk} text tokens + bos + eos); use more text or a smaller "
             "data.block_size"
         )
-    record = {**meta, "num_blocks": num_blocks, "block_size": block_size, "tokens": num_tokens}
+    record = {
+        **meta,
+        "document_starts": document_starts,
+        "num_blocks": num_blocks,
+        "block_size": block_size,
+        "tokens": num_tokens,
+    }
     (out / META_FILE).write_text(json.dumps(record, indent=2))
     loaded = load(out)
     assert loaded is not None

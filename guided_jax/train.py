@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx, struct
@@ -31,7 +32,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from guided_jax import checkpointing, data, diagnostics, hf_interop, pipeline, sharding
+from guided_jax import checkpointing, data, diagnostics, documents, hf_interop, pipeline, sharding
 from guided_jax.experiment import ConfigError, Experiment, check_config, prepare
 from guided_jax.guidance import Guide, guidance_weight, token_masks
 from guided_jax.masking import mask_tokens, max_predictions, mlm_loss, prediction_positions
@@ -96,8 +97,10 @@ def mlm_forward(
     """Masks ``batch`` and runs the model: ``(mlm_loss, per-group AG losses [G], #selected)``.
 
     Token-set targets are read from the model's (masked) input, as the reference does; the
-    attention mask comes from the unmasked batch, as the reference's tokenizer gives it.
+    attention mask comes from the unmasked batch, as the reference's tokenizer gives it. A
+    ``[B, 2, n]`` batch also carries document starts (``data.document_masks``).
     """
+    batch, segment_ids = documents.split_batch(batch)
     inputs, selected = mask_tokens(
         mask_key,
         batch,
@@ -111,7 +114,13 @@ def mlm_forward(
         masks = token_masks(inputs, exp.token_ids) if exp.token_ids else None
         guide = Guide(exp.spec, masks, after_dropout=exp.config.guidance.after_dropout)
     attend = batch != exp.model.pad_token_id
-    hidden, aux = model.encode(inputs, attention_mask=attend, dropout_key=dropout_key, guide=guide)
+    hidden, aux = model.encode(
+        inputs,
+        attention_mask=attend,
+        dropout_key=dropout_key,
+        guide=guide,
+        segment_ids=segment_ids,
+    )
     groups = aux["guidance"].sum(axis=0) if guided else jnp.zeros((0,), jnp.float32)
     probability = exp.config.data.mlm_probability
     mlm = selected_mlm_loss(model, hidden, batch, selected, probability)
@@ -186,8 +195,8 @@ def make_train_step(
             (loss, (mlm, groups)), grads = grad_fn(state.params, batch, step_key, weight)
         else:
             # Row j * accum + i goes to micro-batch i: each device keeps its own rows.
-            rows, length = batch.shape
-            micro = batch.reshape(rows // accum, accum, length).swapaxes(0, 1)
+            rows, *example = batch.shape
+            micro = batch.reshape(rows // accum, accum, *example).swapaxes(0, 1)
 
             def accumulate(totals, xs):
                 index, micro_batch = xs
@@ -311,6 +320,15 @@ def _finishing_saves(manager: ocp.CheckpointManager) -> Iterator[None]:
         manager.close()
 
 
+def batch_shape(config: ml_collections.ConfigDict, rows: int | None = None) -> tuple[int, ...]:
+    """A training batch's shape: ``[rows, block_size]`` token ids, or ``[rows, 2, block_size]``
+    with document starts (``data.document_masks``); ``rows`` defaults to train.batch_size."""
+    rows = config.train.batch_size if rows is None else rows
+    if config.data.get("document_masks", False):
+        return (rows, 2, config.data.block_size)
+    return (rows, config.data.block_size)
+
+
 def _check_mesh_fits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.train.batch_size % (batch_shards * config.train.grad_accum_steps):
@@ -419,9 +437,7 @@ def build_train_program(exp: Experiment, mesh: jax.sharding.Mesh) -> TrainProgra
     state_shardings = sharding.tree_shardings(abstract, mesh, rules)
     abstract = sharding.with_shardings(abstract, state_shardings)
     batch_sharding = sharding.batch_sharding(mesh, cfg.train.batch_size)
-    batch = jax.ShapeDtypeStruct(
-        (cfg.train.batch_size, cfg.data.block_size), jnp.int32, sharding=batch_sharding
-    )
+    batch = jax.ShapeDtypeStruct(batch_shape(cfg), jnp.int32, sharding=batch_sharding)
     train_step = (
         jax.jit(
             make_train_step(exp, graphdef, tx, schedule),
@@ -436,6 +452,19 @@ def build_train_program(exp: Experiment, mesh: jax.sharding.Mesh) -> TrainProgra
     return TrainProgram(graphdef, abstract, state_shardings, batch_sharding, init, train_step)
 
 
+def _eval_batches(exp: Experiment) -> list[np.ndarray]:
+    """The fixed eval batches, with their document starts when the run uses them."""
+    cfg = exp.config
+    blocks = data.eval_batches(exp.eval_blocks, cfg.train.batch_size, cfg.train.eval_batches)
+    if exp.eval_starts is None:
+        return blocks
+    starts = data.eval_batches(exp.eval_starts, cfg.train.batch_size, cfg.train.eval_batches)
+    return [
+        pipeline.BlocksWithStarts(b, s).rows(slice(None))
+        for b, s in zip(blocks, starts, strict=True)
+    ]
+
+
 def _train_loop(exp: Experiment, mesh: jax.sharding.Mesh, workdir: str | os.PathLike):
     cfg = exp.config
     is_chief = jax.process_index() == 0
@@ -445,9 +474,9 @@ def _train_loop(exp: Experiment, mesh: jax.sharding.Mesh, workdir: str | os.Path
         manager.close()
         return {}
     program = build_train_program(exp, mesh)
-    batch_shape = (cfg.train.batch_size, cfg.data.block_size)
+    shape = batch_shape(cfg)
     # This process's rows of every global batch, read by its own input iterator.
-    rows = sharding.local_rows(program.batch_sharding, batch_shape)
+    rows = sharding.local_rows(program.batch_sharding, shape)
     batches = pipeline.train_iterator(exp, rows)
     restored = checkpointing.restore_latest(manager, program.abstract_state, batches)
     if restored is None:
@@ -469,7 +498,7 @@ def _train_loop(exp: Experiment, mesh: jax.sharding.Mesh, workdir: str | os.Path
     eval_step = jax.jit(make_eval_step(exp, graphdef), out_shardings=replicated)
     diagnostics_step = None  # heads' attention statistics, on log steps only
     if cfg.train.diagnostics:
-        batch_spec = jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=program.batch_sharding)
+        batch_spec = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=program.batch_sharding)
         diagnostics_step = (
             jax.jit(diagnostics.make_diagnostics_step(exp, graphdef), out_shardings=replicated)
             .lower(program.abstract_state.params, batch_spec)
@@ -479,11 +508,11 @@ def _train_loop(exp: Experiment, mesh: jax.sharding.Mesh, workdir: str | os.Path
         sharding.global_batch(
             sharding.batch_sharding(mesh, len(b)), b.shape, lambda rows, b=b: b[rows]
         )
-        for b in data.eval_batches(exp.eval_blocks, cfg.train.batch_size, cfg.train.eval_batches)
+        for b in _eval_batches(exp)
     ]
 
     def next_batch() -> jax.Array:
-        return sharding.global_batch(program.batch_sharding, batch_shape, lambda _: next(batches))
+        return sharding.global_batch(program.batch_sharding, shape, lambda _: next(batches))
 
     if is_chief:
         memory = sharding.memory_summary(train_step)
