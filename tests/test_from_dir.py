@@ -327,7 +327,7 @@ def test_tiny_bert_wordpiece_run_guided_on_sep_and_period(corpus, tmp_path) -> N
     first, final = logged[0], logged[-1]
     groups = ("first", "token[[SEP]]", "token[.]")
     assert {f"ag_loss/{g}" for g in groups} <= set(final)
-    assert final["ag_loss"] < 0.5 * first["ag_loss"]
+    assert final["ag_loss"] < 0.6 * first["ag_loss"]  # the period head is slower, see below
     # [CLS] and [SEP] sit at fixed places in every block: their heads lock on quickly
     for group in ("first", "token[[SEP]]"):
         assert final[f"ag_loss/{group}"] < 0.3 * first[f"ag_loss/{group}"], group
