@@ -68,6 +68,19 @@ def _objective(attention):
     return objective
 
 
+def assert_kernels_agree(kernel, dense, q, k, v) -> None:
+    """Values, (positive) per-group losses and gradients of ``kernel`` equal ``dense``'s."""
+    want_out, want_losses = jax.jit(dense)(q, k, v)
+    got_out, got_losses = jax.jit(kernel)(q, k, v)
+    np.testing.assert_allclose(got_out, want_out, atol=1e-5)
+    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5, atol=1e-7)
+    assert np.all(np.asarray(want_losses) > 0)
+    want_grads = jax.jit(jax.grad(_objective(dense), argnums=(0, 1, 2)))(q, k, v)
+    got_grads = jax.jit(jax.grad(_objective(kernel), argnums=(0, 1, 2)))(q, k, v)
+    for name, got, want in zip("qkv", got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"d{name}")
+
+
 @pytest.mark.parametrize(
     "n, block, padded, rate, after_dropout",
     [
@@ -90,15 +103,7 @@ def test_flash_matches_dense_values_losses_and_gradients(n, block, padded, rate,
             q, k, v, key_mask, masks, key=key, rate=rate, after_dropout=after_dropout, block=block
         )
 
-    want_out, want_losses = jax.jit(dense)(q, k, v)
-    got_out, got_losses = jax.jit(flash)(q, k, v)
-    np.testing.assert_allclose(got_out, want_out, atol=1e-5)
-    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5, atol=1e-7)
-    assert np.all(np.asarray(want_losses) > 0)
-    want_grads = jax.jit(jax.grad(_objective(dense), argnums=(0, 1, 2)))(q, k, v)
-    got_grads = jax.jit(jax.grad(_objective(flash), argnums=(0, 1, 2)))(q, k, v)
-    for name, got, want in zip("qkv", got_grads, want_grads, strict=True):
-        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"d{name}")
+    assert_kernels_agree(flash, dense, q, k, v)
 
 
 def test_unguided_flash_matches_dense_and_returns_no_losses() -> None:
@@ -199,12 +204,4 @@ def test_flash_matches_dense_with_registered_patterns(n, block, padded, rate, af
     def flash(q, k, v):
         return _flash(q, k, v, key_mask, masks, key=key, block=block, **options)
 
-    want_out, want_losses = jax.jit(dense)(q, k, v)
-    got_out, got_losses = jax.jit(flash)(q, k, v)
-    np.testing.assert_allclose(got_out, want_out, atol=1e-5)
-    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5, atol=1e-7)
-    assert np.all(np.asarray(want_losses) > 0)
-    want_grads = jax.jit(jax.grad(_objective(dense), argnums=(0, 1, 2)))(q, k, v)
-    got_grads = jax.jit(jax.grad(_objective(flash), argnums=(0, 1, 2)))(q, k, v)
-    for name, got, want in zip("qkv", got_grads, want_grads, strict=True):
-        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"d{name}")
+    assert_kernels_agree(flash, dense, q, k, v)

@@ -4,11 +4,10 @@ config wiring of ``model.attention="pallas"``."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_flash_attention import HEADS, SPEC, _dense, _inputs, _objective
+from test_flash_attention import HEADS, SPEC, _dense, _inputs, assert_kernels_agree
 
 from guided_jax.flash_attention import HeadPatterns
 from guided_jax.guidance import losses_from_head_sums
@@ -40,14 +39,7 @@ def test_pallas_matches_dense_values_losses_and_gradients(n, block, padded):
     def kernels(q, k, v):
         return _pallas(q, k, v, key_mask, masks, block=block)
 
-    want_out, want_losses = jax.jit(dense)(q, k, v)
-    got_out, got_losses = jax.jit(kernels)(q, k, v)
-    np.testing.assert_allclose(got_out, want_out, atol=1e-5)
-    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5, atol=1e-7)
-    want_grads = jax.jit(jax.grad(_objective(dense), argnums=(0, 1, 2)))(q, k, v)
-    got_grads = jax.jit(jax.grad(_objective(kernels), argnums=(0, 1, 2)))(q, k, v)
-    for name, got, want in zip("qkv", got_grads, want_grads, strict=True):
-        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"d{name}")
+    assert_kernels_agree(kernels, dense, q, k, v)
 
 
 def test_unguided_pallas_returns_values_only() -> None:
