@@ -62,7 +62,9 @@ def main(argv: list[str]) -> None:
     if not last:
         print(f"{_WORKDIR.value} already holds a finished run of this config")
         return
-    summary = " ".join(f"{k}={v:.4g}" for k, v in last.items() if k != "step")
+    # Head diagnostics (diag/...) are one value per layer and head: metrics.jsonl holds them.
+    shown = {k: v for k, v in last.items() if k != "step" and not k.startswith("diag/")}
+    summary = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
     print(f"finished at step {last['step']}: {summary}")
 
 
