@@ -39,8 +39,7 @@ from ml_collections import config_flags
 from guided_jax import diagnostics, pipeline, sharding
 from guided_jax.experiment import Experiment, prepare
 from guided_jax.masking import mask_tokens, mlm_loss
-from guided_jax.model import EncoderForMLM
-from guided_jax.train import build_train_program, make_optimizer
+from guided_jax.train import batch_shape, build_train_program, make_optimizer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Benchmark shapes (configs/benchmark.py[:roberta_12])."
@@ -92,6 +91,7 @@ class Arm:
     step: Callable[[Any, jax.Array], tuple[Any, Any]]
     state: Any
     compiled: Any
+    graphdef: nnx.GraphDef | None = None  # our model's, for the diagnostics timing
     times: list[float] = dataclasses.field(default_factory=list)
 
     def run(self, batches: list[jax.Array], steps: int, record: bool) -> None:
@@ -139,7 +139,8 @@ def compiled_memory(compiled: Any) -> int | None:
 
 def our_arm(name: str, exp: Experiment, mesh: jax.sharding.Mesh) -> Arm:
     program = build_train_program(exp, mesh)
-    return Arm(name, program.train_step, program.init_state(), program.train_step)
+    step = program.train_step
+    return Arm(name, step, program.init_state(), step, program.graphdef)
 
 
 def hf_arm(exp: Experiment, mesh: jax.sharding.Mesh) -> Arm | str:
@@ -241,7 +242,7 @@ def benchmark(
             else:
                 arms.append(baseline)
         batch_sharding = sharding.batch_sharding(mesh, exp.config.train.batch_size)
-        shape = (exp.config.train.batch_size, exp.config.data.block_size)
+        shape = batch_shape(exp.config)
         reader = pipeline.train_iterator(exp, sharding.local_rows(batch_sharding, shape))
         batches = [
             sharding.global_batch(batch_sharding, shape, lambda _: next(reader)) for _ in range(4)
@@ -252,7 +253,7 @@ def benchmark(
         for _ in range(rounds):
             for arm in arms:
                 arm.run(batches, per_round, record=True)
-        diagnostics_ms = diagnostics_time(exp, arms[1].state.params, batches, steps) * 1000
+        diagnostics_ms = diagnostics_time(exp, arms[1], batches, steps) * 1000
     results = {
         arm.name: ArmResult(arm.name, arm.times, tokens, compiled_memory(arm.compiled))
         for arm in arms
@@ -269,11 +270,11 @@ def benchmark(
     )
 
 
-def diagnostics_time(exp: Experiment, params: Any, batches: list[jax.Array], calls: int) -> float:
-    """Median seconds of one call of the head diagnostics (``train.diagnostics``), which a run
-    makes on its log steps only."""
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: EncoderForMLM(exp.model, rngs=nnx.Rngs(0))))
-    step = jax.jit(diagnostics.make_diagnostics_step(exp, graphdef))
+def diagnostics_time(exp: Experiment, arm: Arm, batches: list[jax.Array], calls: int) -> float:
+    """Median seconds of one call of the head diagnostics (``train.diagnostics``) on ``arm``'s
+    parameters, which a run makes on its log steps only."""
+    step = jax.jit(diagnostics.make_diagnostics_step(exp, arm.graphdef))
+    params = arm.state.params
     jax.block_until_ready(step(params, batches[0]))
     times = []
     for i in range(calls):

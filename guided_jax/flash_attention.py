@@ -40,6 +40,7 @@ from guided_jax.guidance import HeadSpec, pattern_target
 
 # Per-head pattern codes.
 _NONE, _DIAGONAL, _FIRST, _TOKEN, _USER = 0, 1, 2, 3, 4
+_NEG = float(jnp.finfo(jnp.float32).min)  # the bias of a hidden key
 _DIAGONAL_OFFSETS = {"self": 0, "next": 1, "prev": -1}
 
 
@@ -159,6 +160,20 @@ def _user_row_stats(patterns: HeadPatterns, n: int) -> tuple[jax.Array, jax.Arra
     return jnp.asarray(single)[None], jnp.asarray(extra)[None]
 
 
+def key_bias(
+    q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, padded: int
+) -> jax.Array:
+    """``[B, padded]`` additive bias hiding masked keys and the padding past ``n`` (checks the
+    shapes of a kernel's inputs on the way)."""
+    if key_mask.shape != q.shape[:2] or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"attention expects q, k, v of shape [B, n, H, d] and key_mask [B, n]; got q "
+            f"{q.shape}, k {k.shape}, v {v.shape}, key_mask {key_mask.shape}"
+        )
+    visible = jnp.pad(key_mask.astype(bool), ((0, 0), (0, padded - key_mask.shape[1])))
+    return jnp.where(visible, 0.0, _NEG).astype(jnp.float32)
+
+
 def head_token_masks(
     patterns: HeadPatterns | None, token_masks: jax.Array | None, padded: int
 ) -> jax.Array | None:
@@ -221,14 +236,19 @@ def _scores(
         return s
     # Another document's keys: hidden like padding (data.document_masks).
     seen = documents.visible(segments, segments_block)[:, None]
-    return jnp.where(seen, s, jnp.finfo(jnp.float32).min)
+    return jnp.where(seen, s, _NEG)
 
 
-def _segment_blocks(segments: jax.Array | None, batch: int, block: int) -> jax.Array | None:
-    """``[B, n_padded]`` key segment ids → ``[n_blocks, B, block]`` for scanning (or None)."""
-    if segments is None:
-        return None
-    return jnp.moveaxis(segments.reshape(batch, -1, block), 1, 0)
+def _key_blocks(k, v, bias, segments, block: int) -> tuple:
+    """What both passes scan over, block by block: the block index, keys, values, key bias and
+    key segment ids (None without document masks)."""
+    return (
+        jnp.arange(k.shape[1] // block),
+        _blocks(k, block),
+        _blocks(v, block),
+        _blocks(bias, block),
+        None if segments is None else _blocks(segments, block),
+    )
 
 
 def _forward(static: _Static, q, k, v, bias, head_tokens, key, segments=None):
@@ -280,13 +300,7 @@ def _forward(static: _Static, q, k, v, bias, head_tokens, key, segments=None):
                 out.update(on2=carry["on2"] * alpha**2 + on2)
         return out, None
 
-    xs = (
-        jnp.arange(k.shape[1] // block),
-        _blocks(k, block),
-        _blocks(v, block),
-        jnp.moveaxis(bias.reshape(batch, -1, block), 1, 0),
-        _segment_blocks(segments, batch, block),
-    )
+    xs = _key_blocks(k, v, bias, segments, block)
     carry, _ = jax.lax.scan(body, init, xs)
     total = carry["l"]
     out = (carry["acc"] / total[..., None]).astype(q.dtype)  # [B, H, n, d]
@@ -356,13 +370,7 @@ def _backward(static: _Static, res, cotangents):
         dk_j = jnp.einsum("bhqk,bqhd->bkhd", d_scores, q, preferred_element_type=jnp.float32)
         return dq, (dk_j, dv_j)
 
-    xs = (
-        jnp.arange(k.shape[1] // block),
-        _blocks(k, block),
-        _blocks(v, block),
-        jnp.moveaxis(bias.reshape(batch, -1, block), 1, 0),
-        _segment_blocks(segments, batch, block),
-    )
+    xs = _key_blocks(k, v, bias, segments, block)
     dq, (dk, dv) = jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32), xs)
 
     def unblock(x):  # [n_blocks, B, block, H, d] → [B, n_padded, H, d]
@@ -418,18 +426,12 @@ def flash_attention(
     :mod:`guided_jax.documents`), masked per tile in both passes.
     """
     n = q.shape[1]
-    if key_mask.shape != q.shape[:2] or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(
-            f"attention expects q, k, v of shape [B, n, H, d] and key_mask [B, n]; got q "
-            f"{q.shape}, k {k.shape}, v {v.shape}, key_mask {key_mask.shape}"
-        )
     block = min(block, n)
     padded = -(-n // block) * block
-    bias = jnp.where(key_mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    bias = key_bias(q, k, v, key_mask, padded)
     if padded != n:
         pad = ((0, 0), (0, padded - n), (0, 0), (0, 0))
         k, v = jnp.pad(k, pad), jnp.pad(v, pad)
-        bias = jnp.pad(bias, ((0, 0), (0, padded - n)), constant_values=jnp.finfo(jnp.float32).min)
     head_tokens = head_token_masks(patterns, token_masks, padded)
     segments = None
     if segment_ids is not None:

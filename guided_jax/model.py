@@ -468,12 +468,13 @@ class EncoderForMLM(nnx.Module):
         key_mask = attention_mask.astype(bool)
         x = self.embeddings(input_ids, _fold(dropout_key, 0))
         guidance, attentions = [], []
+        if return_attentions:
+            bias = attention_bias(key_mask, segment_ids=segment_ids)
         for index, layer in enumerate(self.layers):
             key = _fold(dropout_key, index + 1)
             layer_guide = None if guide is None else guide.for_layer(index)
             if return_attentions:
                 q, k, _ = layer.attention.qkv(x)
-                bias = attention_bias(key_mask, segment_ids=segment_ids)
                 attentions.append(attention_probs(q, k, bias))
             x, losses = self._run_layer(layer, x, key_mask, key, layer_guide, segment_ids)
             x = constrain_to_batch(x)

@@ -26,9 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from guided_jax.flash_attention import _DIAGONAL, _FIRST, _TOKEN, HeadPatterns, head_token_masks
-
-_NEG = float(jnp.finfo(jnp.float32).min)
+from guided_jax.flash_attention import (
+    _DIAGONAL,
+    _FIRST,
+    _TOKEN,
+    HeadPatterns,
+    head_token_masks,
+    key_bias,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,18 +301,12 @@ def pallas_attention(
     """Same contract as :func:`guided_jax.flash_attention.flash_attention` without dropout:
     ``[B, n, H, d]`` values and, with ``patterns``, each head's summed squared error ``[H]``."""
     batch, n, heads, _ = q.shape
-    if key_mask.shape != q.shape[:2] or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(
-            f"attention expects q, k, v of shape [B, n, H, d] and key_mask [B, n]; got q "
-            f"{q.shape}, k {k.shape}, v {v.shape}, key_mask {key_mask.shape}"
-        )
     block = min(block, pl.next_power_of_2(n))
     padded = pl.cdiv(n, block) * block
-    bias = jnp.where(key_mask, 0.0, _NEG).astype(jnp.float32)
+    bias = key_bias(q, k, v, key_mask, padded)
     pad = padded - n
     if pad:
         q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
-        bias = jnp.pad(bias, ((0, 0), (0, pad)), constant_values=_NEG)
     guided = patterns is not None
     if guided and patterns.user:
         raise ValueError(
