@@ -45,10 +45,10 @@ def mlm_loss(logits: jax.Array, labels: jax.Array, selected: jax.Array) -> jax.A
 
 
 def max_predictions(length: int, probability: float) -> int:
-    """How many selected positions per row the MLM head is sized for: the mean plus five standard
-    deviations of the binomial count, rounded up to a multiple of 4 (at most ``length``). A row
-    exceeds it about once in 3 million; :func:`prediction_positions` says when, and the loss
-    then takes the head on every position."""
+    """How many of ``length`` positions (a row, or a shard's rows laid end to end) the MLM head is
+    sized for: the mean plus five standard deviations of the binomial count, rounded up to a
+    multiple of 4 (at most ``length``). A count exceeds it about once in 3 million;
+    :func:`prediction_positions` says when, and the loss then takes the head on every position."""
     mean = length * probability
     bound = mean + 5.0 * math.sqrt(mean * (1.0 - probability)) + 1.0
     return min(length, 4 * math.ceil(bound / 4))

@@ -191,6 +191,12 @@ def _dense(
     )
 
 
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU in the reference's form, ``x/2 (1 + erf(x/sqrt 2))``: XLA evaluates ``erf``
+    with one rational approximation, the ``erfc`` of ``jax.nn.gelu`` costs ~3x that on CPU."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * (2.0**-0.5)))
+
+
 def _fold(key: jax.Array | None, index: int) -> jax.Array | None:
     return None if key is None else jax.random.fold_in(key, index)
 
@@ -330,7 +336,7 @@ class FeedForward(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down(jax.nn.gelu(self.up(x), approximate=False))
+        return self.down(gelu(self.up(x)))
 
 
 class EncoderLayer(nnx.Module):
@@ -372,7 +378,7 @@ class MLMHead(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((config.vocab_size,), jnp.float32), logical_axes=("vocab",))
 
     def __call__(self, x: jax.Array, word_embedding: nnx.Embed) -> jax.Array:
-        x = self.norm(jax.nn.gelu(self.dense(x), approximate=False))
+        x = self.norm(gelu(self.dense(x)))
         return word_embedding.attend(x) + self.bias[...].astype(x.dtype)
 
 

@@ -137,6 +137,16 @@ def batch_sharding(mesh: Mesh, rows: int) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES) if rows % shards == 0 else P())
 
 
+def batch_shards(rows: int) -> int:
+    """Into how many shards the current mesh (``jax.set_mesh``) splits ``rows`` batch rows: the
+    groups a computation over rows can work in without moving examples between devices."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    shards = math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
+    return shards if rows % shards == 0 else 1
+
+
 @functools.cache  # asked for every step with the same two arguments
 def local_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> slice:
     """The rows of a global batch that this process's devices hold (one contiguous range)."""

@@ -134,25 +134,32 @@ def selected_mlm_loss(
     selected: jax.Array,
     probability: float,
 ) -> jax.Array:
-    """The MLM loss with the head run only on each row's selected positions (as many as
-    :func:`max_predictions` allows for selection ``probability``); a batch with a fuller row
-    takes the head on every position instead, so the loss is always exact. (Gathering over
-    groups of rows would need fewer positions, but XLA's gather and scatter over long rows cost
-    more than the smaller head saves: measured on CPU.)"""
-    bound = max_predictions(labels.shape[1], probability)
-    if bound >= labels.shape[1]:
+    """The MLM loss with the head run only on the selected positions.
+
+    Positions are gathered per batch shard (all rows of one device together, so no example
+    moves): as many as :func:`max_predictions` allows for a shard's tokens, about 19% of them for
+    16 rows of 128 at ``probability`` 0.15, where a per-row bound would need 34%. A shard with
+    more selected positions takes the head on every position instead, so the loss is exact.
+    """
+    rows, n = labels.shape
+    groups = sharding.batch_shards(rows)
+    length = rows // groups * n
+    bound = max_predictions(length, probability)
+    if bound >= length:
         return mlm_loss(model.logits(hidden), labels, selected)
-    positions, valid, fits = prediction_positions(selected, bound)
+    flat_selected = selected.reshape(groups, length)
+    positions, valid, fits = prediction_positions(flat_selected, bound)
     # Rematerialised: a cond keeps the residuals of both branches, and the full head's would
     # be the [B, n, V] logits.
     every_position = jax.checkpoint(lambda h: mlm_loss(model.logits(h), labels, selected))
-    return jax.lax.cond(
-        fits,
-        lambda: mlm_loss(
-            model.logits(hidden, positions), jnp.take_along_axis(labels, positions, 1), valid
-        ),
-        lambda: every_position(hidden),
-    )
+
+    def gathered() -> jax.Array:
+        logits = model.logits(hidden.reshape(groups, length, -1), positions)
+        return mlm_loss(
+            logits, jnp.take_along_axis(labels.reshape(groups, length), positions, 1), valid
+        )
+
+    return jax.lax.cond(fits, gathered, lambda: every_position(hidden))
 
 
 def make_train_step(

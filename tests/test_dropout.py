@@ -37,3 +37,16 @@ def test_no_key_or_no_rate_is_the_identity_and_keys_differ() -> None:
 def test_bad_rate_is_refused() -> None:
     with pytest.raises(ValueError, match=r"dropout rate must be in \[0, 1\), got 1\.0"):
         dropout(jnp.ones(3), 1.0, jax.random.key(0))
+
+
+def test_sharded_mask_is_the_global_mask_and_both_halves_draw() -> None:
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    key = jax.random.key(5)
+    draw = jax.jit(lambda k: keep_mask(k, 0.5, (16, 8, 9)))
+    whole = np.asarray(draw(key))
+    parts = jax.jit(lambda k: keep_mask(k, 0.5, (16, 8, 9)), out_shardings=sharded)(key)
+    np.testing.assert_array_equal(np.asarray(parts), whole)
+    # The low and high 16 bits of a word decide different columns, independently.
+    low, high = whole[..., :4], whole[..., 4:8]
+    assert abs(float(np.mean(low != high)) - 0.5) < 0.1

@@ -12,9 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from conftest import REPO, write_corpus
-from guided_jax import train
+from guided_jax import sharding, train
 from guided_jax.config import load_config
 from guided_jax.experiment import ConfigError
 from guided_jax.masking import max_predictions, mlm_loss
@@ -347,8 +349,9 @@ def test_a_second_run_on_the_same_workdir_is_refused(tiny_config, tmp_path):
 # ----------------------------------------------------------------------------- MLM head
 
 
-@pytest.mark.parametrize("probability", [0.15, 0.9])  # rows within the bound; a fuller row
-def test_head_on_selected_positions_gives_the_full_loss_and_gradients(probability):
+@pytest.mark.parametrize("shards", [1, 8])  # one group of all rows; a group per device
+@pytest.mark.parametrize("probability", [0.15, 0.9])  # within the bound; a fuller shard
+def test_head_on_selected_positions_gives_the_full_loss_and_gradients(probability, shards):
     config = ModelConfig(
         vocab_size=64,
         hidden_size=32,
@@ -359,18 +362,27 @@ def test_head_on_selected_positions_gives_the_full_loss_and_gradients(probabilit
     )
     model = EncoderForMLM(config, rngs=nnx.Rngs(0))
     keys = jax.random.split(jax.random.key(1), 3)
-    hidden = jax.random.normal(keys[0], (3, 64, 32))
-    labels = jax.random.randint(keys[1], (3, 64), 0, 64)
-    selected = jax.random.bernoulli(keys[2], probability, (3, 64))
+    hidden = jax.random.normal(keys[0], (8, 64, 32))
+    labels = jax.random.randint(keys[1], (8, 64), 0, 64)
+    selected = jax.random.bernoulli(keys[2], probability, (8, 64))
     assert max_predictions(64, 0.15) < 64
+    mesh = jax.make_mesh(
+        (shards, 1, 1),
+        sharding.MESH_AXES,
+        axis_types=(AxisType.Auto,) * 3,
+        devices=jax.devices()[:shards],
+    )
 
     def selected_only(h):
+        assert sharding.batch_shards(h.shape[0]) == shards
         return train.selected_mlm_loss(model, h, labels, selected, 0.15)
 
     def every_position(h):
         return mlm_loss(model.logits(h), labels, selected)
 
-    got, got_grad = jax.value_and_grad(selected_only)(hidden)
+    with jax.set_mesh(mesh):
+        rows = NamedSharding(mesh, P(sharding.BATCH_AXES))
+        got, got_grad = jax.jit(jax.value_and_grad(selected_only))(jax.device_put(hidden, rows))
     want, want_grad = jax.value_and_grad(every_position)(hidden)
     assert float(got) == pytest.approx(float(want), rel=1e-6)
     np.testing.assert_allclose(got_grad, want_grad, atol=1e-7)
