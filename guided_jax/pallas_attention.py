@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 from guided_jax.flash_attention import (
     _DIAGONAL,
     _FIRST,
+    _NONE,
     _TOKEN,
     HeadPatterns,
     head_token_masks,
@@ -39,6 +40,7 @@ from guided_jax.flash_attention import (
 @dataclasses.dataclass(frozen=True)
 class _Static:
     guided: bool
+    tokens: bool  # some head targets token columns: a row may have several targets
     block: int
     n: int  # true length; the arrays are padded to a multiple of ``block``
     interpret: bool
@@ -50,6 +52,15 @@ def _target(kind, offset, tokens, rows, cols, n):
     target = ((kind == _DIAGONAL) & (cols - rows == offset)) | ((kind == _FIRST) & (cols == 0))
     target = target | ((kind == _TOKEN) & (tokens[None, :] > 0))
     return target & (cols < n)
+
+
+def _target_count(kind, offset, tokens, rows, n):
+    """Targets in each of ``rows`` (what summing :func:`_target` over the keys gives)."""
+    diagonal = ((rows + offset >= 0) & (rows + offset < n)).astype(jnp.float32)
+    cols = jax.lax.broadcasted_iota(jnp.int32, tokens.shape, 0)
+    on_tokens = jnp.sum(jnp.where((tokens > 0) & (cols < n), 1.0, 0.0))
+    count = jnp.where(kind == _DIAGONAL, diagonal, jnp.where(kind == _FIRST, 1.0, 0.0))
+    return jnp.where(kind == _TOKEN, on_tokens, count)
 
 
 def _tile_probs(q, k, bias, lse):
@@ -67,9 +78,9 @@ def _forward_kernel(
     rows = i * block + jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
     kind, offset = kind_ref[0], offset_ref[0]
     zeros = jnp.zeros((block,), jnp.float32)
+    steps = k_ref.shape[0] // block
 
-    def body(j, carry):
-        m, total, acc, off, on1, on2, count = carry
+    def softmax_step(j, m, total, acc):
         keys = pl.ds(j * block, block)
         k, v, bias = k_ref[keys, :], v_ref[keys, :], bias_ref[keys]
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
@@ -79,35 +90,53 @@ def _forward_kernel(
         e = jnp.exp(s - m_new[:, None])
         total = total * alpha + jnp.sum(e, axis=1)
         pv = jnp.dot(e.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        acc = acc * alpha[:, None] + pv
-        if static.guided:
-            cols = j * block + jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
-            target = _target(kind, offset, tok_ref[keys], rows, cols, n)
-            squares = e * e
-            off = off * alpha * alpha + jnp.sum(jnp.where(target, 0.0, squares), axis=1)
-            on1 = on1 * alpha + jnp.sum(jnp.where(target, e, 0.0), axis=1)
+        return keys, m_new, alpha, e, total, acc * alpha[:, None] + pv
+
+    def plain_body(j, carry):
+        _, m, _, _, total, acc = softmax_step(j, *carry)
+        return m, total, acc
+
+    def guided_body(j, carry):
+        m, total, acc, off, on1, on2 = carry
+        keys, m, alpha, e, total, acc = softmax_step(j, m, total, acc)
+        cols = j * block + jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
+        target = _target(kind, offset, tok_ref[keys], rows, cols, n)
+        squares = e * e
+        off = off * alpha * alpha + jnp.sum(jnp.where(target, 0.0, squares), axis=1)
+        on1 = on1 * alpha + jnp.sum(jnp.where(target, e, 0.0), axis=1)
+        if static.tokens:  # with at most one target per row, on2 = on1² (added below)
             on2 = on2 * alpha * alpha + jnp.sum(jnp.where(target, squares, 0.0), axis=1)
-            count = count + jnp.sum(target.astype(jnp.float32), axis=1)
-        return m_new, total, acc, off, on1, on2, count
+        return m, total, acc, off, on1, on2
 
     init = (
         jnp.full((block,), -jnp.inf, jnp.float32),
         zeros,
         jnp.zeros((block, v_ref.shape[-1]), jnp.float32),
-        zeros, zeros, zeros, zeros,
-    )  # fmt: skip
-    m, total, acc, off, on1, on2, count = jax.lax.fori_loop(0, k_ref.shape[0] // block, body, init)
+    )
+
+    def plain():
+        return (*jax.lax.fori_loop(0, steps, plain_body, init), zeros, zeros, zeros)
+
+    def guided():
+        return jax.lax.fori_loop(0, steps, guided_body, (*init, zeros, zeros, zeros))
+
+    if static.guided:  # this program's head decides whether it needs the statistics
+        m, total, acc, off, on1, on2 = jax.lax.cond(kind != _NONE, guided, plain)
+    else:
+        m, total, acc, *_ = plain()
     o_ref[...] = (acc / total[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log(total)
     if static.guided:
-        on_sum, on_squares, off = on1 / total, on2 / (total * total), off / (total * total)
+        count = _target_count(kind, offset, tok_ref[...], rows, n)
+        on_sum, off = on1 / total, off / (total * total)
+        on_squares = on2 / (total * total) if static.tokens else on_sum * on_sum
         several = count > 1.0
         loss = off + (on_sum - 1.0) ** 2 + (count - 1.0)
         loss = loss + jnp.where(several, on_squares - on_sum * on_sum, 0.0)
         pull = off + jnp.where(several, on_squares - on_sum, on_sum * (on_sum - 1.0))
-        valid = rows < n
-        loss_ref[...] = jnp.where(valid, loss, 0.0)
-        pull_ref[...] = jnp.where(valid, pull, 0.0)
+        keep = (rows < n) & (kind != _NONE)
+        loss_ref[...] = jnp.where(keep, loss, 0.0)
+        pull_ref[...] = jnp.where(keep, pull, 0.0)
     else:
         loss_ref[...] = zeros
         pull_ref[...] = zeros
@@ -118,8 +147,12 @@ def _d_scores(static, kind, offset, tokens, q, k, v, bias, lse, d_out, row_term,
     probs = _tile_probs(q, k, bias, lse)
     d_probs = jnp.dot(d_out, v.T, preferred_element_type=jnp.float32)
     if static.guided:
-        target = _target(kind, offset, tokens, rows, cols, static.n)
-        d_probs = d_probs + 2.0 * c[:, None] * (probs - target.astype(jnp.float32))
+
+        def pull() -> jax.Array:
+            target = _target(kind, offset, tokens, rows, cols, static.n).astype(jnp.float32)
+            return d_probs + 2.0 * c[:, None] * (probs - target)
+
+        d_probs = jax.lax.cond(kind != _NONE, pull, lambda: d_probs)
     return probs * (d_probs - row_term[:, None]), probs
 
 
@@ -321,7 +354,8 @@ def pallas_attention(
     tokens = head_token_masks(patterns, token_masks, padded)
     if tokens is None:  # the kernels always take one
         tokens = jnp.zeros((batch, heads, padded), jnp.float32)
-    static = _Static(guided, block, n, interpret)
+    has_tokens = guided and _TOKEN in patterns.kind
+    static = _Static(guided, has_tokens, block, n, interpret)
     out, head_sums = _attention(static, jnp.asarray(kind), jnp.asarray(offset), q, k, v, bias,
                                 tokens)  # fmt: skip
     return out[:, :n], (head_sums if guided else None)

@@ -10,34 +10,40 @@ import pytest
 from test_flash_attention import HEADS, SPEC, _dense, _inputs, assert_kernels_agree
 
 from guided_jax.flash_attention import HeadPatterns
-from guided_jax.guidance import losses_from_head_sums
+from guided_jax.guidance import HeadSpec, losses_from_head_sums
 from guided_jax.model import ModelConfig
 from guided_jax.pallas_attention import pallas_attention
 
+# Positional heads only (at most one target per row) leave the token statistics out.
+POSITIONAL = HeadSpec.parse("next:1,prev:1,first:2")
 
-def _pallas(q, k, v, key_mask, masks, *, block):
+
+def _pallas(q, k, v, key_mask, masks, *, block, spec=SPEC):
     out, head_sums = pallas_attention(
         q,
         k,
         v,
         key_mask,
-        patterns=HeadPatterns.from_spec(SPEC, HEADS),
+        patterns=HeadPatterns.from_spec(spec, HEADS),
         token_masks=masks,
         block=block,
         interpret=True,
     )
-    return out, losses_from_head_sums(head_sums, SPEC, q.shape[0], q.shape[1])
+    return out, losses_from_head_sums(head_sums, spec, q.shape[0], q.shape[1])
 
 
-@pytest.mark.parametrize("n, block, padded", [(32, 16, True), (40, 16, False)])
-def test_pallas_matches_dense_values_losses_and_gradients(n, block, padded):
+@pytest.mark.parametrize(
+    "n, block, padded, spec",
+    [(32, 16, True, SPEC), (40, 16, False, SPEC), (40, 16, True, POSITIONAL)],
+)
+def test_pallas_matches_dense_values_losses_and_gradients(n, block, padded, spec):
     q, k, v, key_mask, masks = _inputs(n, padded, seed=1)
 
     def dense(q, k, v):
-        return _dense(q, k, v, key_mask, masks, keep=None, rate=0.0, after_dropout=True)
+        return _dense(q, k, v, key_mask, masks, keep=None, rate=0.0, after_dropout=True, spec=spec)
 
     def kernels(q, k, v):
-        return _pallas(q, k, v, key_mask, masks, block=block)
+        return _pallas(q, k, v, key_mask, masks, block=block, spec=spec)
 
     assert_kernels_agree(kernels, dense, q, k, v)
 
