@@ -6,9 +6,10 @@
 
 The default is the CPU target: 4 layers, d=256, 8 heads, FFN 1024, vocab 8000, blocks of 128,
 batch 16. ``roberta_12`` is the reference's 12-layer base model on blocks of 512 in bfloat16.
-Our arms use the blockwise attention (``model.attention=flash``: same results as ``dense``,
-faster on CPU and GPU, O(n) memory); pass ``--config.model.attention=dense`` for the reference
-path, or ``pallas --config.model.attention_dropout=0`` for the GPU/TPU kernels.
+Our arms use the default dense attention, the fastest at these lengths (measured on the 2-core
+CPU and an H100, benchmarks/RESULTS.md); ``--config.model.attention=flash`` times the blockwise
+kernel (same results, O(n) memory: the choice for long blocks), ``pallas
+--config.model.attention_dropout=0`` the GPU/TPU kernels.
 """
 
 from guided_jax.config import base_config, model_config
@@ -27,15 +28,12 @@ def get_config(shape: str = "cpu"):
             num_layers=4,
             num_heads=8,
             intermediate_size=1024,
-            attention="flash",
         )
         config.data.block_size = 128
         config.data.tokenizer_vocab_size = 8000
         config.train.batch_size = 16
     elif shape == "roberta_12":
-        config.model = model_config(
-            "roberta_12", vocab_size=32000, dtype="bfloat16", attention="flash"
-        )
+        config.model = model_config("roberta_12", vocab_size=32000, dtype="bfloat16")
         config.data.block_size = 512
         config.data.tokenizer_vocab_size = 32000
         config.train.batch_size = 32
@@ -47,7 +45,6 @@ def get_config(shape: str = "cpu"):
             num_heads=8,
             intermediate_size=64,
             max_position_embeddings=66,
-            attention="flash",
         )
         config.data.block_size = 32
         config.data.tokenizer_vocab_size = 400

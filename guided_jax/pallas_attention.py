@@ -32,6 +32,7 @@ from guided_jax.flash_attention import (
     _NONE,
     _TOKEN,
     HeadPatterns,
+    _target_counts,
     head_token_masks,
     key_bias,
 )
@@ -54,22 +55,13 @@ def _target(kind, offset, tokens, rows, cols, n):
     return target & (cols < n)
 
 
-def _target_count(kind, offset, tokens, rows, n):
-    """Targets in each of ``rows`` (what summing :func:`_target` over the keys gives)."""
-    diagonal = ((rows + offset >= 0) & (rows + offset < n)).astype(jnp.float32)
-    cols = jax.lax.broadcasted_iota(jnp.int32, tokens.shape, 0)
-    on_tokens = jnp.sum(jnp.where((tokens > 0) & (cols < n), 1.0, 0.0))
-    count = jnp.where(kind == _DIAGONAL, diagonal, jnp.where(kind == _FIRST, 1.0, 0.0))
-    return jnp.where(kind == _TOKEN, on_tokens, count)
-
-
 def _tile_probs(q, k, bias, lse):
     s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
     return jnp.exp(s + bias[None, :] - lse[:, None])
 
 
 def _forward_kernel(
-    static, kind_ref, offset_ref, q_ref, k_ref, v_ref, bias_ref, tok_ref,
+    static, kind_ref, offset_ref, q_ref, k_ref, v_ref, bias_ref, tok_ref, count_ref,
     o_ref, lse_ref, loss_ref, pull_ref,
 ):  # fmt: skip
     block, n = static.block, static.n
@@ -127,7 +119,7 @@ def _forward_kernel(
     o_ref[...] = (acc / total[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log(total)
     if static.guided:
-        count = _target_count(kind, offset, tok_ref[...], rows, n)
+        count = count_ref[...]
         on_sum, off = on1 / total, off / (total * total)
         on_squares = on2 / (total * total) if static.tokens else on_sum * on_sum
         several = count > 1.0
@@ -254,12 +246,13 @@ def _full_block_specs(d, n):
     ]
 
 
-def _forward(static, kind, offset, q, k, v, bias, tokens):
+def _forward(static, kind, offset, q, k, v, bias, tokens, counts):
     batch, n, heads, d = q.shape
     block = static.block
     grid = (batch, heads, n // block)
     in_specs = _full_block_specs(d, n)
     in_specs[2] = _seq_block(block, d)  # q: this program's block
+    in_specs.append(_rows_block(block))  # the target counts of its rows
     rows = jax.ShapeDtypeStruct((batch, heads, n), jnp.float32)
     return _call(
         static,
@@ -268,18 +261,18 @@ def _forward(static, kind, offset, q, k, v, bias, tokens):
         in_specs,
         [_seq_block(block, d), _rows_block(block), _rows_block(block), _rows_block(block)],
         [jax.ShapeDtypeStruct(q.shape, q.dtype), rows, rows, rows],
-        kind, offset, q, k, v, bias, tokens,
+        kind, offset, q, k, v, bias, tokens, counts,
     )  # fmt: skip
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(static, kind, offset, q, k, v, bias, tokens):
-    out, _, loss, _ = _forward(static, kind, offset, q, k, v, bias, tokens)
+def _attention(static, kind, offset, q, k, v, bias, tokens, counts):
+    out, _, loss, _ = _forward(static, kind, offset, q, k, v, bias, tokens, counts)
     return out, jnp.sum(loss, axis=(0, 2))
 
 
-def _attention_fwd(static, kind, offset, q, k, v, bias, tokens):
-    out, lse, loss, pull = _forward(static, kind, offset, q, k, v, bias, tokens)
+def _attention_fwd(static, kind, offset, q, k, v, bias, tokens, counts):
+    out, lse, loss, pull = _forward(static, kind, offset, q, k, v, bias, tokens, counts)
     return (out, jnp.sum(loss, axis=(0, 2))), (kind, offset, q, k, v, bias, tokens, out, lse, pull)
 
 
@@ -314,7 +307,7 @@ def _attention_bwd(static, res, cotangents):
         static, _dkv_kernel, grid, dkv_specs, [_seq_block(block, d), _seq_block(block, d)],
         [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)], *args,
     )  # fmt: skip
-    return None, None, dq, dk, dv, None, None
+    return None, None, dq, dk, dv, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -351,11 +344,13 @@ def pallas_attention(
         offset = np.asarray(patterns.offset, np.int32)
     else:
         kind, offset = np.zeros(heads, np.int32), np.zeros(heads, np.int32)
-    tokens = head_token_masks(patterns, token_masks, padded)
-    if tokens is None:  # the kernels always take one
-        tokens = jnp.zeros((batch, heads, padded), jnp.float32)
-    has_tokens = guided and _TOKEN in patterns.kind
-    static = _Static(guided, has_tokens, block, n, interpret)
+    head_tokens = head_token_masks(patterns, token_masks, padded)
+    tokens = jnp.zeros((batch, heads, padded), jnp.float32) if head_tokens is None else head_tokens
+    counts = jnp.zeros((batch, heads, padded), jnp.float32)  # targets per row
+    if guided:
+        per_row = _target_counts(patterns, head_tokens, n)
+        counts = counts.at[:, :, :n].add(per_row)
+    static = _Static(guided, guided and _TOKEN in patterns.kind, block, n, interpret)
     out, head_sums = _attention(static, jnp.asarray(kind), jnp.asarray(offset), q, k, v, bias,
-                                tokens)  # fmt: skip
+                                tokens, counts)  # fmt: skip
     return out[:, :n], (head_sums if guided else None)

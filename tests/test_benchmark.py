@@ -54,7 +54,7 @@ def test_benchmark_reports_every_arm_and_appends_a_row(tmp_path):
         assert re.fullmatch(r"guidance_overhead=\d+\.\d{3}x", lines[-1])
     table = results.read_text().splitlines()
     assert table[2].startswith("| date | device |") and len(table) == 5
-    assert "| benchmark.py:tiny | 4x32 | float32/flash |" in table[4]
+    assert "| benchmark.py:tiny | 4x32 | float32/dense |" in table[4]
 
 
 def test_bad_step_counts_are_refused():
