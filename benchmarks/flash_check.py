@@ -43,8 +43,7 @@ def flash(q, k, v):
 
 
 def pallas(q, k, v):
-    # float32 tiles of 128 rows need more shared memory than a GPU has: blocks of 64.
-    out, sums = pallas_attention(q, k, v, mask, patterns=patterns, token_masks=masks, block=64)
+    out, sums = pallas_attention(q, k, v, mask, patterns=patterns, token_masks=masks)
     return out, losses_from_head_sums(sums, spec, B, n)
 
 

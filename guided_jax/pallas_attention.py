@@ -321,12 +321,17 @@ def pallas_attention(
     *,
     patterns: HeadPatterns | None = None,
     token_masks: jax.Array | None = None,
-    block: int = 128,
+    block: int | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Same contract as :func:`guided_jax.flash_attention.flash_attention` without dropout:
-    ``[B, n, H, d]`` values and, with ``patterns``, each head's summed squared error ``[H]``."""
+    ``[B, n, H, d]`` values and, with ``patterns``, each head's summed squared error ``[H]``.
+
+    ``block`` (rows and keys per tile) defaults to 128 for 16-bit inputs and 64 for float32,
+    whose tiles of 128 ask Triton for more shared memory than an H100 has (258 of 227 KiB)."""
     batch, n, heads, _ = q.shape
+    if block is None:
+        block = 128 if jnp.dtype(q.dtype).itemsize <= 2 else 64
     block = min(block, pl.next_power_of_2(n))
     padded = pl.cdiv(n, block) * block
     bias = key_bias(q, k, v, key_mask, padded)

@@ -63,7 +63,9 @@ def _objective(attention):
 
     def objective(q, k, v):
         out, losses = attention(q, k, v)
-        return jnp.sum(out * jnp.cos(out)) + 50.0 * jnp.sum(losses * jnp.arange(1, losses.shape[0] + 1))
+        return jnp.sum(out * jnp.cos(out)) + 50.0 * jnp.sum(
+            losses * jnp.arange(1, losses.shape[0] + 1)
+        )
 
     return objective
 
