@@ -147,11 +147,7 @@ def selected_mlm_loss(
     bound = max_predictions(length, probability)
     if bound >= length:
         return mlm_loss(model.logits(hidden), labels, selected)
-    flat_selected = selected.reshape(groups, length)
-    positions, valid, fits = prediction_positions(flat_selected, bound)
-    # Rematerialised: a cond keeps the residuals of both branches, and the full head's would
-    # be the [B, n, V] logits.
-    every_position = jax.checkpoint(lambda h: mlm_loss(model.logits(h), labels, selected))
+    positions, valid, fits = prediction_positions(selected.reshape(groups, length), bound)
 
     def gathered() -> jax.Array:
         logits = model.logits(hidden.reshape(groups, length, -1), positions)
@@ -159,7 +155,23 @@ def selected_mlm_loss(
             logits, jnp.take_along_axis(labels.reshape(groups, length), positions, 1), valid
         )
 
-    return jax.lax.cond(fits, gathered, lambda: every_position(hidden))
+    def every_position() -> jax.Array:
+        # One row of each shard at a time, rematerialised: the compiled step reserves this
+        # branch's memory too, and the [B, n, V] logits of all rows at once would dominate it.
+        def row_sums(xs: tuple[jax.Array, ...]) -> jax.Array:
+            h, row_labels, row_selected = xs
+            loss = mlm_loss(model.logits(h), row_labels, row_selected)
+            return loss * jnp.sum(row_selected)
+
+        def by_row(x: jax.Array) -> jax.Array:  # [B, ...] → [rows per shard, shards, ...]
+            return jnp.swapaxes(x.reshape(groups, rows // groups, *x.shape[1:]), 0, 1)
+
+        sums = jax.lax.map(
+            jax.checkpoint(row_sums), (by_row(hidden), by_row(labels), by_row(selected))
+        )
+        return jnp.sum(sums) / jnp.maximum(jnp.sum(selected), 1)
+
+    return jax.lax.cond(fits, gathered, every_position)
 
 
 def make_train_step(

@@ -386,3 +386,29 @@ def test_head_on_selected_positions_gives_the_full_loss_and_gradients(probabilit
     want, want_grad = jax.value_and_grad(every_position)(hidden)
     assert float(got) == pytest.approx(float(want), rel=1e-6)
     np.testing.assert_allclose(got_grad, want_grad, atol=1e-7)
+
+
+def test_full_head_fallback_never_holds_every_rows_logits():
+    # The compiled step reserves memory for the cond's rare branch too: it must take the
+    # vocabulary projection a row at a time, not [B, n, V] at once.
+    rows, n, vocab = 8, 128, 4096
+    config = ModelConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=4,
+        intermediate_size=32,
+        max_position_embeddings=n + 2,
+    )
+    model = EncoderForMLM(config, rngs=nnx.Rngs(0))
+    hidden = jax.ShapeDtypeStruct((rows, n, 32), jnp.float32)
+    labels = jax.ShapeDtypeStruct((rows, n), jnp.int32)
+    selected = jax.ShapeDtypeStruct((rows, n), jnp.bool_)
+
+    def loss(h, labels, selected):
+        return train.selected_mlm_loss(model, h, labels, selected, 0.15)
+
+    compiled = jax.jit(jax.grad(loss)).lower(hidden, labels, selected).compile()
+    every_rows_logits = rows * n * vocab * 4
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < every_rows_logits, (temp, every_rows_logits)  # all rows at once: 2.3x
