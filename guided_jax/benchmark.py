@@ -301,7 +301,8 @@ def report(results: dict[str, Any]) -> list[str]:
         f"jax {jax.__version__}",
         f"model: {m.num_layers} layers, d={m.hidden_size}, {m.num_heads} heads, "
         f"FFN {m.intermediate_size}, vocab {m.vocab_size}, {m.dtype}, attention "
-        f"{m.attention}; batch {exp.config.train.batch_size} x {exp.config.data.block_size}; "
+        f"{m.attention}, remat {m.remat}; batch {exp.config.train.batch_size} x "
+        f"{exp.config.data.block_size}; "
         f"guidance {exp.spec}",
     ]
     for arm in arms.values():
@@ -348,7 +349,10 @@ def results_row(results: dict[str, Any], shape: str) -> str:
         f"jax {jax.__version__}",
         shape,
         f"{exp.config.train.batch_size}x{exp.config.data.block_size}",
-        f"{exp.model.dtype}/{exp.model.attention}",
+        "/".join(
+            [exp.model.dtype, exp.model.attention]
+            + ([f"remat={exp.model.remat}"] if exp.model.remat != "none" else [])
+        ),
         f"{ours.tokens_per_sec:.0f}",
         f"{guided.tokens_per_sec:.0f}",
         "n/a" if hf is None else f"{hf.tokens_per_sec:.0f}",
