@@ -130,20 +130,22 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
     )
 
 
+def _batch_axes_size(mesh: Mesh | jax.sharding.AbstractMesh) -> int:
+    return math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
+
+
 def batch_sharding(mesh: Mesh, rows: int) -> NamedSharding:
     """Examples split over ``data x fsdp``; a batch those do not divide (a short eval batch)
     is replicated instead."""
-    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
-    return NamedSharding(mesh, P(BATCH_AXES) if rows % shards == 0 else P())
+    return NamedSharding(mesh, P(BATCH_AXES) if rows % _batch_axes_size(mesh) == 0 else P())
 
 
 def batch_shards(rows: int) -> int:
-    """Into how many shards the current mesh (``jax.set_mesh``) splits ``rows`` batch rows: the
-    groups a computation over rows can work in without moving examples between devices."""
+    """Into how many shards the current mesh (``jax.set_mesh``) splits ``rows`` batch rows, as
+    :func:`batch_sharding` places them: the groups a computation over rows can work in without
+    moving examples between devices."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return 1
-    shards = math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
+    shards = 1 if mesh.empty else _batch_axes_size(mesh)
     return shards if rows % shards == 0 else 1
 
 
