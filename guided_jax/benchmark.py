@@ -2,408 +2,55 @@
 
     python -m guided_jax.benchmark --config configs/benchmark.py
     python -m guided_jax.benchmark --config configs/benchmark.py:roberta_12 \
-        --config.model.attention=flash
+        --config.model.attention=flash --results benchmarks/RESULTS.md
 
-One process, one run, one backend (whatever JAX finds): every arm trains on the same real batches
-of the embedded corpus with the same optax optimizer and the same dynamic masking. Arms run in
-interleaved rounds, so drift of the machine (clock, other load) hits them alike; compile and
-warm-up steps are excluded and the medians of ``--steps`` timed steps are compared. The last line
-holds the two ratios the project is judged by, e.g. ``guidance_overhead=1.012x
-speedup_vs_hf_flax=1.41x``; ``--results`` appends a row to ``benchmarks/RESULTS.md``.
-
-HF's Flax models need ``transformers`` (4.57.6 is the last release with them), an optional
-extra (``pip install -e '.[bench]'``); without it that arm is left out and said so.
+The last line holds the ratios the project is judged by, e.g. ``guidance_overhead=1.012x
+speedup_vs_hf_flax=1.41x``. Only parses flags; the work happens in
+:func:`guided_jax.analysis.benchmark.benchmark`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
-import statistics
-import sys
-import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import jax
-import jax.numpy as jnp
-import ml_collections
-from absl import app, flags, logging
-from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from absl import app, flags
 from ml_collections import config_flags
 
-from guided_jax import diagnostics, pipeline, sharding
-from guided_jax.experiment import Experiment, prepare
-from guided_jax.masking import mask_tokens, mlm_loss
-from guided_jax.train import batch_shape, build_train_program, make_optimizer
+from guided_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Benchmark shapes (configs/benchmark.py[:roberta_12])."
 )
-_STEPS = flags.DEFINE_integer("steps", 12, "Timed steps per arm (medians are reported).")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per arm after compiling.")
-_ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved rounds the timed steps are split into.")
+_STEPS = flags.DEFINE_integer(
+    "steps", 12, "Timed steps per arm (medians are reported).", lower_bound=1
+)
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per arm after compiling.", lower_bound=0)
+_ROUNDS = flags.DEFINE_integer(
+    "rounds", 3, "Interleaved rounds the timed steps are split into.", lower_bound=1
+)
 _HF = flags.DEFINE_bool("hf", True, "Also time HF's FlaxRobertaForMaskedLM (needs transformers).")
 _RESULTS = flags.DEFINE_string(
     "results", "", "Markdown file to append the results row to (e.g. benchmarks/RESULTS.md)."
 )
-
-# Dense bf16 peak FLOP/s per chip (vendor figures), for model FLOPs utilisation.
-PEAK_FLOPS = {
-    "H100": 989e12,
-    "H200": 989e12,
-    "A100": 312e12,
-    "L4": 121e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-}
-
-
-@dataclasses.dataclass
-class ArmResult:
-    name: str
-    step_times: list[float]
-    tokens_per_step: int
-    memory_bytes: int | None
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.step_times)
-
-    @property
-    def tokens_per_sec(self) -> float:
-        return self.tokens_per_step / self.median
-
-
-@dataclasses.dataclass
-class Arm:
-    """A compiled step and its (donated) state: ``state = step(state, batch)``."""
-
-    name: str
-    step: Callable[[Any, jax.Array], tuple[Any, Any]]
-    state: Any
-    compiled: Any
-    graphdef: nnx.GraphDef | None = None  # our model's, for the diagnostics timing
-    times: list[float] = dataclasses.field(default_factory=list)
-
-    def run(self, batches: list[jax.Array], steps: int, record: bool) -> None:
-        for i in range(steps):
-            batch = batches[i % len(batches)]
-            start = time.perf_counter()
-            self.state, metrics = self.step(self.state, batch)
-            jax.block_until_ready((self.state, metrics))
-            if record:
-                self.times.append(time.perf_counter() - start)
-
-
-def peak_flops(device: jax.Device) -> float | None:
-    kind = device.device_kind
-    for name, flops in PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            return flops
-    return None
-
-
-def model_flops_per_step(exp: Experiment) -> float:
-    """Useful training FLOPs of one step (forward + backward = 3x forward), matmuls only:
-    ``6 N`` per token for the encoder's ``N`` matmul weights and ``12 L n d`` for attention,
-    plus the MLM head (dense + decoder) on the selected ~15% of tokens the loss needs (an arm
-    that projects every position does that extra work at a lower utilisation)."""
-    m, cfg = exp.model, exp.config
-    tokens, n, d = cfg.train.batch_size * cfg.data.block_size, cfg.data.block_size, m.hidden_size
-    encoder = m.num_layers * (4 * d * d + 2 * d * m.intermediate_size)
-    head = cfg.data.mlm_probability * (d * d + d * m.vocab_size)
-    return tokens * (6 * (encoder + head) + 12 * m.num_layers * n * d)
-
-
-def compiled_memory(compiled: Any) -> int | None:
-    """Arguments + outputs + temporaries - donated aliases: XLA's estimate of a step's peak."""
-    analysis = compiled.memory_analysis() if compiled is not None else None
-    if analysis is None:
-        return None
-    return (
-        analysis.argument_size_in_bytes
-        + analysis.output_size_in_bytes
-        + analysis.temp_size_in_bytes
-        - analysis.alias_size_in_bytes
-    )
-
-
-def our_arm(name: str, exp: Experiment, mesh: jax.sharding.Mesh) -> Arm:
-    program = build_train_program(exp, mesh)
-    step = program.train_step
-    return Arm(name, step, program.init_state(), step, program.graphdef)
-
-
-def hf_arm(exp: Experiment, mesh: jax.sharding.Mesh) -> Arm | str:
-    """HF's FlaxRobertaForMaskedLM with our sizes, optimizer and masking; or why it is absent."""
-    try:
-        import transformers
-    except ImportError:
-        return "transformers is not installed (pip install -e '.[bench]')"
-    if not hasattr(transformers, "FlaxRobertaForMaskedLM"):
-        return f"transformers {transformers.__version__} has no Flax models (use 4.57.6)"
-    m, cfg = exp.model, exp.config
-    if m.model_type != "roberta":
-        return f"the HF arm compares RoBERTa models, this config is {m.model_type}"
-    hf_config = transformers.RobertaConfig(
-        vocab_size=m.vocab_size,
-        hidden_size=m.hidden_size,
-        num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_heads,
-        intermediate_size=m.intermediate_size,
-        max_position_embeddings=m.max_position_embeddings,
-        type_vocab_size=m.type_vocab_size,
-        layer_norm_eps=m.layer_norm_eps,
-        hidden_dropout_prob=m.dropout,
-        attention_probs_dropout_prob=m.attention_dropout,
-        pad_token_id=m.pad_token_id,
-    )
-    model = transformers.FlaxRobertaForMaskedLM(
-        hf_config, seed=cfg.train.seed, dtype=m.compute_dtype, _do_init=True
-    )
-    tx, _ = make_optimizer(cfg.train)
-    tok = exp.tokenizer
-
-    def loss_fn(params: Any, batch: jax.Array, key: jax.Array) -> jax.Array:
-        mask_key, dropout_key = jax.random.split(key)
-        inputs, selected = mask_tokens(
-            mask_key,
-            batch,
-            vocab_size=tok.vocab_size,
-            mask_id=tok.mask_id,
-            special_ids=tok.special_ids,
-            mlm_probability=cfg.data.mlm_probability,
-        )
-        attend = (batch != m.pad_token_id).astype(jnp.int32)
-        logits = model(
-            inputs, attention_mask=attend, params=params, dropout_rng=dropout_key, train=True
-        ).logits
-        return mlm_loss(logits, batch, selected)
-
-    def train_step(state: tuple[Any, Any, jax.Array], batch: jax.Array):
-        params, opt_state, step = state
-        key = jax.random.fold_in(jax.random.key(cfg.train.seed), step)
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch, key)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = jax.tree.map(lambda p, u: p + u, params, updates)
-        return (params, opt_state, step + 1), loss
-
-    replicated = NamedSharding(mesh, P())
-    params = jax.device_put(model.params, replicated)
-    state = (params, tx.init(params), jnp.zeros((), jnp.int32))
-    batch_sharding = sharding.batch_sharding(mesh, cfg.train.batch_size)
-    shape = jax.ShapeDtypeStruct(
-        (cfg.train.batch_size, cfg.data.block_size), jnp.int32, sharding=batch_sharding
-    )
-    compiled = jax.jit(train_step, donate_argnums=0).lower(state, shape).compile()
-    return Arm("hf_flax", compiled, state, compiled)
-
-
-def input_pipeline_rate(exp: Experiment, seconds: float = 1.0) -> float:
-    """Examples per second the input pipeline delivers on the host, alone."""
-    batches = pipeline.train_iterator(exp)
-    next(batches)  # starts its reader threads
-    start, step = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
-        next(batches)
-        step += 1
-    return step * exp.config.train.batch_size / (time.perf_counter() - start)
-
-
-def benchmark(
-    config: ml_collections.ConfigDict, *, steps: int, warmup: int, rounds: int, hf: bool
-) -> dict[str, Any]:
-    """Runs every arm; returns the results (see :func:`report`)."""
-    guided_config = config.copy_and_resolve_references()
-    guided_config.guidance.enabled = True
-    with tempfile.TemporaryDirectory() as workdir:
-        exp = prepare(guided_config, workdir)
-    plain_config = exp.config.copy_and_resolve_references()
-    plain_config.guidance.enabled = False
-    plain = dataclasses.replace(exp, config=plain_config)
-    mesh = sharding.make_mesh(exp.config.mesh)
-    tokens = exp.config.train.batch_size * exp.config.data.block_size
-    with jax.set_mesh(mesh):
-        arms = [our_arm("ours", plain, mesh), our_arm("ours_guided", exp, mesh)]
-        hf_skipped = "--nohf" if not hf else None
-        if hf:
-            baseline = hf_arm(exp, mesh)
-            if isinstance(baseline, str):
-                hf_skipped = baseline
-            else:
-                arms.append(baseline)
-        batch_sharding = sharding.batch_sharding(mesh, exp.config.train.batch_size)
-        shape = batch_shape(exp.config)
-        reader = pipeline.train_iterator(exp, sharding.local_rows(batch_sharding, shape))
-        batches = [
-            sharding.global_batch(batch_sharding, shape, lambda _: next(reader)) for _ in range(4)
-        ]
-        for arm in arms:
-            arm.run(batches, warmup, record=False)
-        per_round = -(-steps // rounds)
-        for _ in range(rounds):
-            for arm in arms:
-                arm.run(batches, per_round, record=True)
-        diagnostics_ms = diagnostics_time(exp, arms[1], batches, steps) * 1000
-    results = {
-        arm.name: ArmResult(arm.name, arm.times, tokens, compiled_memory(arm.compiled))
-        for arm in arms
-    }
-    return dict(
-        exp=exp,
-        arms=results,
-        hf_skipped=hf_skipped,
-        flops=model_flops_per_step(exp),
-        device=jax.devices()[0],
-        device_count=len(jax.devices()),
-        input_examples_per_sec=input_pipeline_rate(exp),
-        diagnostics_ms=diagnostics_ms,
-    )
-
-
-def diagnostics_time(exp: Experiment, arm: Arm, batches: list[jax.Array], calls: int) -> float:
-    """Median seconds of one call of the head diagnostics (``train.diagnostics``) on ``arm``'s
-    parameters, which a run makes on its log steps only."""
-    step = jax.jit(diagnostics.make_diagnostics_step(exp, arm.graphdef))
-    params = arm.state.params
-    jax.block_until_ready(step(params, batches[0]))
-    times = []
-    for i in range(calls):
-        start = time.perf_counter()
-        jax.block_until_ready(step(params, batches[i % len(batches)]))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def ratios(arms: dict[str, ArmResult]) -> dict[str, float]:
-    out = {"guidance_overhead": arms["ours_guided"].median / arms["ours"].median}
-    if "hf_flax" in arms:
-        out["speedup_vs_hf_flax"] = arms["hf_flax"].median / arms["ours"].median
-    return out
-
-
-def report(results: dict[str, Any]) -> list[str]:
-    """Human-readable lines; the last holds the ratios."""
-    exp, arms, device = results["exp"], results["arms"], results["device"]
-    peak = peak_flops(device)
-    m = exp.model
-    lines = [
-        f"device: {results['device_count']} x {device.device_kind} ({device.platform}), "
-        f"jax {jax.__version__}",
-        f"model: {m.num_layers} layers, d={m.hidden_size}, {m.num_heads} heads, "
-        f"FFN {m.intermediate_size}, vocab {m.vocab_size}, {m.dtype}, attention "
-        f"{m.attention}, remat {m.remat}; batch {exp.config.train.batch_size} x "
-        f"{exp.config.data.block_size}; "
-        f"guidance {exp.spec}",
-    ]
-    for arm in arms.values():
-        mfu = ""
-        if peak is not None:
-            achieved = results["flops"] / arm.median / results["device_count"]
-            mfu = f"  MFU {100 * achieved / peak:.1f}%"
-        memory = "n/a" if arm.memory_bytes is None else f"{arm.memory_bytes / 2**20:.0f} MiB"
-        lines.append(
-            f"{arm.name:>12}: step {1000 * arm.median:8.2f} ms  {arm.tokens_per_sec:10.0f} "
-            f"tokens/s  memory {memory}{mfu}  ({len(arm.step_times)} steps)"
-        )
-    if results["hf_skipped"]:
-        lines.append(f"hf_flax: not measured: {results['hf_skipped']}")
-    stats = device.memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        lines.append(f"device peak memory (all arms): {stats['peak_bytes_in_use'] / 2**30:.2f} GiB")
-    lines.append(f"input pipeline: {results['input_examples_per_sec']:.0f} examples/s")
-    log_every = exp.config.train.log_every
-    share = results["diagnostics_ms"] / (log_every * 1000 * arms["ours_guided"].median)
-    lines.append(
-        f"head diagnostics: {results['diagnostics_ms']:.1f} ms per log step, "
-        f"{100 * share:.2f}% of training time at train.log_every={log_every}"
-    )
-    lines.append(" ".join(f"{k}={v:.3f}x" for k, v in ratios(arms).items()))
-    return lines
-
-
-def results_row(results: dict[str, Any], shape: str) -> str:
-    exp, arms, device = results["exp"], results["arms"], results["device"]
-    peak = peak_flops(device)
-    r = ratios(arms)
-    ours, guided = arms["ours"], arms["ours_guided"]
-    hf = arms.get("hf_flax")
-    mfu = (
-        "n/a"
-        if peak is None
-        else (f"{100 * results['flops'] / guided.median / results['device_count'] / peak:.1f}%")
-    )
-    memory = "n/a" if guided.memory_bytes is None else f"{guided.memory_bytes / 2**20:.0f} MiB"
-    cells = [
-        datetime.date.today().isoformat(),
-        f"{results['device_count']}x {device.device_kind}",
-        f"jax {jax.__version__}",
-        shape,
-        f"{exp.config.train.batch_size}x{exp.config.data.block_size}",
-        "/".join(
-            [exp.model.dtype, exp.model.attention]
-            + ([f"remat={exp.model.remat}"] if exp.model.remat != "none" else [])
-        ),
-        f"{ours.tokens_per_sec:.0f}",
-        f"{guided.tokens_per_sec:.0f}",
-        "n/a" if hf is None else f"{hf.tokens_per_sec:.0f}",
-        f"{1000 * guided.median:.1f}",
-        memory,
-        mfu,
-        f"{r['guidance_overhead']:.3f}x",
-        "n/a" if hf is None else f"{r['speedup_vs_hf_flax']:.2f}x",
-        f"{results['input_examples_per_sec']:.0f}",
-    ]
-    return "| " + " | ".join(cells) + " |"
-
-
-RESULTS_HEADER = (
-    "| date | device | jax | config | batch | dtype/attention | ours tok/s | guided tok/s "
-    "| HF Flax tok/s | guided step ms | guided memory | guided MFU | guidance_overhead "
-    "| speedup_vs_hf_flax | input examples/s |\n" + "|---" * 15 + "|\n"
-)
-
-
-def append_results(path: Path, row: str) -> None:
-    if not path.exists() or not path.read_text().strip():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("# Benchmark results\n\n" + RESULTS_HEADER)
-    with path.open("a") as f:
-        f.write(row + "\n")
+flags.mark_flags_as_required(["config"])
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    if _STEPS.value < 1 or _WARMUP.value < 0 or _ROUNDS.value < 1:
-        sys.exit("guided_jax.benchmark: error: --steps and --rounds must be >= 1, --warmup >= 0")
-    try:
-        results = benchmark(
+    from guided_jax.analysis import benchmark
+
+    with cli.command("benchmark", argv):
+        results = benchmark.benchmark(
             _CONFIG.value,
             steps=_STEPS.value,
             warmup=_WARMUP.value,
             rounds=_ROUNDS.value,
             hf=_HF.value,
         )
-    except (ValueError, OSError) as error:
-        sys.exit(f"guided_jax.benchmark: error: {error}")
-    print("\n".join(report(results)))
+    print("\n".join(benchmark.report(results)))
     if _RESULTS.value:
-        shape = flags.FLAGS["config"].config_filename
-        append_results(Path(_RESULTS.value), results_row(results, Path(shape).name))
+        shape = Path(flags.FLAGS["config"].config_filename).name
+        benchmark.append_results(Path(_RESULTS.value), benchmark.results_row(results, shape))
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config"])
     app.run(main)

@@ -1,15 +1,18 @@
-"""Command line: ``python -m guided_jax.main --config configs/default.py --workdir DIR``.
+"""Pretraining: ``python -m guided_jax.main --config configs/default.py --workdir DIR``.
 
 Only parses flags; the work happens in :func:`guided_jax.train.train_and_evaluate`. Any config
 key can be overridden, e.g. ``--config.train.steps=200 --config.guidance.enabled=false``.
+Rerunning the same command resumes from the newest checkpoint.
 """
 
 from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from guided_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints, tokenizer.")
@@ -27,36 +30,19 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _initialize_distributed() -> None:
-    """Must run before any other JAX call."""
-    explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    if not _DISTRIBUTED.value and all(v is None for v in explicit):
-        return
-    import jax
-
-    jax.distributed.initialize(
-        coordinator_address=_COORDINATOR.value,
-        num_processes=_NUM_PROCESSES.value,
-        process_id=_PROCESS_ID.value,
-    )
-
-
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    _initialize_distributed()
-    import jax
+    import jax  # after flag parsing: --help stays fast
 
-    from guided_jax import train
+    explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if _DISTRIBUTED.value or any(v is not None for v in explicit):
+        jax.distributed.initialize(*explicit)  # before any other JAX call
+    from guided_jax.train import loop as train
 
-    if not flags.FLAGS["verbosity"].present:  # keep orbax's INFO lines out of the progress bar
-        logging.set_verbosity(logging.WARNING)
-    try:
-        last = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, OSError, FloatingPointError) as error:  # say what is wrong, no traceback
-        sys.exit(f"guided_jax: error: {error}")
-    except train.Interrupted as stop:
-        sys.exit(f"guided_jax: {stop}")
+    with cli.command("main", argv):
+        try:
+            last = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        except train.Interrupted as stop:
+            sys.exit(f"guided_jax: {stop}")
     if jax.process_index() != 0:  # one report per run, not one per host
         return
     if not last:

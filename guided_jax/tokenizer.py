@@ -1,441 +1,62 @@
-"""Tokenizers: byte-level BPE (RoBERTa) and WordPiece (BERT): training, loading, and a small
-command-line tool.
-
-The on-disk formats are the ones HuggingFace uses, so the reference implementation's
-``ag_config/*`` directories load unchanged:
-
-* byte-level BPE: ``vocab.json`` + ``merges.txt``, special tokens ``<s> <pad> </s> <unk> <mask>``;
-* WordPiece: ``vocab.txt``, special tokens ``[CLS] [PAD] [SEP] [UNK] [MASK]``.
-
-:func:`train_tokenizer` also writes ``tokenizer_config.json`` naming the tokenizer class (and,
-for WordPiece, whether it lowercases), which records the kind beside the files.
-:func:`load_tokenizer` finds the kind from the files (and that file, when present).
-
-Command line::
+"""Train a RoBERTa-style byte-level BPE (vocab.json, merges.txt) or a BERT-style WordPiece
+(vocab.txt) tokenizer for any language.
 
     python -m guided_jax.tokenizer --files a.txt b.txt --vocab-size 8000 --out DIR
     python -m guided_jax.tokenizer --kind wordpiece --files a.txt --vocab-size 30000 --out DIR
     python -m guided_jax.tokenizer --default-corpus --vocab-size 8000 --out DIR
+
+Only parses flags; the work happens in :func:`guided_jax.data.tokenizer.train_tokenizer`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
-from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
-from typing import Any
+from absl import app, flags
 
-from tokenizers import AddedToken, BertWordPieceTokenizer, ByteLevelBPETokenizer
+from guided_jax import cli
+from guided_jax.data.tokenizer import CONFIG_FILE, FILES_OF_KIND, KINDS
 
-from guided_jax import data
-
-__all__ = [
-    "KINDS",
-    "SPECIAL_TOKENS",
-    "WORDPIECE_SPECIAL_TOKENS",
-    "Tokenizer",
-    "detect_kind",
-    "has_tokenizer_files",
-    "load_tokenizer",
-    "main",
-    "train_tokenizer",
-]
-
-KINDS = ("bpe", "wordpiece")
-# In id order when trained: <s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4 (RoBERTa's ids).
-SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
-# In id order when trained: [PAD]=0 (BERT's pad id), [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4.
-WORDPIECE_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-# Which special token plays which role, per kind; blocks are ``bos … eos``.
-ROLES: dict[str, dict[str, str]] = {
-    "bpe": dict(bos="<s>", pad="<pad>", eos="</s>", unk="<unk>", mask="<mask>"),
-    "wordpiece": dict(bos="[CLS]", pad="[PAD]", eos="[SEP]", unk="[UNK]", mask="[MASK]"),
-}
-VOCAB_FILE = "vocab.json"
-MERGES_FILE = "merges.txt"
-WORDPIECE_VOCAB_FILE = "vocab.txt"
-CONFIG_FILE = "tokenizer_config.json"
-# tokenizer_config.json's ``tokenizer_class`` (HuggingFace's names) for each kind.
-TOKENIZER_CLASSES = {"bpe": "RobertaTokenizer", "wordpiece": "BertTokenizer"}
-_CLASS_KINDS = {
-    "RobertaTokenizer": "bpe",
-    "RobertaTokenizerFast": "bpe",
-    "BertTokenizer": "wordpiece",
-    "BertTokenizerFast": "wordpiece",
-}
-_FILES_OF_KIND = {"bpe": (VOCAB_FILE, MERGES_FILE), "wordpiece": (WORDPIECE_VOCAB_FILE,)}
-_EXPECTED_FILES = (
-    f"{WORDPIECE_VOCAB_FILE} (WordPiece) or {VOCAB_FILE} + {MERGES_FILE} (byte-level BPE)"
+_FILES = flags.DEFINE_multi_string(
+    "files", None, "UTF-8 text files, one document per line (--files a.txt b.txt)."
 )
-_BYTE_ALPHABET_SIZE = 256  # byte-level BPE always starts from all 256 byte symbols
-
-Backend = ByteLevelBPETokenizer | BertWordPieceTokenizer
-
-
-class Tokenizer:
-    """A loaded tokenizer of either kind plus the ids of its special tokens.
-
-    ``bos_id``/``eos_id`` are ``<s>``/``</s>`` (BPE) or ``[CLS]``/``[SEP]`` (WordPiece);
-    ``special_ids`` lists bos, pad, eos, unk and mask ids in that order. ``encode_batch`` never
-    adds special tokens: blocks get them when they are packed (see
-    :func:`guided_jax.data.pack_blocks`), exactly as in the reference.
-    """
-
-    def __init__(
-        self,
-        backend: Backend,
-        directory: str | os.PathLike[str] | None,
-        kind: str = "bpe",
-        lowercase: bool = False,
-    ):
-        if kind not in KINDS:
-            raise ValueError(f"tokenizer kind must be one of {list(KINDS)}, got {kind!r}")
-        self._backend = backend
-        self.directory = Path(directory) if directory is not None else None
-        self.kind = kind
-        self.lowercase = lowercase
-        roles = ROLES[kind]
-        missing = [t for t in roles.values() if backend.token_to_id(t) is None]
-        if missing:
-            raise ValueError(
-                f"tokenizer{self._where()} lacks special tokens {missing}; "
-                f"expected all of {list(roles.values())}"
-            )
-        ids = [int(backend.token_to_id(roles[r])) for r in ("bos", "pad", "eos", "unk", "mask")]
-        self.bos_id, self.pad_id, self.eos_id, self.unk_id, self.mask_id = ids
-        self.special_ids: tuple[int, ...] = tuple(ids)
-
-    @property
-    def vocab_size(self) -> int:
-        """Number of token ids, special tokens included (the embedding table's row count)."""
-        return self._backend.get_vocab_size(with_added_tokens=True)
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text, without special tokens; encodes in parallel in the library."""
-        if isinstance(texts, str):
-            raise TypeError("encode_batch expects a sequence of texts, not a single string")
-        encodings = self._backend.encode_batch(list(texts), add_special_tokens=False)
-        return [encoding.ids for encoding in encodings]
-
-    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """Token ids of ``text`` (no special tokens) and each token's ``(start, end)`` character
-        span in it, to map words onto their subword tokens."""
-        encoding = self._backend.encode(text, add_special_tokens=False)
-        return list(encoding.ids), [tuple(span) for span in encoding.offsets]
-
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        """Text of ``ids``; special tokens are shown by default so masked inputs stay readable."""
-        return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
-
-    def token_to_id(self, token: str) -> int:
-        """Id of the vocabulary entry spelled exactly ``token``.
-
-        Raises ValueError instead of returning the first piece when ``token`` is not a single
-        entry: guiding attention towards part of a word would silently change the method.
-        In byte-level BPE a leading space is part of the entry (``"Ġ."`` vs ``"."``); in
-        WordPiece a piece inside a word starts with ``##``.
-        """
-        token_id = self._backend.token_to_id(token)
-        if token_id is None:
-            pieces = self._backend.encode(token, add_special_tokens=False).tokens
-            raise ValueError(
-                f"token {token!r} is not a single entry of the vocabulary of tokenizer"
-                f"{self._where()}; it would be split into {pieces}{self._hint(token)}"
-            )
-        return int(token_id)
-
-    def _hint(self, token: str) -> str:
-        """Another spelling of ``token`` that is an entry, for error messages."""
-        if self.kind == "bpe":
-            spellings = [("Ġ" + token, "the entry for it after a space")]
-        else:
-            spellings = [("##" + token, "the entry for it inside a word")]
-            if self.lowercase:
-                spellings.insert(0, (token.lower(), "this tokenizer lowercases; the entry"))
-        for spelling, what in spellings:
-            if spelling != token and self._backend.token_to_id(spelling) is not None:
-                return f" ({what} is {spelling!r})"
-        return ""
-
-    def _where(self) -> str:
-        """Location used in error messages."""
-        return f" in {str(self.directory)!r}" if self.directory is not None else ""
-
-    def __repr__(self) -> str:
-        return (
-            f"Tokenizer(kind={self.kind!r}, directory={self.directory!r}, "
-            f"vocab_size={self.vocab_size})"
-        )
+_DEFAULT_CORPUS = flags.DEFINE_bool(
+    "default-corpus", False, "Train on the embedded default corpus (the stdlib's docstrings)."
+)
+_KIND = flags.DEFINE_enum("kind", "bpe", list(KINDS), "Tokenizer kind.")
+_VOCAB_SIZE = flags.DEFINE_integer("vocab-size", None, "Vocabulary size.")
+_OUT = flags.DEFINE_string("out", None, "Output directory (created if needed).")
+_MIN_FREQUENCY = flags.DEFINE_integer("min-frequency", 2, "Minimum pair count for a merge.")
+_LOWERCASE = flags.DEFINE_bool("lowercase", False, "Lowercase and strip accents (WordPiece).")
+flags.mark_flags_as_required(["vocab-size", "out"])
+flags.register_multi_flags_validator(
+    ["files", "default-corpus"],
+    lambda values: bool(values["files"]) != bool(values["default-corpus"]),
+    "give either --files or --default-corpus",
+)
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------------
+def main(argv: list[str]) -> None:
+    from guided_jax.data.default_corpus import default_corpus
+    from guided_jax.data.text import read_text_files
+    from guided_jax.data.tokenizer import train_tokenizer
 
-
-def has_tokenizer_files(directory: str | os.PathLike[str]) -> bool:
-    """Whether ``directory`` holds a vocabulary file of either kind."""
-    directory = Path(directory)
-    return any((directory / name).is_file() for name in (WORDPIECE_VOCAB_FILE, VOCAB_FILE))
-
-
-def _check_directory(directory: Path) -> None:
-    if not directory.exists():
-        raise FileNotFoundError(f"tokenizer directory {str(directory)!r} does not exist")
-    if not directory.is_dir():
-        raise NotADirectoryError(
-            f"tokenizer path {str(directory)!r} is not a directory; expected a directory "
-            f"holding {_EXPECTED_FILES}"
-        )
-
-
-def _read_tokenizer_config(directory: Path) -> dict[str, Any]:
-    """``tokenizer_config.json`` if present (HuggingFace's; only a few keys matter here)."""
-    path = directory / CONFIG_FILE
-    if not path.is_file():
-        return {}
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object")
-    return values
-
-
-def detect_kind(directory: str | os.PathLike[str]) -> str:
-    """``"bpe"`` or ``"wordpiece"``: from ``tokenizer_config.json``'s ``tokenizer_class`` when
-    it names one of them, otherwise from which files are there. Errors name the directory and
-    the files it lacks."""
-    directory = Path(directory)
-    _check_directory(directory)
-    declared = _CLASS_KINDS.get(str(_read_tokenizer_config(directory).get("tokenizer_class")))
-    present = {
-        kind: [name for name in names if (directory / name).is_file()]
-        for kind, names in _FILES_OF_KIND.items()
-    }
-    if declared is not None:
-        kinds = [declared]
-    else:
-        kinds = [kind for kind, found in present.items() if found]
-        if len(kinds) > 1:
-            raise ValueError(
-                f"tokenizer directory {str(directory)!r} holds the files of both a WordPiece "
-                f"({WORDPIECE_VOCAB_FILE}) and a byte-level BPE ({VOCAB_FILE}, {MERGES_FILE}) "
-                f"tokenizer; remove one, or name it in {CONFIG_FILE} "
-                f'({{"tokenizer_class": "BertTokenizer"}} or "RobertaTokenizer")'
-            )
-        if not kinds:
-            raise FileNotFoundError(
-                f"tokenizer directory {str(directory)!r} has no tokenizer files; expected "
-                f"{_EXPECTED_FILES}"
-            )
-    (kind,) = kinds
-    missing = [name for name in _FILES_OF_KIND[kind] if name not in present[kind]]
-    if missing:
-        raise FileNotFoundError(
-            f"tokenizer directory {str(directory)!r} has no {', '.join(missing)}; expected "
-            f"{' + '.join(_FILES_OF_KIND[kind])} for its {kind} tokenizer (as written by "
-            f"train_tokenizer)"
-        )
-    return kind
-
-
-def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
-    """Load the tokenizer in ``directory`` (kind per :func:`detect_kind`); other files there
-    are ignored.
-
-    The files are checked first so that a wrong path or an incomplete vocabulary is reported
-    clearly instead of as a library error (or, worse, special tokens split into pieces).
-    """
-    directory = Path(directory)
-    kind = detect_kind(directory)
-    if kind == "wordpiece":
-        return _load_wordpiece(directory)
-    vocab_path, merges_path = directory / VOCAB_FILE, directory / MERGES_FILE
-    vocab = _read_vocab(vocab_path)
-    _check_specials(vocab_path, vocab, SPECIAL_TOKENS)
-    backend = ByteLevelBPETokenizer.from_file(str(vocab_path), str(merges_path))
-    # Without registering them, "<mask>" etc. in text would be split into byte pieces.
-    # <mask> absorbs the space before it, as in RoBERTa, so "a <mask>" is two tokens.
-    backend.add_special_tokens(
-        [AddedToken(t, lstrip=(t == "<mask>"), rstrip=False) for t in SPECIAL_TOKENS]
-    )
-    return Tokenizer(backend, directory, "bpe")
-
-
-def _load_wordpiece(directory: Path) -> Tokenizer:
-    """``vocab.txt`` with HuggingFace's BertTokenizer settings from ``tokenizer_config.json``
-    (``do_lower_case`` defaults to true there, so a bare vocab.txt lowercases, as HF would)."""
-    path = directory / WORDPIECE_VOCAB_FILE
-    settings = _read_tokenizer_config(directory)
-    lowercase = settings.get("do_lower_case", True)
-    strip_accents = settings.get("strip_accents")
-    if not isinstance(lowercase, bool) or not isinstance(strip_accents, bool | None):
-        raise ValueError(
-            f"{str(directory / CONFIG_FILE)!r}: do_lower_case must be true or false and "
-            f"strip_accents true, false or null"
-        )
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{str(path)!r} is not UTF-8 text: {err}") from None
-    vocab = {line.rstrip("\r"): i for i, line in enumerate(lines) if line.rstrip("\r")}
-    if not vocab:
-        raise ValueError(f"{str(path)!r} is empty; expected one WordPiece token per line")
-    _check_specials(path, vocab, WORDPIECE_SPECIAL_TOKENS)
-    # The constructor registers [CLS], [SEP], [PAD], [UNK], [MASK] as special tokens.
-    backend = BertWordPieceTokenizer.from_file(
-        str(path), lowercase=lowercase, strip_accents=strip_accents
-    )
-    return Tokenizer(backend, directory, "wordpiece", lowercase=lowercase)
-
-
-def _check_specials(path: Path, vocab: dict[str, int], specials: Sequence[str]) -> None:
-    missing = [t for t in specials if t not in vocab]
-    if missing:
-        raise ValueError(
-            f"{str(path)!r} lacks special tokens {missing}; expected all of "
-            f"{list(specials)} in the vocabulary"
-        )
-
-
-def _read_vocab(path: Path) -> dict[str, int]:
-    """Read and sanity-check a ``vocab.json`` mapping token strings to ids."""
-    try:
-        vocab = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{str(path)!r} is not a valid JSON vocabulary: {err}") from None
-    if not isinstance(vocab, dict) or not all(
-        isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()
-    ):
-        raise ValueError(f"{str(path)!r} must be a JSON object mapping tokens to integer ids")
-    return vocab
-
-
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
-
-
-def train_tokenizer(
-    texts: Iterable[str],
-    vocab_size: int,
-    out_dir: str | os.PathLike[str],
-    min_frequency: int = 2,
-    kind: str = "bpe",
-    lowercase: bool = False,
-) -> Tokenizer:
-    """Train a tokenizer of ``kind`` on ``texts``, write it to ``out_dir`` and return it
-    reloaded.
-
-    Special tokens get ids 0..4 in the order of :data:`SPECIAL_TOKENS` (BPE) or
-    :data:`WORDPIECE_SPECIAL_TOKENS` (WordPiece). ``lowercase`` applies to WordPiece only (BPE
-    is lossless). Returning the reloaded tokenizer guarantees that training and later runs use
-    exactly what is on disk.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"tokenizer kind must be one of {list(KINDS)}, got {kind!r}")
-    if kind == "bpe":
-        minimum = _BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
-        why = f"256 byte symbols + {len(SPECIAL_TOKENS)} special tokens"
-    else:
-        minimum = len(WORDPIECE_SPECIAL_TOKENS)
-        why = f"{minimum} special tokens"
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= minimum:
-        raise ValueError(
-            f"vocab_size must be an integer greater than {minimum} ({why}), got {vocab_size!r}"
-        )
-    if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
-        raise ValueError(f"min_frequency must be a positive integer, got {min_frequency!r}")
-    if lowercase and kind == "bpe":
-        raise ValueError("lowercase applies to WordPiece only (byte-level BPE is lossless)")
-    if isinstance(texts, str):
-        raise TypeError("texts must be an iterable of documents, not a single string")
-    counter = _Counted(texts)
-    if kind == "bpe":
-        backend: Backend = ByteLevelBPETokenizer()
-        specials = list(SPECIAL_TOKENS)
-    else:
-        backend = BertWordPieceTokenizer(lowercase=lowercase)
-        specials = list(WORDPIECE_SPECIAL_TOKENS)
-    backend.train_from_iterator(
-        counter,
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=specials,
-        show_progress=False,
-    )
-    if counter.nonblank == 0:
-        raise ValueError("cannot train a tokenizer on an empty corpus")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    backend.save_model(str(out))
-    settings: dict[str, Any] = {"tokenizer_class": TOKENIZER_CLASSES[kind]}
-    if kind == "wordpiece":
-        settings["do_lower_case"] = lowercase
-    (out / CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
-    return load_tokenizer(out)
-
-
-class _Counted:
-    """Iterable wrapper that counts non-blank texts, to reject an empty corpus."""
-
-    def __init__(self, texts: Iterable[str]):
-        self._texts = texts
-        self.nonblank = 0
-
-    def __iter__(self) -> Iterator[str]:
-        for text in self._texts:
-            if text.strip():
-                self.nonblank += 1
-            yield text
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the process exit status."""
-    parser = argparse.ArgumentParser(
-        prog="python -m guided_jax.tokenizer",
-        description="Train a RoBERTa-style byte-level BPE (vocab.json, merges.txt) or a "
-        "BERT-style WordPiece (vocab.txt) tokenizer.",
-    )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--files", nargs="+", metavar="FILE", help="UTF-8 text files, one document per line"
-    )
-    source.add_argument(
-        "--default-corpus",
-        action="store_true",
-        help="train on the embedded default corpus (Python standard library documentation)",
-    )
-    parser.add_argument("--kind", choices=KINDS, default="bpe", help="tokenizer kind (bpe)")
-    parser.add_argument("--vocab-size", type=int, required=True, help="vocabulary size")
-    parser.add_argument("--out", required=True, help="output directory (created if needed)")
-    parser.add_argument(
-        "--min-frequency", type=int, default=2, help="minimum pair count for a merge (default 2)"
-    )
-    parser.add_argument(
-        "--lowercase", action="store_true", help="lowercase and strip accents (WordPiece only)"
-    )
-    args = parser.parse_args(argv)
-    try:
-        texts = data.default_corpus() if args.default_corpus else data.read_text_files(args.files)
+    # "--files a.txt b.txt": the files after the first arrive as arguments.
+    with cli.command("tokenizer", argv, positional=bool(_FILES.value)):
+        files = [*(_FILES.value or []), *argv[1:]]
+        texts = default_corpus() if _DEFAULT_CORPUS.value else read_text_files(files)
         tokenizer = train_tokenizer(
-            texts, args.vocab_size, args.out, args.min_frequency, args.kind, args.lowercase
+            texts,
+            _VOCAB_SIZE.value,
+            _OUT.value,
+            _MIN_FREQUENCY.value,
+            _KIND.value,
+            _LOWERCASE.value,
         )
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    files = ", ".join((*_FILES_OF_KIND[args.kind], CONFIG_FILE))
+    written = ", ".join((*FILES_OF_KIND[_KIND.value], CONFIG_FILE))
     print(
-        f"wrote {files} to {args.out} ({args.kind}, vocab size {tokenizer.vocab_size}, "
+        f"wrote {written} to {_OUT.value} ({_KIND.value}, vocab size {tokenizer.vocab_size}, "
         f"trained on {len(texts)} documents)"
     )
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    app.run(main)

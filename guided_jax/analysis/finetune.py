@@ -1,0 +1,284 @@
+"""Sequence classification (or regression) on a pretrained encoder, over several seeds.
+
+The head is RoBERTa's: the first token's (``<s>``/``[CLS]``) final hidden state through
+dropout, a tanh dense layer, dropout and a linear layer to the labels. Each seed starts from
+the same pretrained weights with its own head initialisation, dropout and data order; training
+evaluates the validation split every ``eval_every`` steps (default: each epoch), keeps the best
+parameters and stops after ``patience`` evaluations without improvement. The best parameters are
+scored on the eval split (accuracy, macro-F1 and MCC, or Pearson and Spearman for regression);
+``WORKDIR/results.json`` holds every seed and the mean ± std.
+
+Splits (:mod:`guided_jax.data.tables`): CSV-like tasks read ``data.train_file`` and
+``data.eval_file`` and hold out ``data.validation_fraction`` of the training rows for early
+stopping unless ``data.validation_file`` is given. GLUE tasks train on TFDS's ``train`` split,
+hold out the validation rows the same way, and report on its labelled ``validation`` split
+(GLUE's test labels are not public).
+
+Training is functional, as pretraining is: parameters and optimizer state are arrays passed
+through one jitted step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import scipy.stats
+from flax import nnx
+from sklearn import metrics as skm
+from tqdm import tqdm
+
+from guided_jax import weights
+from guided_jax.config.checks import check_finetune_config, parse_seeds
+from guided_jax.data.tables import FinetuneError, Task, encode, load_task
+from guided_jax.model import EncoderForMLM, Params, build_model, model_params
+from guided_jax.train.optimizer import adamw, warmup_linear_decay
+
+__all__ = ["FinetuneError", "format_results", "run", "scores", "train_one_seed"]
+
+# The metric that picks the best checkpoint (GLUE's headline metric of each task).
+SELECTION_METRIC = {"cola": "mcc", "stsb": "pearson"}
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class SequenceClassifier(nnx.Module):
+    """The pretrained encoder and RoBERTa's classification head on the first token."""
+
+    def __init__(self, encoder: EncoderForMLM, num_outputs: int, dropout: float, rngs: nnx.Rngs):
+        d = encoder.config.hidden_size
+        init = nnx.initializers.normal(encoder.config.initializer_range)
+        self.encoder = encoder
+        self.dense = nnx.Linear(d, d, kernel_init=init, rngs=rngs)
+        self.out = nnx.Linear(d, num_outputs, kernel_init=init, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout)
+
+    def __call__(
+        self, ids: jax.Array, mask: jax.Array, dropout_key: jax.Array | None = None
+    ) -> jax.Array:
+        _, aux = self.encoder(ids, attention_mask=mask, dropout_key=dropout_key, return_hidden=True)
+        first = aux["hidden"][:, 0].astype(jnp.float32)
+        keys = (
+            (None, None)
+            if dropout_key is None
+            else jax.random.split(jax.random.fold_in(dropout_key, 2**20), 2)
+        )
+
+        def drop(x: jax.Array, key: jax.Array | None) -> jax.Array:
+            return self.dropout(x, deterministic=key is None, rngs=key)
+
+        return self.out(drop(jnp.tanh(self.dense(drop(first, keys[0]))), keys[1]))
+
+
+def _loss(outputs: jax.Array, labels: jax.Array, regression: bool) -> jax.Array:
+    """Mean squared error (regression) or cross-entropy over the batch."""
+    if regression:
+        return jnp.mean((outputs[:, 0] - labels) ** 2)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(outputs, labels))
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def scores(predictions: np.ndarray, labels: np.ndarray, regression: bool) -> dict[str, float]:
+    """Accuracy, macro-F1 and MCC (classification) or Pearson and Spearman (regression)."""
+    if regression:
+        if np.std(predictions) == 0 or np.std(labels) == 0:
+            return {"pearson": 0.0, "spearman": 0.0}
+        return {
+            "pearson": float(scipy.stats.pearsonr(predictions, labels).statistic),
+            "spearman": float(scipy.stats.spearmanr(predictions, labels).statistic),
+        }
+    return {
+        "accuracy": float(skm.accuracy_score(labels, predictions)),
+        "macro_f1": float(skm.f1_score(labels, predictions, average="macro", zero_division=0)),
+        "mcc": float(skm.matthews_corrcoef(labels, predictions)),
+    }
+
+
+def selection_metric(task: Task) -> str:
+    return SELECTION_METRIC.get(task.name, "pearson" if task.regression else "accuracy")
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _batches(count: int, batch_size: int) -> list[np.ndarray]:
+    return [np.arange(i, min(i + batch_size, count)) for i in range(0, count, batch_size)]
+
+
+def _pad_rows(rows: np.ndarray, batch_size: int) -> np.ndarray:
+    """Row indices padded to a full batch (repeating row 0), so every batch has one shape and
+    one compiled function; the caller keeps the first ``len(rows)`` outputs."""
+    return np.concatenate([rows, np.zeros(batch_size - len(rows), rows.dtype)])
+
+
+def train_one_seed(
+    config: ml_collections.ConfigDict,
+    task: Task,
+    encoder_config: Any,
+    params: Params,
+    seed: int,
+    encoded: dict[str, tuple[np.ndarray, np.ndarray]],
+    progress: tqdm | None = None,
+) -> dict[str, Any]:
+    """Fine-tunes from the pretrained ``params`` of an encoder of ``encoder_config`` with
+    ``seed``; returns the best validation step and scores and the eval scores of the best
+    parameters. ``progress`` (a bar over the steps) shows the loss and the last validation."""
+    encoder = build_model(encoder_config, params)
+    model = SequenceClassifier(encoder, task.num_outputs, config.classifier_dropout, nnx.Rngs(seed))
+    graphdef, state = nnx.split(model)
+    batch_size = config.batch_size
+    steps_per_epoch = max(1, len(task.train) // batch_size)
+    total = steps_per_epoch * config.epochs
+    eval_every = config.eval_every or steps_per_epoch
+    schedule = warmup_linear_decay(
+        config.learning_rate, round(config.warmup_fraction * total), total
+    )
+    tx = adamw(schedule, clip_norm=1.0, weight_decay=config.weight_decay)
+    opt_state = tx.init(state)
+    regression = task.regression
+
+    def loss_fn(state, ids, mask, labels, key):
+        outputs = nnx.merge(graphdef, state)(ids, mask, key)
+        return _loss(outputs, labels, regression)
+
+    @jax.jit
+    def train_step(state, opt_state, ids, mask, labels, key):
+        loss, grads = jax.value_and_grad(loss_fn)(state, ids, mask, labels, key)
+        updates, opt_state = tx.update(grads, opt_state, state)
+        return optax.apply_updates(state, updates), opt_state, loss
+
+    @jax.jit
+    def predict(state, ids, mask):
+        outputs = nnx.merge(graphdef, state)(ids, mask)
+        return outputs[:, 0] if regression else jnp.argmax(outputs, axis=-1)
+
+    def evaluate(state, split: str) -> dict[str, float]:
+        ids, mask = encoded[split]
+        out = []
+        for rows in _batches(len(ids), batch_size):
+            padded = _pad_rows(rows, batch_size)
+            out.append(np.asarray(predict(state, ids[padded], mask[padded]))[: len(rows)])
+        return scores(np.concatenate(out), getattr(task, split).labels, regression)
+
+    ids, mask = encoded["train"]
+    labels = task.train.labels.astype(np.float32 if regression else np.int32)
+    rng = np.random.default_rng(seed)
+    key = jax.random.key(seed)
+    metric = selection_metric(task)
+    best: dict[str, Any] = {"step": 0, "validation": evaluate(state, "validation"), "state": state}
+    stale, step, history = 0, 0, []
+    stopped = False
+    for _ in range(config.epochs):
+        order = rng.permutation(len(ids))
+        for batch in range(steps_per_epoch):
+            rows = order[batch * batch_size : (batch + 1) * batch_size]
+            state, opt_state, loss = train_step(
+                state, opt_state, ids[rows], mask[rows], labels[rows], jax.random.fold_in(key, step)
+            )
+            step += 1
+            if progress is not None:
+                progress.update(1)
+            if step % eval_every and step != total:
+                continue
+            validation = evaluate(state, "validation")
+            history.append({"step": step, "loss": float(loss), **validation})
+            if progress is not None:
+                progress.set_postfix(
+                    loss=f"{float(loss):.4g}", **{metric: f"{validation[metric]:.4f}"}
+                )
+            if validation[metric] > best["validation"][metric]:
+                best = {"step": step, "validation": validation, "state": state}
+                stale = 0
+            else:
+                stale += 1
+            if config.patience and stale >= config.patience:
+                stopped = True
+                break
+        if stopped:
+            break
+    return {
+        "seed": seed,
+        "best_step": best["step"],
+        "steps": step,
+        "validation": best["validation"],
+        "eval": evaluate(best["state"], "eval"),
+        "history": history,
+    }
+
+
+def mean_std(values: Sequence[float]) -> dict[str, Any]:
+    """Mean and sample standard deviation (0 for one value)."""
+    array = np.asarray(values, np.float64)
+    std = float(np.std(array, ddof=1)) if len(array) > 1 else 0.0
+    return {"mean": float(np.mean(array)), "std": std, "values": [float(v) for v in array]}
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    source: str | os.PathLike,
+    workdir: str | os.PathLike,
+    *,
+    step: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tunes the encoder in ``source`` (workdir or HuggingFace directory) once per seed
+    and writes ``WORKDIR/results.json``; returns its contents. ``progress`` shows a bar per
+    seed with the loss and the last validation score."""
+    check_finetune_config(config)
+    seeds = parse_seeds(config.seeds)
+    loaded = weights.load(source, step)
+    task = load_task(config)
+    max_length = min(config.max_length, loaded.config.max_block_size)
+    encoded = {
+        name: encode(loaded.tokenizer, getattr(task, name), max_length)
+        for name in ("train", "validation", "eval")
+    }
+    if len(task.train) < config.batch_size:
+        raise FinetuneError(
+            f"{len(task.train)} training examples are fewer than batch_size={config.batch_size}"
+        )
+    params = model_params(loaded.model)
+    runs = []
+    steps = max(1, len(task.train) // config.batch_size) * config.epochs
+    for seed in seeds:
+        with tqdm(
+            total=steps, desc=f"fine-tune seed {seed}", unit="step", disable=not progress,
+            dynamic_ncols=True, leave=False,
+        ) as bar:  # fmt: skip
+            result = train_one_seed(config, task, loaded.config, params, seed, encoded, bar)
+        runs.append(result)
+        shown = " ".join(f"{k}={v:.4f}" for k, v in result["eval"].items())
+        print(f"seed {seed}: best step {result['best_step']}, eval {shown}")
+    metric_names = list(runs[0]["eval"])
+    results = {
+        "task": config.task if config.task != "table" else task.name,
+        "pretrained": str(source),
+        "pretrained_step": loaded.step,
+        "labels": task.label_names,
+        "sizes": {name: len(getattr(task, name)) for name in ("train", "validation", "eval")},
+        "selection_metric": selection_metric(task),
+        "metrics": {m: mean_std([r["eval"][m] for r in runs]) for m in metric_names},
+        "runs": runs,
+    }
+    out = Path(workdir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def format_results(results: dict[str, Any]) -> str:
+    lines = [f"{results['task']} ({len(results['runs'])} seeds, eval split):"]
+    for name, m in results["metrics"].items():
+        lines.append(f"  {name:>9}: {m['mean']:.4f} ± {m['std']:.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,173 @@
+"""Every value check of a run's config in one place: the values themselves, the mesh they must
+fit, the weights of ``train.init_from`` and the steps of ``train.keep_steps``; each error names
+the key and what was expected, before anything is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+
+from guided_jax import sharding
+from guided_jax.config.resolve import ConfigError, build_model_config, head_spec, resolve_config
+from guided_jax.data.tables import FinetuneError
+from guided_jax.data.text import DOCUMENT_MODES
+from guided_jax.data.tokenizer import KINDS
+from guided_jax.model.hf_config import WEIGHTS_FILE, architecture_differences, model_config_of
+
+
+def require_positive(
+    config: ml_collections.ConfigDict, *keys: str, error: type[ValueError] = ConfigError
+) -> None:
+    """Raises ``error`` naming the first of the dotted ``keys`` whose value is not positive."""
+    for key in keys:
+        value: Any = config
+        for part in key.split("."):
+            value = value[part]
+        if not value > 0:
+            raise error(f"config {key} must be positive, got {value}")
+
+
+def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> None:
+    """Every check that needs no tokenizer or corpus (``model.from_dir`` and the weights of
+    ``train.init_from`` are read), and, given the run's ``mesh``, that the batch fits it."""
+    check_resolved_config(resolve_config(config)[0])
+    parse_keep_steps(config.train.keep_steps)
+    check_init_from(config)
+    if mesh is not None:
+        check_mesh_fits(config, mesh)
+
+
+def check_resolved_config(config: ml_collections.ConfigDict) -> None:
+    """Every check of a resolved config that needs no tokenizer, corpus or devices."""
+    require_positive(
+        config,
+        "train.steps",
+        "train.batch_size",
+        "train.learning_rate",
+        "train.log_every",
+        "train.grad_accum_steps",
+        "data.block_size",
+    )
+    if config.train.batch_size % config.train.grad_accum_steps:
+        raise ConfigError(
+            f"train.batch_size={config.train.batch_size} is not a multiple of "
+            f"train.grad_accum_steps={config.train.grad_accum_steps}"
+        )
+    try:
+        sharding.parse_rules(config.mesh.rules)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if config.train.warmup_steps < 0 or config.train.warmup_steps > config.train.steps:
+        raise ConfigError(
+            f"train.warmup_steps={config.train.warmup_steps} must be in "
+            f"[0, train.steps={config.train.steps}]"
+        )
+    if config.data.block_size < 3:
+        raise ConfigError(
+            f"data.block_size={config.data.block_size} leaves no room for text between <s> and </s>"
+        )
+    if config.data.tokenizer_kind not in KINDS:
+        raise ConfigError(
+            f"data.tokenizer_kind must be one of {list(KINDS)}, got {config.data.tokenizer_kind!r}"
+        )
+    if config.data.documents not in DOCUMENT_MODES:
+        raise ConfigError(
+            f"data.documents must be one of {list(DOCUMENT_MODES)}, got {config.data.documents!r}"
+        )
+    for key in ("tokenizer_max_documents", "prefetch"):
+        if config.data[key] < 0:
+            raise ConfigError(f"config data.{key} must be >= 0, got {config.data[key]}")
+    if not 0.0 < config.data.mlm_probability < 1.0:
+        raise ConfigError(
+            f"data.mlm_probability must be in (0, 1), got {config.data.mlm_probability}"
+        )
+    model = build_model_config(config, vocab_size=None)  # shape checks; vocab checked later
+    if config.data.get("document_masks", False) and model.attention == "pallas":
+        raise ConfigError(
+            "data.document_masks=true needs per-document attention masks, which "
+            "model.attention='pallas' does not apply; use 'dense' or 'flash'"
+        )
+    spec = head_spec(config)
+    if spec is not None:
+        spec.validate(num_heads=model.num_heads, num_layers=model.num_layers)
+        if spec.user_patterns and model.attention not in ("dense", "flash"):
+            raise ConfigError(
+                f"guidance.heads uses registered patterns {list(spec.user_patterns)}, which "
+                f"model.attention={model.attention!r} cannot score; use 'dense' or 'flash'"
+            )
+
+
+def check_mesh_fits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """The global batch must split evenly over the mesh's batch axes and the micro-batches."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.train.batch_size % (shards * config.train.grad_accum_steps):
+        raise ConfigError(
+            f"train.batch_size={config.train.batch_size} must be a multiple of mesh data x fsdp "
+            f"({shards}) x train.grad_accum_steps ({config.train.grad_accum_steps})"
+        )
+
+
+def parse_keep_steps(text: str) -> tuple[int, ...]:
+    """The steps of ``train.keep_steps`` (comma-separated positive integers)."""
+    try:
+        steps = tuple(sorted({int(s) for s in text.split(",") if s.strip()}))
+    except ValueError:
+        raise ConfigError(
+            f"train.keep_steps must be comma-separated step numbers, got {text!r}"
+        ) from None
+    if any(s <= 0 for s in steps):
+        raise ConfigError(f"train.keep_steps must hold positive steps, got {text!r}")
+    return steps
+
+
+def check_init_from(config: ml_collections.ConfigDict) -> None:
+    """``train.init_from`` must name a readable weights directory whose architecture is the
+    run's (vocabulary size aside when ``model.vocab_size=-1``: it is known only with the
+    tokenizer, and checked again when the weights are loaded). Reads only."""
+    directory = config.train.get("init_from", "")
+    if not directory:
+        return
+    try:
+        weights = model_config_of(directory)
+    except ValueError as error:
+        raise ConfigError(f"train.init_from: {error}") from None
+    if not (Path(directory) / WEIGHTS_FILE).is_file():
+        raise ConfigError(
+            f"train.init_from: {str(Path(directory) / WEIGHTS_FILE)!r} does not exist"
+        )
+    resolved, _ = resolve_config(config)
+    vocab = weights.vocab_size if resolved.model.vocab_size == -1 else None
+    run = build_model_config(resolved, vocab, weights.pad_token_id)
+    differences = architecture_differences(run, weights)
+    if differences:
+        raise ConfigError(
+            f"train.init_from: the weights in {str(directory)!r} are of another architecture "
+            f"({'; '.join(differences)}); set --config.model.from_dir={directory} to build "
+            f"the model they describe"
+        )
+
+
+def parse_seeds(text: str) -> list[int]:
+    """The fine-tuning ``seeds``: comma-separated integers, each once."""
+    try:
+        seeds = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise FinetuneError(f"seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise FinetuneError(f"seeds must name at least one seed, each once; got {text!r}")
+    return seeds
+
+
+def check_finetune_config(config: ml_collections.ConfigDict) -> None:
+    """The values of a fine-tuning config (``configs/finetune.py``)."""
+    require_positive(
+        config, "batch_size", "epochs", "learning_rate", "max_length", error=FinetuneError
+    )
+    if config.max_length < 3:
+        raise FinetuneError(f"max_length must be at least 3, got {config.max_length}")
+    if config.eval_every < 0 or config.patience < 0:
+        raise FinetuneError("eval_every and patience must be >= 0 (0: each epoch / never stop)")
+    parse_seeds(config.seeds)

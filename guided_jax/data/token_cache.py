@@ -1,0 +1,188 @@
+"""Tokenize once: packed blocks on disk, keyed by what produced them.
+
+A cache entry is a directory ``<cache_dir>/<key>/`` with ``blocks.bin`` (int32, row-major
+``[num_blocks, block_size]``, read back as a ``numpy.memmap`` so a corpus larger than memory
+costs no RAM) and ``meta.json`` (shape, key and what the key was made of). ``meta.json`` is
+written last, so an entry cut short by a crash is never taken for a complete one. Entries built
+for ``data.document_masks`` also hold ``starts.bin`` (uint8, the same shape: 1 where a document
+starts, see :class:`guided_jax.data.packing.BlockPacker`) and have a key of their own; the
+others are read without it.
+
+The key hashes the tokenizer's files, the sources' fingerprint (file sizes and times, TFDS
+name, version and split), the block size and the document separator: a rerun of the same
+config finds its blocks and skips tokenization; any change builds a new entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from guided_jax.data.packing import BlockPacker
+from guided_jax.data.text import CorpusError
+from guided_jax.data.tokenizer import Tokenizer
+
+FORMAT = 1
+BLOCKS_FILE = "blocks.bin"
+STARTS_FILE = "starts.bin"
+META_FILE = "meta.json"
+_CHUNK_DOCUMENTS = 4096  # documents per encode_batch call: library parallelism, bounded memory
+
+
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+    """A hash of the tokenizer's files and settings (the same files give the same ids)."""
+    digest = hashlib.sha256(f"{tokenizer.kind}:{tokenizer.lowercase}".encode())
+    directory = tokenizer.directory
+    if directory is None:
+        raise ValueError("a tokenizer without a directory cannot key a token cache")
+    for name in sorted(os.listdir(directory)):
+        path = Path(directory, name)
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def cache_key(
+    tokenizer: Tokenizer,
+    source_fingerprint: str,
+    block_size: int,
+    separator: str,
+    document_starts: bool = False,
+) -> tuple[str, dict[str, Any]]:
+    """The entry name for these inputs, and the inputs themselves (recorded in meta.json).
+    ``document_starts`` entries also record where documents start (the key of an entry
+    without them is the same as before that option existed)."""
+    parts = {
+        "format": FORMAT,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "sources": source_fingerprint,
+        "block_size": int(block_size),
+        "separator": separator,
+        "bos_id": tokenizer.bos_id,
+        "eos_id": tokenizer.eos_id,
+    }
+    if document_starts:
+        parts["document_starts"] = True
+    text = json.dumps(parts, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:24], parts
+
+
+def load(path: str | os.PathLike[str]) -> np.ndarray | None:
+    """The blocks of a complete entry at ``path`` (read-only memmap), or None if there is none."""
+    path = Path(path)
+    meta_file = path / META_FILE
+    if not meta_file.is_file():
+        return None
+    meta = json.loads(meta_file.read_text())
+    shape = (int(meta["num_blocks"]), int(meta["block_size"]))
+    blocks_file = path / BLOCKS_FILE
+    if blocks_file.stat().st_size != shape[0] * shape[1] * 4:
+        raise CorpusError(
+            f"token cache {str(path)!r} is damaged ({BLOCKS_FILE} does not hold {shape[0]} "
+            f"blocks of {shape[1]}); delete that directory to rebuild it"
+        )
+    return np.memmap(blocks_file, dtype=np.int32, mode="r", shape=shape)
+
+
+def load_starts(path: str | os.PathLike[str]) -> np.ndarray | None:
+    """The document-start flags of a complete entry (read-only uint8 memmap, the blocks'
+    shape), or None if the entry was built without them."""
+    path = Path(path)
+    meta_file = path / META_FILE
+    if not meta_file.is_file():
+        return None
+    meta = json.loads(meta_file.read_text())
+    if not meta.get("document_starts"):
+        return None
+    shape = (int(meta["num_blocks"]), int(meta["block_size"]))
+    starts_file = path / STARTS_FILE
+    if not starts_file.is_file() or starts_file.stat().st_size != shape[0] * shape[1]:
+        raise CorpusError(
+            f"token cache {str(path)!r} is damaged ({STARTS_FILE} does not hold {shape[0]} "
+            f"blocks of {shape[1]} flags); delete that directory to rebuild it"
+        )
+    return np.memmap(starts_file, dtype=np.uint8, mode="r", shape=shape)
+
+
+def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``meta.json`` of an entry; a clear error if ``path`` is not one."""
+    meta_file = Path(path) / META_FILE
+    if not meta_file.is_file():
+        raise CorpusError(
+            f"{str(path)!r} is not a token cache (no {META_FILE}); expected a directory under "
+            "data.cache_dir written by an earlier run"
+        )
+    return json.loads(meta_file.read_text())
+
+
+def build(
+    documents: Iterable[str],
+    tokenizer: Tokenizer,
+    block_size: int,
+    out_dir: str | os.PathLike[str],
+    meta: dict[str, Any],
+    *,
+    separator: str = "\n",
+    total: int | None = None,
+    description: str = "tokenize",
+    document_starts: bool = False,
+) -> np.ndarray:
+    """Tokenize ``documents`` and pack them into ``out_dir`` as the reference packs (see
+    :mod:`guided_jax.data.packing`: one token stream, ``[bos] + chunk + [eos]`` blocks, the
+    remainder dropped), streaming, with a progress bar; returns the blocks (memmap).
+
+    Each document is followed by ``separator`` (the newline that reading removed).
+    ``document_starts`` also writes where documents start (:func:`load_starts` reads them)."""
+    packer = BlockPacker(block_size, tokenizer.bos_id, tokenizer.eos_id, starts=document_starts)
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    with (
+        open(out / BLOCKS_FILE, "wb") as sink,
+        open(out / STARTS_FILE, "wb") if document_starts else contextlib.nullcontext() as flags,
+        tqdm(total=total, desc=description, unit="doc", dynamic_ncols=True) as bar,
+    ):
+        for texts in _chunks(documents, separator):
+            blocks, starts = packer.add(tokenizer.encode_batch(texts))
+            sink.write(blocks.tobytes())
+            if flags is not None:
+                flags.write(starts.tobytes())
+            bar.update(len(texts))
+            bar.set_postfix(blocks=packer.blocks)
+    try:
+        packer.check_not_empty()
+    except CorpusError:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    record = {
+        **meta,
+        "document_starts": document_starts,
+        "num_blocks": packer.blocks,
+        "block_size": block_size,
+        "tokens": packer.tokens,
+    }
+    (out / META_FILE).write_text(json.dumps(record, indent=2))
+    loaded = load(out)
+    assert loaded is not None
+    return loaded
+
+
+def _chunks(documents: Iterable[str], separator: str) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for doc in documents:
+        batch.append(doc + separator)
+        if len(batch) == _CHUNK_DOCUMENTS:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

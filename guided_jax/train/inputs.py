@@ -1,0 +1,292 @@
+"""A run's inputs, prepared before its first step and checked before a file is written.
+
+:func:`prepare` resolves the config (``model.from_dir``, the tokenizer kind), checks every value,
+refuses a workdir that holds another config's run, loads or trains the tokenizer, reads and
+packs the corpus into the token cache, and only then writes ``WORKDIR/config.json`` (the
+resolved config) and ``WORKDIR/tokenizer/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from guided_jax.config.checks import check_resolved_config
+from guided_jax.config.resolve import (
+    ConfigError,
+    build_model_config,
+    check_model_dir_tokenizer,
+    check_workdir,
+    head_spec,
+    resolve_config,
+)
+from guided_jax.data import sources, token_cache
+from guided_jax.data.packing import split_blocks
+from guided_jax.data.pipeline import batch_dataset
+from guided_jax.data.tokenizer import (
+    Tokenizer,
+    has_tokenizer_files,
+    load_tokenizer,
+    train_tokenizer,
+)
+from guided_jax.guidance import Spec
+from guided_jax.model import ModelConfig
+from guided_jax.train.objective import Objective
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInputs:
+    """A run's inputs, resolved and checked from the config and the corpus before a file is
+    written: the config as recorded, the typed model, the head spec, the tokenizer, the packed
+    blocks (memory-mapped from the token cache) and the objective the compiled steps read."""
+
+    config: ml_collections.ConfigDict
+    model: ModelConfig
+    spec: Spec | None  # a HeadSpec, or a LayeredSpec for "layers=..." specs
+    token_ids: tuple[int, ...]
+    tokenizer: Tokenizer
+    train_blocks: np.ndarray  # [N, block_size] int32; a read-only memmap of the token cache
+    eval_blocks: np.ndarray
+    objective: Objective
+    # [N, block_size] uint8, 1 where a document starts; only with data.document_masks.
+    train_starts: np.ndarray | None = None
+    eval_starts: np.ndarray | None = None
+
+
+def corpus_sources(config: ml_collections.ConfigDict, key: str) -> list[sources.Source]:
+    """The sources of ``data.<key>`` (see :mod:`guided_jax.sources`); an empty train value is
+    the embedded default corpus, an empty eval value none."""
+    found = sources.parse_sources(config.data[key], f"data.{key}", config.data)
+    if not found and key == "train_files":
+        return [sources.DefaultCorpus()]
+    return found
+
+
+def _tokenizer(
+    config: ml_collections.ConfigDict, workdir: Path, train_sources: list[sources.Source]
+) -> tuple[Tokenizer, str | None]:
+    """The configured tokenizer, the one of a previous run in WORKDIR, or a new one trained on
+    (a sample of ``data.tokenizer_max_documents`` documents of) the training sources into a
+    temporary directory (moved into WORKDIR once every check passed)."""
+    if config.data.tokenizer_dir:
+        return load_tokenizer(config.data.tokenizer_dir), None
+    if has_tokenizer_files(workdir / "tokenizer"):
+        tokenizer = load_tokenizer(workdir / "tokenizer")
+        if tokenizer.kind != config.data.tokenizer_kind:
+            raise ConfigError(
+                f"workdir {workdir} holds a {tokenizer.kind} tokenizer, but data.tokenizer_kind="
+                f"{config.data.tokenizer_kind!r}; use a new --workdir or the same kind"
+            )
+        return tokenizer, None
+    texts = sources.sample_documents(
+        train_sources, config.data.tokenizer_max_documents, config.train.seed
+    )
+    scratch = tempfile.mkdtemp(prefix="guided_jax_tokenizer_")
+    kind = config.data.tokenizer_kind
+    return train_tokenizer(texts, config.data.tokenizer_vocab_size, scratch, kind=kind), scratch
+
+
+def cache_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path:
+    """Where token cache entries live: ``data.cache_dir``, by default ``WORKDIR/token_cache``."""
+    return Path(config.data.cache_dir) if config.data.cache_dir else workdir / "token_cache"
+
+
+class _Blocks:
+    """The packed blocks of some sources: found in the token cache, or built into a scratch
+    directory that :meth:`keep` moves into the cache once every check passed."""
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        workdir: Path,
+        tokenizer: Tokenizer,
+        found: list[sources.Source],
+        what: str,
+    ) -> None:
+        self.scratch: Path | None = None
+        self.with_starts = bool(config.data.get("document_masks", False))
+        self.starts: np.ndarray | None = None
+        block_size = config.data.block_size
+        if len(found) == 1 and isinstance(found[0], sources.CachedBlocks):
+            path = found[0].path
+            self.blocks = _cached_source_blocks(path, tokenizer, block_size)
+            if self.with_starts:
+                self.starts = token_cache.load_starts(path)
+                if self.starts is None:
+                    raise ConfigError(
+                        f"token cache {path!r} records no document starts, which "
+                        f"data.document_masks=true needs; use the text sources themselves (the "
+                        f"run builds a cache entry with them) or set data.document_masks=false"
+                    )
+            return
+        self.key, meta = token_cache.cache_key(
+            tokenizer,
+            sources.fingerprint(found),
+            block_size,
+            separator="\n",
+            document_starts=self.with_starts,
+        )
+        self.final = cache_dir(config, workdir) / self.key
+        blocks = token_cache.load(self.final)
+        if blocks is not None:
+            self.blocks = blocks
+            self.starts = self._load_starts()
+            return
+        parent = self.final.parent if self.final.parent.is_dir() else None
+        self.scratch = Path(tempfile.mkdtemp(prefix="guided_jax_tokens_", dir=parent))
+        try:
+            self.blocks = token_cache.build(
+                sources.documents(found),
+                tokenizer,
+                block_size,
+                self.scratch / self.key,
+                {**meta, "what": what, "described": [s.describe() for s in found]},
+                total=sources.count_documents(found),
+                description=f"tokenize {what}",
+                document_starts=self.with_starts,
+            )
+            if self.with_starts:
+                self.starts = token_cache.load_starts(self.scratch / self.key)
+        except BaseException:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            raise
+
+    def keep(self) -> np.ndarray:
+        """Moves a freshly built entry into the cache and returns its blocks from there."""
+        if self.scratch is not None:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            if token_cache.load(self.final) is None:
+                shutil.rmtree(self.final, ignore_errors=True)
+                shutil.move(self.scratch / self.key, self.final)
+            self.discard()
+            loaded = token_cache.load(self.final)
+            assert loaded is not None
+            self.blocks = loaded
+            self.starts = self._load_starts()
+        return self.blocks
+
+    def _load_starts(self) -> np.ndarray | None:
+        """The entry's document-start flags when the config asks for them."""
+        if not self.with_starts:
+            return None
+        starts = token_cache.load_starts(self.final)
+        assert starts is not None  # the key of an entry with starts differs from one without
+        return starts
+
+    def discard(self) -> None:
+        """Removes the scratch directory (its blocks are copied into memory first)."""
+        if self.scratch is not None:
+            self.blocks = np.array(self.blocks)
+            self.starts = None if self.starts is None else np.array(self.starts)
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
+
+
+def _cached_source_blocks(path: str, tokenizer: Tokenizer, block_size: int) -> np.ndarray:
+    """The blocks of a ``cache:DIR`` source, checked against the tokenizer and block size."""
+    meta = token_cache.read_meta(path)
+    if meta.get("block_size") != block_size:
+        raise ConfigError(
+            f"token cache {path!r} holds blocks of {meta.get('block_size')}, but "
+            f"data.block_size={block_size}"
+        )
+    if meta.get("tokenizer") != token_cache.tokenizer_fingerprint(tokenizer):
+        raise ConfigError(
+            f"token cache {path!r} was made with another tokenizer than the one in "
+            f"{str(tokenizer.directory)!r}; set data.tokenizer_dir to the tokenizer that built it"
+        )
+    blocks = token_cache.load(path)
+    assert blocks is not None
+    return blocks
+
+
+def make_objective(
+    config: ml_collections.ConfigDict,
+    model: ModelConfig,
+    spec: Spec | None,
+    token_ids: tuple[int, ...],
+    tokenizer: Tokenizer,
+) -> Objective:
+    """The values of a resolved config that the compiled steps read."""
+    return Objective(
+        vocab_size=tokenizer.vocab_size,
+        mask_id=tokenizer.mask_id,
+        special_ids=tokenizer.special_ids,
+        pad_id=model.pad_token_id,
+        mlm_probability=config.data.mlm_probability,
+        spec=spec,
+        token_ids=tuple(token_ids),
+        guided=bool(config.guidance.enabled),
+        after_dropout=bool(config.guidance.after_dropout),
+        scale=float(config.guidance.scale),
+        stagnant_steps=int(config.guidance.stagnant_steps),
+        total_steps=int(config.train.steps),
+    )
+
+
+def prepare(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, write: bool = True
+) -> RunInputs:
+    """Resolves config, tokenizer and data; raises before writing anything on bad input.
+
+    The corpus is tokenized once into the token cache (:func:`cache_dir`); a rerun finds it
+    there and reads nothing else. ``write=False`` (every process but the first of a multi-host
+    run) only reads WORKDIR and the cache."""
+    workdir = Path(workdir)
+    config, model_dir = resolve_config(config)
+    check_resolved_config(config)
+    check_workdir(config, workdir)
+    train_sources = corpus_sources(config, "train_files")
+    eval_sources = corpus_sources(config, "eval_files")
+    tokenizer, scratch = _tokenizer(config, workdir, train_sources)
+    built: list[_Blocks] = []
+    try:
+        if model_dir is not None:
+            check_model_dir_tokenizer(model_dir, tokenizer)
+        model = build_model_config(config, tokenizer.vocab_size, tokenizer.pad_id)
+        spec = head_spec(config)
+        token_ids = spec.token_ids(tokenizer) if spec is not None else ()
+        built.append(_Blocks(config, workdir, tokenizer, train_sources, "train"))
+        if eval_sources:
+            built.append(_Blocks(config, workdir, tokenizer, eval_sources, "eval"))
+        # A corpus smaller than one batch fails here, before anything is written.
+        _split(config, [b.blocks for b in built])
+        if write:
+            workdir.mkdir(parents=True, exist_ok=True)
+            if scratch is not None:
+                shutil.copytree(scratch, workdir / "tokenizer", dirs_exist_ok=True)
+                tokenizer = load_tokenizer(workdir / "tokenizer")
+            for part in built:
+                part.keep()
+            (workdir / "config.json").write_text(config.to_json(indent=2))
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        for part in built:
+            part.discard()
+    train_blocks, eval_blocks = _split(config, [b.blocks for b in built])
+    starts: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
+    if config.data.get("document_masks", False):
+        starts = _split(config, [b.starts for b in built])
+    objective = make_objective(config, model, spec, token_ids, tokenizer)
+    return RunInputs(
+        config, model, spec, token_ids, tokenizer, train_blocks, eval_blocks, objective, *starts
+    )
+
+
+def _split(
+    config: ml_collections.ConfigDict, parts: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, eval) blocks: a separate eval corpus, or the tail of the training blocks."""
+    if len(parts) == 2:
+        train_blocks, eval_blocks = parts
+    else:
+        train_blocks, eval_blocks = split_blocks(parts[0], config.data.eval_fraction)
+    batch_dataset(train_blocks, config.train.batch_size, config.train.seed)
+    return train_blocks, eval_blocks

@@ -1,0 +1,117 @@
+"""A pretraining workdir on disk: the run's resolved ``config.json``, its tokenizer and the
+orbax checkpoints of the whole train state under ``checkpoints/<step>/``.
+
+Training writes the checkpoints (:mod:`guided_jax.train.checkpoints`, through
+:func:`checkpoint_dir`); here only the parameters are read back, onto one device whatever mesh
+wrote them. Step 0 is the seeded initialisation the run started from, which training never
+saves but recreates exactly from ``train.seed``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from guided_jax.config.resolve import build_model_config
+from guided_jax.data.tokenizer import Tokenizer, load_tokenizer
+from guided_jax.model import ModelConfig, Params, init_params
+
+
+def is_workdir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` looks like a pretraining workdir (vs. a HuggingFace directory)."""
+    return (Path(path) / "checkpoints").is_dir() or (Path(path) / "metrics.jsonl").is_file()
+
+
+def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The resolved config a run recorded in ``WORKDIR/config.json``."""
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} does not exist: {str(workdir)!r} is not a pretraining workdir "
+            f"(python -m guided_jax.main --config ... --workdir DIR writes one)"
+        )
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def run_tokenizer(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> Tokenizer:
+    """The run's tokenizer: ``data.tokenizer_dir`` if it named one, else ``WORKDIR/tokenizer``."""
+    directory = config.data.tokenizer_dir or Path(workdir) / "tokenizer"
+    return load_tokenizer(directory)
+
+
+def run_architecture(
+    workdir: str | os.PathLike,
+) -> tuple[ml_collections.ConfigDict, Tokenizer, ModelConfig]:
+    """The run's config, tokenizer and model architecture, as training built them."""
+    config = read_run_config(workdir)
+    tokenizer = run_tokenizer(workdir, config)
+    return config, tokenizer, build_model_config(config, tokenizer.vocab_size, tokenizer.pad_id)
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> Path:
+    """Where a run's orbax checkpoints live: ``WORKDIR/checkpoints/<step>/``."""
+    return Path(workdir).absolute() / "checkpoints"
+
+
+def _read_only_manager(workdir: str | os.PathLike) -> ocp.CheckpointManager:
+    directory = checkpoint_dir(workdir)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{str(directory)!r} does not exist: the run saved no checkpoint")
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+
+
+def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
+    """Steps of the complete checkpoints in ``WORKDIR/checkpoints``, ascending."""
+    manager = _read_only_manager(workdir)
+    try:
+        return sorted(manager.all_steps())
+    finally:
+        manager.close()
+
+
+def _pure(tree: Any) -> Any:
+    """A checkpointed nnx.State (``{"value": x}`` leaves, string layer indices) as a pure dict."""
+    if isinstance(tree, dict):
+        if set(tree) == {"value"}:
+            return _pure(tree["value"])
+        return {int(k) if k.isdigit() else k: _pure(v) for k, v in tree.items()}
+    return np.asarray(tree)
+
+
+def load_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[int, Params]:
+    """``(step, parameters)`` of the checkpoint at ``step`` (default: the newest); ``step=0``
+    gives the seeded initialisation."""
+    steps = checkpoint_steps(workdir) if step != 0 else []
+    if step == 0:
+        config, _, model = run_architecture(workdir)
+        return 0, init_params(model, config.train.seed)
+    if not steps:
+        raise FileNotFoundError(f"{str(workdir)!r} holds no complete checkpoint")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise ValueError(f"{str(workdir)!r} has no checkpoint at step {step}; it has {steps}")
+    path = checkpoint_dir(workdir) / str(step) / "state"
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(path).item_metadata.tree
+    here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {
+        "params": jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here), tree["params"]
+        )
+    }
+    restored = checkpointer.restore(
+        path,
+        args=ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+        ),
+    )
+    return step, _pure(restored["params"])
