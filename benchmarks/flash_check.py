@@ -16,19 +16,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from guided_jax.attention import attention_bias, attention_probs
-from guided_jax.flash_attention import HeadPatterns, flash_attention
 from guided_jax.guidance import HeadSpec, group_losses, losses_from_head_sums, token_masks
-from guided_jax.pallas_attention import pallas_attention
+from guided_jax.kernels.dense import attention_bias, attention_probs
+from guided_jax.kernels.flash import flash_attention
+from guided_jax.kernels.pallas import pallas_attention
 
-spec = HeadSpec.parse("self:1,next:1,prev:1,first:2,token[7]:1")
+spec = HeadSpec.parse("self:1,next:1,prev:1,first:2,token[7]:1,token[9]:1")
 B, n, H, d = 4, 512, 12, 64
 keys = jax.random.split(jax.random.key(int(time.time())), 4)
 q, k, v = (jax.random.normal(key, (B, n, H, d)) for key in keys[:3])
 ids = jax.random.randint(keys[3], (B, n), 0, 50)
 mask = jnp.arange(n)[None, :] < jnp.array([n, n - 100, n - 7, 300])[:, None]
-masks = token_masks(ids, [7])
-patterns = HeadPatterns.from_spec(spec, H)
+masks = token_masks(ids, [7, 9])
 
 
 def dense(q, k, v):
@@ -38,12 +37,12 @@ def dense(q, k, v):
 
 
 def flash(q, k, v):
-    out, sums = flash_attention(q, k, v, mask, patterns=patterns, token_masks=masks, block=256)
+    out, sums = flash_attention(q, k, v, mask, spec=spec, token_masks=masks, block=256)
     return out, losses_from_head_sums(sums, spec, B, n)
 
 
 def pallas(q, k, v):
-    out, sums = pallas_attention(q, k, v, mask, patterns=patterns, token_masks=masks)
+    out, sums = pallas_attention(q, k, v, mask, spec=spec, token_masks=masks)
     return out, losses_from_head_sums(sums, spec, B, n)
 
 

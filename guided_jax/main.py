@@ -1,7 +1,7 @@
 """Pretraining: ``python -m guided_jax.main --config configs/default.py --workdir DIR``.
 
-Only parses flags; the work happens in :func:`guided_jax.train.train_and_evaluate`. Any config
-key can be overridden, e.g. ``--config.train.steps=200 --config.guidance.enabled=false``.
+Only parses flags; the work happens in :func:`guided_jax.train.loop.train_and_evaluate`. Any
+config key can be overridden, e.g. ``--config.train.steps=200 --config.guidance.enabled=false``.
 Rerunning the same command resumes from the newest checkpoint.
 """
 

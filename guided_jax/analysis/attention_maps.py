@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from guided_jax import weights
+from guided_jax.analysis import figures
 from guided_jax.config.resolve import head_spec
 from guided_jax.data.tokenizer import Tokenizer
 from guided_jax.guidance import HeadSpec
@@ -91,12 +92,7 @@ def plot_attention_grid(
         bottom = axes[layers - 1][0]
         bottom.set_xticks(range(n), tokens, rotation=90, fontsize=4)
         bottom.set_yticks(range(n), tokens, fontsize=4)
-    if title:
-        figure.suptitle(title, fontsize=9)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    return path
+    return figures.save(figure, path, title)
 
 
 def draw(

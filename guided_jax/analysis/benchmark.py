@@ -35,8 +35,9 @@ from jax.sharding import PartitionSpec as P
 
 from guided_jax import sharding
 from guided_jax.data.pipeline import train_iterator
+from guided_jax.model.hf_config import hf_config
 from guided_jax.train.inputs import RunInputs, prepare
-from guided_jax.train.masking import mask_tokens, mlm_loss
+from guided_jax.train.masking import mlm_loss
 from guided_jax.train.optimizer import make_optimizer
 from guided_jax.train.step import batch_shape, build_train_program, make_diagnostics_step
 
@@ -142,38 +143,19 @@ def hf_arm(inputs: RunInputs, mesh: jax.sharding.Mesh) -> Arm | str:
     m, cfg = inputs.model, inputs.config
     if m.model_type != "roberta":
         return f"the HF arm compares RoBERTa models, this config is {m.model_type}"
-    hf_config = transformers.RobertaConfig(
-        vocab_size=m.vocab_size,
-        hidden_size=m.hidden_size,
-        num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_heads,
-        intermediate_size=m.intermediate_size,
-        max_position_embeddings=m.max_position_embeddings,
-        type_vocab_size=m.type_vocab_size,
-        layer_norm_eps=m.layer_norm_eps,
-        hidden_dropout_prob=m.dropout,
-        attention_probs_dropout_prob=m.attention_dropout,
-        pad_token_id=m.pad_token_id,
-    )
+    hf_model_config = transformers.RobertaConfig(**hf_config(m))
     model = transformers.FlaxRobertaForMaskedLM(
-        hf_config, seed=cfg.train.seed, dtype=m.compute_dtype, _do_init=True
+        hf_model_config, seed=cfg.train.seed, dtype=m.compute_dtype, _do_init=True
     )
     tx, _ = make_optimizer(cfg.train)
-    tok = inputs.tokenizer
+    objective = inputs.objective
 
     def loss_fn(params: Any, batch: jax.Array, key: jax.Array) -> jax.Array:
         mask_key, dropout_key = jax.random.split(key)
-        inputs, selected = mask_tokens(
-            mask_key,
-            batch,
-            vocab_size=tok.vocab_size,
-            mask_id=tok.mask_id,
-            special_ids=tok.special_ids,
-            mlm_probability=cfg.data.mlm_probability,
-        )
+        masked, selected = objective.mask(mask_key, batch)
         attend = (batch != m.pad_token_id).astype(jnp.int32)
         logits = model(
-            inputs, attention_mask=attend, params=params, dropout_rng=dropout_key, train=True
+            masked, attention_mask=attend, params=params, dropout_rng=dropout_key, train=True
         ).logits
         return mlm_loss(logits, batch, selected)
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from guided_jax.analysis import figures
+
 
 def history(records: Sequence[dict], quantity: str) -> tuple[list[int], np.ndarray]:
     """Steps and ``[T, L, H]`` values of ``diag/<quantity>/...`` in ``records`` (NaN where a
@@ -65,9 +67,4 @@ def plot_history(
                 ax.set_xlabel("head", fontsize=7)
             if column == len(chosen) - 1:
                 figure.colorbar(image, ax=ax, shrink=0.8)
-    if title:
-        figure.suptitle(title, fontsize=9)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    return path
+    return figures.save(figure, path, title)

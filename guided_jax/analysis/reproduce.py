@@ -27,8 +27,8 @@ import jax
 import ml_collections
 from matplotlib.figure import Figure
 
-from guided_jax import train
-from guided_jax.analysis import attention_maps, finetune
+from guided_jax.analysis import attention_maps, figures, finetune
+from guided_jax.train.loop import train_and_evaluate
 from guided_jax.train.metrics import read_metrics
 
 ARMS = ("baseline", "ag")  # guidance.enabled false / true
@@ -65,7 +65,7 @@ def train_arms(
         raise ValueError("guidance.heads is empty: the AG arm would have nothing to guide")
     for arm in ARMS:
         print(f"--- {LABELS[arm]}: {Path(workdir) / arm}")
-        train.train_and_evaluate(arm_config(config, arm), Path(workdir) / arm, devices=devices)
+        train_and_evaluate(arm_config(config, arm), Path(workdir) / arm, devices=devices)
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -143,8 +143,7 @@ def plot_mlm_loss(workdir: Path, path: Path) -> Path:
     ax.set_ylabel("MLM loss (nats)")
     ax.set_title("MLM loss: AG vs baseline")
     ax.legend(fontsize=8)
-    figure.savefig(path, dpi=110)
-    return path
+    return figures.save(figure, path)
 
 
 def plot_ag_loss(workdir: Path, path: Path) -> Path:
@@ -164,8 +163,7 @@ def plot_ag_loss(workdir: Path, path: Path) -> Path:
     ax.set_ylabel("AG loss")
     ax.set_title("Attention-guidance loss (the baseline is only measured)")
     ax.legend(fontsize=8)
-    figure.savefig(path, dpi=110)
-    return path
+    return figures.save(figure, path)
 
 
 def plot_attention(workdir: Path, text: str, total_steps: int) -> dict[str, dict[str, str]]:

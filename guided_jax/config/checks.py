@@ -18,16 +18,33 @@ from guided_jax.data.tokenizer import KINDS
 from guided_jax.model.hf_config import WEIGHTS_FILE, architecture_differences, model_config_of
 
 
+def _value(config: ml_collections.ConfigDict, key: str) -> Any:
+    value: Any = config
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
 def require_positive(
     config: ml_collections.ConfigDict, *keys: str, error: type[ValueError] = ConfigError
 ) -> None:
     """Raises ``error`` naming the first of the dotted ``keys`` whose value is not positive."""
     for key in keys:
-        value: Any = config
-        for part in key.split("."):
-            value = value[part]
-        if not value > 0:
-            raise error(f"config {key} must be positive, got {value}")
+        if not _value(config, key) > 0:
+            raise error(f"config {key} must be positive, got {_value(config, key)}")
+
+
+def _require_non_negative(config: ml_collections.ConfigDict, *keys: str) -> None:
+    for key in keys:
+        if not _value(config, key) >= 0:
+            raise ConfigError(f"config {key} must be >= 0, got {_value(config, key)}")
+
+
+def _require_fraction(config: ml_collections.ConfigDict, *keys: str) -> None:
+    """Each of ``keys`` in [0, 1)."""
+    for key in keys:
+        if not 0.0 <= _value(config, key) < 1.0:
+            raise ConfigError(f"config {key} must be in [0, 1), got {_value(config, key)}")
 
 
 def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> None:
@@ -49,8 +66,24 @@ def check_resolved_config(config: ml_collections.ConfigDict) -> None:
         "train.learning_rate",
         "train.log_every",
         "train.grad_accum_steps",
+        "train.keep_checkpoints",
+        "train.adam_eps",
         "data.block_size",
+        "data.tokenizer_vocab_size",
     )
+    _require_non_negative(
+        config,
+        "train.eval_every",
+        "train.eval_batches",
+        "train.checkpoint_every",
+        "train.weight_decay",
+        "train.grad_clip_norm",
+        "guidance.scale",
+        "guidance.stagnant_steps",
+        "data.tokenizer_max_documents",
+        "data.prefetch",
+    )
+    _require_fraction(config, "train.adam_b1", "train.adam_b2", "data.eval_fraction")
     if config.train.batch_size % config.train.grad_accum_steps:
         raise ConfigError(
             f"train.batch_size={config.train.batch_size} is not a multiple of "
@@ -77,9 +110,6 @@ def check_resolved_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"data.documents must be one of {list(DOCUMENT_MODES)}, got {config.data.documents!r}"
         )
-    for key in ("tokenizer_max_documents", "prefetch"):
-        if config.data[key] < 0:
-            raise ConfigError(f"config data.{key} must be >= 0, got {config.data[key]}")
     if not 0.0 < config.data.mlm_probability < 1.0:
         raise ConfigError(
             f"data.mlm_probability must be in (0, 1), got {config.data.mlm_probability}"

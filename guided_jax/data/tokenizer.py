@@ -180,18 +180,22 @@ def _check_directory(directory: Path) -> None:
         )
 
 
-def _read_tokenizer_config(directory: Path) -> dict[str, Any]:
-    """``tokenizer_config.json`` if present (HuggingFace's; only a few keys matter here)."""
-    path = directory / CONFIG_FILE
-    if not path.is_file():
-        return {}
+def read_json_object(path: Path, error: type[ValueError] = ValueError) -> dict[str, Any]:
+    """The JSON object in the file ``path`` (HuggingFace's config files); ``error`` names the
+    file when it is not UTF-8 JSON or not an object."""
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from None
+        raise error(f"{str(path)!r} is not valid JSON: {err}") from None
     if not isinstance(values, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object")
+        raise error(f"{str(path)!r} must hold a JSON object")
     return values
+
+
+def _read_tokenizer_config(directory: Path) -> dict[str, Any]:
+    """``tokenizer_config.json`` if present (HuggingFace's; only a few keys matter here)."""
+    path = directory / CONFIG_FILE
+    return read_json_object(path) if path.is_file() else {}
 
 
 def detect_kind(directory: str | os.PathLike[str]) -> str:

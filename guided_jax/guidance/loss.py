@@ -92,7 +92,8 @@ def head_square_sums(probs: jax.Array, spec: HeadSpec, masks: jax.Array | None =
     off = jnp.square(probs) if values is None else jnp.square(probs - values)
     squared = jnp.where(on_target, jnp.square(probs - 1.0), off)
     # Rows first, then the rest: keeps float32 rounding of the long sums near 1e-7.
-    return jnp.sum(jnp.sum(squared, axis=-1), axis=(0, 2))
+    sums = jnp.sum(jnp.sum(squared, axis=-1), axis=(0, 2))
+    return jnp.where(np.arange(heads) < spec.num_guided_heads, sums, 0.0)
 
 
 def group_losses(probs: jax.Array, spec: HeadSpec, masks: jax.Array | None = None) -> jax.Array:

@@ -3,7 +3,8 @@
 Every kernel takes ``q, k, v`` of shape ``[B, n, H, d_head]``, the ``[B, n]`` mask of keys to
 attend to and, for a guided layer, its :class:`~guided_jax.guidance.HeadSpec` with the token
 masks of its token-set groups; it returns the attended values and each head's
-``Σ (a - P)²`` (``[H]``, or None for an unguided layer):
+``Σ (a - P)²`` over batch, queries and keys (``[H]``, 0 for unguided heads; None for an unguided
+layer):
 
 * ``dense``: the reference computation with the full maps (:mod:`.dense`);
 * ``flash``: blockwise with the online softmax, ``O(n)`` memory, portable JAX (:mod:`.flash`);

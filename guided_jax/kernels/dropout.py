@@ -2,12 +2,13 @@
 
 ``jax.random.bernoulli`` turns one 32-bit draw into a float per element; on CPU that costs as
 much as a layer's matmuls for the ``[B, H, n, n]`` attention mask. Here every 32-bit draw gives
-two 16-bit ones, compared with an integer threshold (3.6x cheaper with the mask applied): the
-rate is rounded to a multiple of ``2**-16`` (0.1 becomes 0.100006), and kept values are scaled
-by the exact ``1 / (1 - rounded rate)``, so the expectation is unchanged. The words come from
-XLA's ``RngBitGenerator`` with its Threefry algorithm, keyed by the JAX key: half the cost of
-``jax.random.bits`` on CPU, and like it a counter-based stream that sharded outputs split
-exactly (each device computes its own slice of the same global mask)."""
+two 16-bit ones, compared with an integer threshold: the rate is rounded to a multiple of
+``2**-16`` (0.1 becomes 0.100006), and kept values are scaled by the exact
+``1 / (1 - rounded rate)``, so the expectation is unchanged. The words come from XLA's
+``RngBitGenerator`` with its Threefry algorithm, keyed by the JAX key: cheaper than
+``jax.random.bits`` (both measured in benchmarks/RESULTS.md), and like it a counter-based
+stream that sharded outputs split exactly (each device computes its own slice of the same
+global mask)."""
 
 from __future__ import annotations
 

@@ -32,12 +32,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from guided_jax.guidance import HeadSpec
 from guided_jax.kernels.dropout import keep_mask, keep_scale
 from guided_jax.kernels.segments import visible
 from guided_jax.kernels.targets import (
     NEG,
+    NONE,
     HeadPatterns,
     head_token_masks,
     key_bias,
@@ -183,7 +185,8 @@ def _forward(static: _Static, q, k, v, bias, head_tokens, key, segments=None):
         on_squares, several = carry["on2"] / total**2, count > 1.0
         row_loss = row_loss + jnp.where(several, on_squares - jnp.square(on_target), 0.0)
         row_pull = jnp.where(several, off + on_squares - on_sum, row_pull)
-    return out, jnp.sum(row_loss, axis=(0, 2)), (lse, row_pull)
+    guided_heads = np.asarray(static.patterns.kind) != NONE
+    return out, jnp.where(guided_heads, jnp.sum(row_loss, axis=(0, 2)), 0.0), (lse, row_pull)
 
 
 def _backward(static: _Static, res, cotangents):

@@ -334,7 +334,7 @@ def pallas_attention(
     ``spec``, each head's summed squared error ``[H]``. ``after_dropout`` has nothing to choose.
 
     ``block`` (rows and keys per tile) defaults to 128 for 16-bit inputs and 64 for float32,
-    whose tiles of 128 ask Triton for more shared memory than an H100 has (258 of 227 KiB).
+    whose tiles of 128 ask Triton for more shared memory than an H100 has (RESULTS.md).
     ``interpret`` defaults to running the kernels interpreted on a CPU backend."""
     del after_dropout  # no dropout: the maps before and after it are the same
     if segment_ids is not None:

@@ -60,7 +60,8 @@ def _dense(
 
 def gelu(x: jax.Array) -> jax.Array:
     """Exact GELU in the reference's form, ``x/2 (1 + erf(x/sqrt 2))``: XLA evaluates ``erf``
-    with one rational approximation, the ``erfc`` of ``jax.nn.gelu`` costs ~3x that on CPU."""
+    with one rational approximation, much cheaper on CPU than the ``erfc`` of ``jax.nn.gelu``
+    (benchmarks/RESULTS.md)."""
     return 0.5 * x * (1.0 + jax.lax.erf(x * (2.0**-0.5)))
 
 

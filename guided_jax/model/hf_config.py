@@ -12,12 +12,11 @@ build differently from the reference never runs silently.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from guided_jax.data.tokenizer import Tokenizer, has_tokenizer_files
+from guided_jax.data.tokenizer import Tokenizer, has_tokenizer_files, read_json_object
 from guided_jax.model.config import ModelConfig
 
 CONFIG_FILE = "config.json"
@@ -120,13 +119,7 @@ def read_model_dir(directory: str | os.PathLike[str]) -> ModelDir:
             f"model.from_dir: {str(path)!r} has no {CONFIG_FILE} (a HuggingFace-style model "
             f"config, as in the reference's ag_config/ directories)"
         )
-    try:
-        values = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelDirError(f"{str(file)!r} is not valid JSON: {err}") from None
-    if not isinstance(values, dict):
-        raise ModelDirError(f"{str(file)!r} must hold a JSON object")
-    return ModelDir(path, *_map(values, file))
+    return ModelDir(path, *_map(read_json_object(file, ModelDirError), file))
 
 
 def _map(values: dict[str, Any], file: Path) -> tuple[dict[str, Any], int]:

@@ -37,6 +37,17 @@ class Objective:
     stagnant_steps: int
     total_steps: int
 
+    def mask(self, key: jax.Array, batch: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """This run's dynamic MLM noise on ``[B, n]`` ids: ``(masked ids, selected)``."""
+        return mask_tokens(
+            key,
+            batch,
+            vocab_size=self.vocab_size,
+            mask_id=self.mask_id,
+            special_ids=self.special_ids,
+            mlm_probability=self.mlm_probability,
+        )
+
     def ag_weight(self, step: jax.Array) -> jax.Array:
         """The AG loss's weight at ``step`` (0 for the baseline)."""
         if not self.guided:
@@ -80,14 +91,7 @@ def mlm_forward(
     ``[B, 2, n]`` batch also carries document starts (``data.document_masks``).
     """
     batch, segments = split_batch(batch)
-    inputs, selected = mask_tokens(
-        mask_key,
-        batch,
-        vocab_size=objective.vocab_size,
-        mask_id=objective.mask_id,
-        special_ids=objective.special_ids,
-        mlm_probability=objective.mlm_probability,
-    )
+    inputs, selected = objective.mask(mask_key, batch)
     guide = None
     if guided:
         masks = token_masks(inputs, objective.token_ids) if objective.token_ids else None

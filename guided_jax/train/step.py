@@ -139,9 +139,9 @@ def make_diagnostics_step(
 ) -> Callable[[nnx.State, jax.Array], dict[str, jax.Array]]:
     """``(params, batch) -> {diag/...: scalar}`` for ``jax.jit``: the heads' statistics
     (:mod:`guided_jax.guidance.stats`) on one deterministic forward pass of the batch (no
-    dropout; the unused MLM head is dropped by XLA), about a third of a training step, paid on
-    log steps only (``train.diagnostics``). A baseline's heads (no spec) are all compared with
-    the built-in patterns."""
+    dropout; the unused MLM head is dropped by XLA), paid on log steps only
+    (``train.diagnostics``). A baseline's heads (no spec) are all compared with the built-in
+    patterns."""
     spec = objective.spec
     pad_id = objective.pad_id
 

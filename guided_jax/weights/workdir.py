@@ -60,20 +60,13 @@ def checkpoint_dir(workdir: str | os.PathLike) -> Path:
     return Path(workdir).absolute() / "checkpoints"
 
 
-def _read_only_manager(workdir: str | os.PathLike) -> ocp.CheckpointManager:
+def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
+    """Steps of the complete checkpoints in ``WORKDIR/checkpoints``, ascending (a save cut
+    short leaves a temporary directory, which is not one)."""
     directory = checkpoint_dir(workdir)
     if not directory.is_dir():
         raise FileNotFoundError(f"{str(directory)!r} does not exist: the run saved no checkpoint")
-    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
-
-
-def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
-    """Steps of the complete checkpoints in ``WORKDIR/checkpoints``, ascending."""
-    manager = _read_only_manager(workdir)
-    try:
-        return sorted(manager.all_steps())
-    finally:
-        manager.close()
+    return sorted(ocp.path.step.checkpoint_steps(directory))
 
 
 def _pure(tree: Any) -> Any:
@@ -98,15 +91,14 @@ def load_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[in
     if step not in steps:
         raise ValueError(f"{str(workdir)!r} has no checkpoint at step {step}; it has {steps}")
     path = checkpoint_dir(workdir) / str(step) / "state"
-    checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(path).item_metadata.tree
+    tree = ocp.PyTreeCheckpointHandler().metadata(path).tree
     here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = {
         "params": jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here), tree["params"]
         )
     }
-    restored = checkpointer.restore(
+    restored = ocp.PyTreeCheckpointer().restore(
         path,
         args=ocp.args.PyTreeRestore(
             item=target,

@@ -1,0 +1,212 @@
+"""Every documented ``python -m guided_jax.X`` command, run as a user runs it (a fresh process):
+its ``--help``, its README example on tiny inputs, and its one-line errors. Pretraining's own
+runs (resume, signals, kill -9) are in test_main.py, the README's default job in
+test_default_job.py."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, cli_env, write_corpus, write_keyword_csv
+from guided_jax.train.metrics import read_metrics
+
+COMMANDS = (
+    "main",
+    "finetune",
+    "reproduce",
+    "benchmark",
+    "visualize",
+    "diagnostics",
+    "probe",
+    "hf_interop",
+    "tokenizer",
+    "anaphora",
+)
+
+
+def _run(command: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", f"guided_jax.{command}", *map(str, args)],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _ok(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def _one_line_error(result: subprocess.CompletedProcess, command: str, *names: str) -> str:
+    """A failed command says what is wrong in one line naming the culprit, no traceback."""
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"guided_jax.{command}: error: "), line
+    for name in names:
+        assert name in line, line
+    return line
+
+
+def test_the_readme_documents_exactly_these_commands():
+    documented = set(re.findall(r"python -m guided_jax\.(\w+)", (REPO / "README.md").read_text()))
+    assert documented == set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_names_the_commands_flags(command):
+    result = _run(command, "--help", timeout=120)
+    assert "Traceback" not in result.stderr
+    # absl prints the module docstring and the command's own flags (and exits with 1).
+    assert f"python -m guided_jax.{command}" in result.stdout
+    assert f"guided_jax/{command}.py:" in result.stdout
+
+
+def test_anaphora_prints_sentences_as_json_lines():
+    lines = _ok(_run("anaphora", "--count", 5, "--variant", "distractor")).splitlines()
+    examples = [json.loads(line) for line in lines]
+    assert len(examples) == 5
+    assert all(e["distractor"] is not None for e in examples)
+    assert _one_line_error(_run("anaphora", "--count", 0), "anaphora", "positive")
+
+
+def test_tokenizer_trains_from_several_files_and_refuses_bad_ones(tmp_path):
+    first = write_corpus(tmp_path / "a.txt", lines=200, seed=1)
+    second = write_corpus(tmp_path / "b.txt", lines=200, seed=2)
+    out = tmp_path / "tok"
+    stdout = _ok(_run("tokenizer", "--files", first, second, "--vocab-size", 350, "--out", out))
+    assert "(bpe, vocab size 350, trained on 400 documents)" in stdout
+    assert {p.name for p in out.iterdir()} == {"vocab.json", "merges.txt", "tokenizer_config.json"}
+
+    wordpiece = tmp_path / "wp"
+    args = ("--kind", "wordpiece", "--lowercase", "--files", first, "--vocab-size", 150)
+    _ok(_run("tokenizer", *args, "--out", wordpiece))
+    config = json.loads((wordpiece / "tokenizer_config.json").read_text())
+    assert config == {"tokenizer_class": "BertTokenizer", "do_lower_case": True}
+
+    missing = tmp_path / "missing.txt"
+    result = _run("tokenizer", "--files", missing, "--vocab-size", 300, "--out", tmp_path / "x")
+    _one_line_error(result, "tokenizer", "missing.txt")
+    result = _run("tokenizer", "--files", first, "--vocab-size", 100, "--out", tmp_path / "x")
+    _one_line_error(result, "tokenizer", "vocab_size")
+    result = _run("tokenizer", "--files", first, "--lowercase", "--vocab-size", 300, "--out", out)
+    _one_line_error(result, "tokenizer", "lowercase")
+    # One of --files and --default-corpus, not both, not neither.
+    for both_or_neither in (("--default-corpus", "--files", first), ()):
+        result = _run("tokenizer", *both_or_neither, "--vocab-size", 300, "--out", tmp_path / "y")
+        assert result.returncode == 1 and "--files or --default-corpus" in result.stderr
+        assert not (tmp_path / "y").exists()
+
+
+def test_visualize_draws_a_chosen_step(tiny_run, tmp_path):
+    out = tmp_path / "grid.png"
+    args = ("--workdir", tiny_run, "--text", "The cat sat on the mat.", "--step", 0)
+    stdout = _ok(_run("visualize", *args, "--out", out))
+    assert stdout.strip() == f"wrote {out}"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = _run("visualize", "--workdir", tiny_run, "--text", "x", "--step", 5)
+    _one_line_error(result, "visualize", "no checkpoint at step 5")
+
+
+def test_probe_prints_tables_and_a_comparison_and_writes_json(tiny_run, tmp_path):
+    report = tmp_path / "probe.json"
+    args = ("--workdir", tiny_run, "--compare", tiny_run, "--count", 16, "--json", report)
+    result = _run("probe", *args)
+    stdout = _ok(result)
+    assert "reflexive -> antecedent, top attention, 16 sentences (%)" in stdout
+    assert "comparison (%)" in stdout
+    payload = json.loads(report.read_text())
+    assert payload["probe"]["accuracy"] == payload["compare"]["accuracy"]
+    assert _library_log_lines(result) == []
+
+
+def _library_log_lines(result: subprocess.CompletedProcess) -> list[str]:
+    """absl/orbax log lines (``I1130 12:00:00.123 ...``, ``WARNING:absl:...``) on the screen."""
+    return [
+        line
+        for line in result.stderr.splitlines()
+        if re.match(r"[IWE]\d{4} ", line) or line.startswith(("INFO:", "WARNING:absl"))
+    ]
+
+
+def test_hf_interop_exports_a_directory_transformers_can_read(tiny_run, tmp_path):
+    out = tmp_path / "exported"
+    stdout = _ok(_run("hf_interop", "--workdir", tiny_run, "--out", out))
+    assert f"to {out} (RobertaForMaskedLM)" in stdout
+    assert {"config.json", "model.safetensors", "vocab.json", "merges.txt"} <= {
+        p.name for p in out.iterdir()
+    }
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    result = _run("hf_interop", "--workdir", tiny_run, "--out", taken)
+    _one_line_error(result, "hf_interop", "is not a model directory")
+
+
+def test_finetune_on_a_table_is_quiet_and_writes_results(tiny_run, tmp_path):
+    train_csv = write_keyword_csv(tmp_path / "train.csv", 48, seed=0)
+    eval_csv = write_keyword_csv(tmp_path / "eval.csv", 16, seed=1)
+    args = (
+        "--config", "configs/finetune.py", "--pretrained", tiny_run, "--workdir", tmp_path / "ft",
+        f"--config.data.train_file={train_csv}", f"--config.data.eval_file={eval_csv}",
+        "--config.seeds=1", "--config.epochs=1", "--config.batch_size=8",
+    )  # fmt: skip
+    result = _run("finetune", *args)
+    stdout = _ok(result)
+    assert "seed 1: best step" in stdout and "wrote" in stdout
+    assert _library_log_lines(result) == []
+    results = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert results["sizes"]["eval"] == 16 and len(results["runs"]) == 1
+    missing = tmp_path / "missing.csv"
+    result = _run("finetune", *args, f"--config.data.train_file={missing}")
+    _one_line_error(result, "finetune", "missing.csv")
+
+
+@pytest.mark.slow
+def test_diagnostics_draws_the_heads_of_a_run_trained_with_them(corpus_file, tmp_path):
+    workdir = tmp_path / "run"
+    _ok(
+        _run(
+            "main", "--config", "configs/tiny.py", "--workdir", workdir,
+            f"--config.data.train_files={corpus_file}", "--config.train.diagnostics=true",
+        )
+    )  # fmt: skip
+    stdout = _ok(_run("diagnostics", "--workdir", workdir, "--panels", 2))
+    assert stdout.strip() == f"wrote {workdir / 'heads.png'}"
+    assert (workdir / "heads.png").read_bytes()[:4] == b"\x89PNG"
+    _one_line_error(_run("diagnostics", "--workdir", tmp_path), "diagnostics", "metrics.jsonl")
+
+
+@pytest.mark.slow
+def test_reproduce_trains_both_arms_and_writes_the_report(corpus_file, tmp_path):
+    workdir = tmp_path / "compare"
+    args = (
+        "--config", "configs/tiny.py", "--workdir", workdir,
+        f"--config.data.train_files={corpus_file}", "--config.train.steps=4",
+    )  # fmt: skip
+    stdout = _ok(_run("reproduce", *args))
+    assert stdout.strip().splitlines()[-1] == f"wrote {workdir / 'report.md'}"
+    report = json.loads((workdir / "report.json").read_text())
+    for arm in ("baseline", "ag"):
+        final = read_metrics(workdir / arm)[-1]
+        assert report["arms"][arm]["final_step"] == final["step"] == 4
+    assert "python -m guided_jax.reproduce" in (workdir / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_benchmark_times_every_arm_and_appends_a_row(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    args = ("--config", "configs/benchmark.py:tiny", "--steps", 2, "--warmup", 1, "--rounds", 1)
+    stdout = _ok(_run("benchmark", *args, "--nohf", "--results", results))
+    last = stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"guidance_overhead=\d+\.\d+x", last), last
+    assert "hf_flax: not measured: --nohf" in stdout
+    assert results.read_text().count("| benchmark.py |") == 1
+    result = _run("benchmark", *args[:2], "--steps", 0)
+    assert result.returncode == 1 and "--steps" in result.stderr
