@@ -75,6 +75,40 @@ def tiny_config(corpus_file: pathlib.Path):
     return config
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> pathlib.Path:
+    """A finished configs/tiny.py run on one device (the encoder that analysis tests read)."""
+    import jax
+
+    from guided_jax.config import load_config
+    from guided_jax.train.loop import train_and_evaluate
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    config = load_config(str(REPO / "configs" / "tiny.py"))
+    config.data.train_files = str(write_corpus(root / "corpus.txt"))
+    train_and_evaluate(config, root / "run", devices=jax.devices()[:1])
+    return root / "run"
+
+
+KEYWORDS = ["the", "a", "cat", "dog", "sees", "likes", "river", "garden", "ball", "letter"]
+
+
+def write_keyword_csv(path: pathlib.Path, rows: int, seed: int) -> pathlib.Path:
+    """A fine-tuning table: label "yes" when the sentence holds the word "excellent", else "no"
+    (half of each)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lines = ["text,label"]
+    for i in range(rows):
+        words = list(rng.choice(KEYWORDS, size=rng.integers(4, 9)))
+        if i % 2:
+            words.insert(int(rng.integers(0, len(words))), "excellent")
+        lines.append(f"{' '.join(words)},{'yes' if i % 2 else 'no'}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 # ----------------------------------------------------------------------------- comparing runs
 
 STEPS = 20
@@ -95,27 +129,19 @@ def run_config(corpus, *, data=-1, fsdp=1, tensor=1):
 
 
 def final_params(workdir, *, step=STEPS, with_key_bias=False):
-    """Final parameters, without the key bias: softmax ignores it (q.b is the same for every
-    key of a row), so its gradient is rounding noise that Adam scales up to +-lr steps, and
-    any change in summation order (another mesh) changes it."""
-    import jax
+    """Parameters of checkpoint ``step``, without the key bias: softmax ignores it (q.b is the
+    same for every key of a row), so its gradient is rounding noise that Adam scales up to +-lr
+    steps, and any change in summation order (another mesh) changes it."""
     import numpy as np
-    import orbax.checkpoint as ocp
-    from jax.sharding import SingleDeviceSharding
 
-    path = workdir / "checkpoints" / str(step) / "state"
-    checkpointer = ocp.StandardCheckpointer()
-    on_one_device = SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_one_device),
-        checkpointer.metadata(path).item_metadata.tree,
-    )
-    params = checkpointer.restore(path, abstract)["params"]
+    from guided_jax.weights.workdir import load_params
+
+    _, params = load_params(workdir, step)
     if with_key_bias:
         return params
     for layer in params["layers"].values():
-        bias = layer["attention"]["qkv"]["bias"]["value"]
-        layer["attention"]["qkv"]["bias"]["value"] = np.delete(np.asarray(bias), 1, axis=0)
+        bias = layer["attention"]["qkv"]["bias"]
+        layer["attention"]["qkv"]["bias"] = np.delete(np.asarray(bias), 1, axis=0)
     return params
 
 
@@ -124,7 +150,7 @@ def assert_runs_match(reference, other, rtol=1e-5, step=STEPS):
     import jax
     import numpy as np
 
-    from guided_jax.metrics import read_metrics
+    from guided_jax.train.metrics import read_metrics
 
     ref_records, records = read_metrics(reference), read_metrics(other)
     assert [r["step"] for r in records] == [r["step"] for r in ref_records]
@@ -148,8 +174,8 @@ def run_corpus(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def sharded_run(run_corpus, tmp_path_factory) -> pathlib.Path:
     """``run_config`` trained in this process on a data=2, fsdp=2, tensor=2 mesh of 8 devices."""
-    from guided_jax import train
+    from guided_jax.train.loop import train_and_evaluate
 
     workdir = tmp_path_factory.mktemp("sharded") / "run"
-    train.train_and_evaluate(run_config(run_corpus, data=2, fsdp=2, tensor=2), workdir)
+    train_and_evaluate(run_config(run_corpus, data=2, fsdp=2, tensor=2), workdir)
     return workdir

@@ -34,17 +34,21 @@ def require_positive(
             raise error(f"config {key} must be positive, got {_value(config, key)}")
 
 
-def _require_non_negative(config: ml_collections.ConfigDict, *keys: str) -> None:
+def _require_non_negative(
+    config: ml_collections.ConfigDict, *keys: str, error: type[ValueError] = ConfigError
+) -> None:
     for key in keys:
         if not _value(config, key) >= 0:
-            raise ConfigError(f"config {key} must be >= 0, got {_value(config, key)}")
+            raise error(f"config {key} must be >= 0, got {_value(config, key)}")
 
 
-def _require_fraction(config: ml_collections.ConfigDict, *keys: str) -> None:
+def _require_fraction(
+    config: ml_collections.ConfigDict, *keys: str, error: type[ValueError] = ConfigError
+) -> None:
     """Each of ``keys`` in [0, 1)."""
     for key in keys:
         if not 0.0 <= _value(config, key) < 1.0:
-            raise ConfigError(f"config {key} must be in [0, 1), got {_value(config, key)}")
+            raise error(f"config {key} must be in [0, 1), got {_value(config, key)}")
 
 
 def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> None:
@@ -70,7 +74,10 @@ def check_resolved_config(config: ml_collections.ConfigDict) -> None:
         "train.adam_eps",
         "data.block_size",
         "data.tokenizer_vocab_size",
+        "model.initializer_range",
     )
+    if not 0 <= config.train.seed < 2**32:
+        raise ConfigError(f"config train.seed must be in [0, 2**32), got {config.train.seed}")
     _require_non_negative(
         config,
         "train.eval_every",
@@ -193,11 +200,15 @@ def parse_seeds(text: str) -> list[int]:
 
 def check_finetune_config(config: ml_collections.ConfigDict) -> None:
     """The values of a fine-tuning config (``configs/finetune.py``)."""
-    require_positive(
-        config, "batch_size", "epochs", "learning_rate", "max_length", error=FinetuneError
-    )
+    error = FinetuneError
+    require_positive(config, "batch_size", "epochs", "learning_rate", "max_length", error=error)
     if config.max_length < 3:
         raise FinetuneError(f"max_length must be at least 3, got {config.max_length}")
-    if config.eval_every < 0 or config.patience < 0:
-        raise FinetuneError("eval_every and patience must be >= 0 (0: each epoch / never stop)")
+    # eval_every 0: each epoch; patience 0: never stop early.
+    keys = ("eval_every", "patience", "weight_decay", "split_seed")
+    _require_non_negative(config, *keys, error=error)
+    _require_fraction(config, "warmup_fraction", "classifier_dropout", error=error)
+    fraction = config.data.validation_fraction
+    if not 0.0 < fraction < 1.0:
+        raise FinetuneError(f"config data.validation_fraction must be in (0, 1), got {fraction}")
     parse_seeds(config.seeds)

@@ -199,7 +199,9 @@ def _backward(static: _Static, res, cotangents):
     d_out = d_out.astype(jnp.float32)
     row_term = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)  # [B, H, n]
     if guided:
-        c = d_head_sums.astype(jnp.float32)[None, :, None]
+        # Unguided heads' sums are 0 whatever their maps: they pull nothing.
+        guided_heads = np.asarray(static.patterns.kind) != NONE
+        c = jnp.where(guided_heads, d_head_sums.astype(jnp.float32), 0.0)[None, :, None]
         row_term = row_term + 2.0 * c * row_pull
     user = user_targets(static.patterns, static.n, k.shape[1]) if guided else None
     scale_qk = q.shape[-1] ** -0.5

@@ -93,10 +93,19 @@ def test_tokenizer_trains_from_several_files_and_refuses_bad_ones(tmp_path):
     missing = tmp_path / "missing.txt"
     result = _run("tokenizer", "--files", missing, "--vocab-size", 300, "--out", tmp_path / "x")
     _one_line_error(result, "tokenizer", "missing.txt")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    result = _run("tokenizer", "--files", latin1, "--vocab-size", 300, "--out", tmp_path / "x")
+    _one_line_error(result, "tokenizer", "latin1.txt", "UTF-8")
+    assert not (tmp_path / "x").exists()
     result = _run("tokenizer", "--files", first, "--vocab-size", 100, "--out", tmp_path / "x")
     _one_line_error(result, "tokenizer", "vocab_size")
     result = _run("tokenizer", "--files", first, "--lowercase", "--vocab-size", 300, "--out", out)
     _one_line_error(result, "tokenizer", "lowercase")
+    stdout = _ok(
+        _run("tokenizer", "--default-corpus", "--vocab-size", 300, "--out", tmp_path / "d")
+    )
+    assert int(re.search(r"trained on (\d+) documents", stdout)[1]) > 1000
     # One of --files and --default-corpus, not both, not neither.
     for both_or_neither in (("--default-corpus", "--files", first), ()):
         result = _run("tokenizer", *both_or_neither, "--vocab-size", 300, "--out", tmp_path / "y")

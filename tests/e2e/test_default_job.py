@@ -8,7 +8,7 @@ import pytest
 
 from conftest import REPO, cli_env
 from guided_jax.config import load_config
-from guided_jax.metrics import read_metrics
+from guided_jax.train.metrics import read_metrics
 
 
 @pytest.mark.slow

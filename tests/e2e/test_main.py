@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, cli_env, final_params, run_config
-from guided_jax import train
-from guided_jax.metrics import read_metrics
+from guided_jax.train.loop import train_and_evaluate
+from guided_jax.train.metrics import read_metrics
 
 
 def _main(*args: str) -> subprocess.CompletedProcess:
@@ -109,7 +109,7 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(corpus_file, tmp_path):
     config = run_config(corpus_file)
     config.train.update(steps=steps, checkpoint_every=20, eval_every=30)
     reference = tmp_path / "reference"
-    train.train_and_evaluate(config, reference, devices=jax.devices()[:1])
+    train_and_evaluate(config, reference, devices=jax.devices()[:1])
 
     workdir = tmp_path / "run"
     args = [

@@ -3,8 +3,8 @@
 import pytest
 
 from conftest import REPO
-from guided_jax import experiment
-from guided_jax.config import MODEL_PRESETS, load_config, model_config
+from guided_jax.config import MODEL_PRESETS, check_config, load_config, model_config
+from guided_jax.config.resolve import build_model_config
 
 CONFIG_FILES = ["configs/default.py", "configs/tiny.py"] + [
     f"configs/reference.py:{name}" for name in MODEL_PRESETS
@@ -14,7 +14,7 @@ CONFIG_FILES = ["configs/default.py", "configs/tiny.py"] + [
 @pytest.mark.parametrize("name", CONFIG_FILES)
 def test_config_file_is_valid(name):
     config = load_config(str(REPO / name))
-    experiment.check_config(config)
+    check_config(config)
     path = name.split(":")[0]
     assert f"--config {path}" in (REPO / path).read_text()
 
@@ -32,7 +32,7 @@ def test_config_file_is_valid(name):
 )
 def test_reference_shapes(name, layers, width, heads, ffn):
     config = load_config(f"{REPO / 'configs/reference.py'}:{name}")
-    model = experiment.build_model_config(config, vocab_size=52000)
+    model = build_model_config(config, vocab_size=52000)
     assert (model.num_layers, model.hidden_size, model.num_heads, model.intermediate_size) == (
         layers,
         width,
@@ -66,7 +66,7 @@ def test_reference_shapes(name, layers, width, heads, ffn):
 def test_reference_bert_shapes(name, layers, heads, ffn):
     """The reference's filipino_config/ models: BERT with a WordPiece of 30,101."""
     config = load_config(f"{REPO / 'configs/reference.py'}:{name}")
-    model = experiment.build_model_config(config, vocab_size=30101, pad_token_id=0)
+    model = build_model_config(config, vocab_size=30101, pad_token_id=0)
     assert (model.model_type, model.num_layers, model.num_heads, model.intermediate_size) == (
         "bert",
         layers,
@@ -94,4 +94,4 @@ def test_unknown_model_key_is_refused():
     config.model.unlock()
     config.model.hidden = 3
     with pytest.raises(ValueError, match="hidden"):
-        experiment.check_config(config)
+        check_config(config)

@@ -15,11 +15,12 @@ import pytest
 from flax import nnx
 
 from conftest import REPO, write_corpus
-from guided_jax import experiment, train
-from guided_jax.config import load_config
-from guided_jax.metrics import read_metrics
+from guided_jax.config import ConfigError, check_config, load_config
+from guided_jax.data.tokenizer import Tokenizer, train_tokenizer
 from guided_jax.model import EncoderForMLM
-from guided_jax.tokenizer import Tokenizer, train_tokenizer
+from guided_jax.train.inputs import prepare
+from guided_jax.train.loop import train_and_evaluate
+from guided_jax.train.metrics import read_metrics
 
 
 def _roberta_json(layers: int, width: int, heads: int, *, attention_only: bool = False) -> dict:
@@ -159,7 +160,7 @@ def _config(corpus: Path, from_dir: Path | str = ""):
 
 def _refused(config, workdir: Path, match: str) -> str:
     with pytest.raises(ValueError, match=match) as info:
-        experiment.prepare(config, workdir)
+        prepare(config, workdir)
     assert not workdir.exists()
     return str(info.value)
 
@@ -169,9 +170,9 @@ def test_reference_shape_from_config_json(name, corpus, tokenizers, tmp_path) ->
     config_json, layers, width, ffn, vocab, positions, types = SHAPES[name]
     kind = "wordpiece" if name.startswith("bert") else "bpe"
     directory = _model_dir(tmp_path / name, config_json, tokenizers[kind])
-    exp = experiment.prepare(_config(corpus, directory), tmp_path / "run", write=False)
+    inputs = prepare(_config(corpus, directory), tmp_path / "run", write=False)
 
-    model = exp.model
+    model = inputs.model
     assert (model.num_layers, model.hidden_size, model.intermediate_size) == (layers, width, ffn)
     assert (model.vocab_size, model.max_position_embeddings, model.type_vocab_size) == (
         vocab,
@@ -181,12 +182,12 @@ def test_reference_shape_from_config_json(name, corpus, tokenizers, tmp_path) ->
     assert model.num_heads == config_json["num_attention_heads"]
     assert model.layer_norm_eps == config_json["layer_norm_eps"]
     assert model.model_type == ("bert" if kind == "wordpiece" else "roberta")
-    assert model.pad_token_id == exp.tokenizer.pad_id == (0 if kind == "wordpiece" else 1)
-    assert exp.tokenizer.kind == kind and exp.config.data.tokenizer_kind == kind
-    assert exp.config.data.tokenizer_dir == str(directory)
+    assert model.pad_token_id == inputs.tokenizer.pad_id == (0 if kind == "wordpiece" else 1)
+    assert inputs.tokenizer.kind == kind and inputs.config.data.tokenizer_kind == kind
+    assert inputs.config.data.tokenizer_dir == str(directory)
     # blocks are <s> … </s> or [CLS] … [SEP]
-    assert (exp.train_blocks[:, 0] == exp.tokenizer.bos_id).all()
-    assert (exp.train_blocks[:, -1] == exp.tokenizer.eos_id).all()
+    assert (inputs.train_blocks[:, 0] == inputs.tokenizer.bos_id).all()
+    assert (inputs.train_blocks[:, -1] == inputs.tokenizer.eos_id).all()
 
     abstract = nnx.eval_shape(lambda: EncoderForMLM(model, rngs=nnx.Rngs(0)))
     params = nnx.state(abstract, nnx.Param)
@@ -197,21 +198,21 @@ def test_reference_shape_from_config_json(name, corpus, tokenizers, tmp_path) ->
 def test_resolved_config_is_recorded_and_resumes(corpus, tokenizers, tmp_path) -> None:
     directory = _model_dir(tmp_path / "bert_8", _bert_json(8, 12), tokenizers["wordpiece"])
     config = _config(corpus, directory)
-    experiment.check_config(config)  # what train_and_evaluate calls first
+    check_config(config)  # what train_and_evaluate calls first
     workdir = tmp_path / "run"
-    experiment.prepare(config, workdir)
+    prepare(config, workdir)
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["model"]["model_type"] == "bert" and saved["model"]["num_layers"] == 8
     assert saved["model"]["from_dir"] == str(directory)
     assert saved["data"]["tokenizer_dir"] == str(directory)
     assert saved["data"]["tokenizer_kind"] == "wordpiece"
     assert config.model.num_layers == 2  # the caller's config is left alone
-    experiment.prepare(config, workdir)  # the same command resumes
+    prepare(config, workdir)  # the same command resumes
     # the directory's config changed since: refused, naming what changed
     changed = {**_bert_json(8, 12), "num_hidden_layers": 16}
     (directory / "config.json").write_text(json.dumps(changed))
-    with pytest.raises(experiment.ConfigError, match=r"model\.num_layers: 8 -> 16"):
-        experiment.prepare(config, workdir)
+    with pytest.raises(ConfigError, match=r"model\.num_layers: 8 -> 16"):
+        prepare(config, workdir)
 
 
 def test_directory_without_tokenizer_files_is_refused(corpus, tokenizers, tmp_path) -> None:
@@ -222,8 +223,8 @@ def test_directory_without_tokenizer_files_is_refused(corpus, tokenizers, tmp_pa
     # a tokenizer elsewhere, named explicitly, completes the directory
     config = _config(corpus, directory)
     config.data.tokenizer_dir = str(tokenizers["wordpiece"].directory)
-    exp = experiment.prepare(config, tmp_path / "run", write=False)
-    assert exp.model.num_layers == 8 and exp.tokenizer.kind == "wordpiece"
+    inputs = prepare(config, tmp_path / "run", write=False)
+    assert inputs.model.num_layers == 8 and inputs.tokenizer.kind == "wordpiece"
 
 
 def test_tokenizer_larger_than_the_vocab_is_refused(corpus, tokenizers, tmp_path) -> None:
@@ -281,12 +282,12 @@ def test_workdir_of_another_tokenizer_kind_is_refused(corpus, tmp_path) -> None:
     config = _config(corpus)
     config.data.tokenizer_kind = "wordpiece"
     workdir = tmp_path / "run"
-    exp = experiment.prepare(config, workdir)
-    assert (workdir / "tokenizer" / "vocab.txt").is_file() and exp.tokenizer.kind == "wordpiece"
-    assert (exp.train_blocks[:, 0] == exp.tokenizer.token_to_id("[CLS]")).all()
+    inputs = prepare(config, workdir)
+    assert (workdir / "tokenizer" / "vocab.txt").is_file() and inputs.tokenizer.kind == "wordpiece"
+    assert (inputs.train_blocks[:, 0] == inputs.tokenizer.token_to_id("[CLS]")).all()
     config.data.tokenizer_kind = "bpe"
-    with pytest.raises(experiment.ConfigError, match=r"data\.tokenizer_kind: 'wordpiece' -> 'bpe'"):
-        experiment.prepare(config, workdir)
+    with pytest.raises(ConfigError, match=r"data\.tokenizer_kind: 'wordpiece' -> 'bpe'"):
+        prepare(config, workdir)
     config.data.tokenizer_kind = "sentencepiece"
     _refused(config, tmp_path / "other", "data.tokenizer_kind must be one of")
 
@@ -296,15 +297,15 @@ def test_run_written_before_the_new_keys_resumes(corpus, tmp_path) -> None:
     with the values it had implicitly, and only with those."""
     config = _config(corpus)
     workdir = tmp_path / "run"
-    experiment.prepare(config, workdir)
+    prepare(config, workdir)
     saved = json.loads((workdir / "config.json").read_text())
     del saved["model"]["model_type"], saved["model"]["from_dir"], saved["data"]["tokenizer_kind"]
     (workdir / "config.json").write_text(json.dumps(saved))
     bert = config.copy_and_resolve_references()
     bert.model.model_type = "bert"
-    with pytest.raises(experiment.ConfigError, match=r"model\.model_type: None -> 'bert'"):
-        experiment.prepare(bert, workdir)
-    experiment.prepare(config, workdir)
+    with pytest.raises(ConfigError, match=r"model\.model_type: None -> 'bert'"):
+        prepare(bert, workdir)
+    prepare(config, workdir)
     assert json.loads((workdir / "config.json").read_text())["data"]["tokenizer_kind"] == "bpe"
 
 
@@ -320,7 +321,7 @@ def test_tiny_bert_wordpiece_run_guided_on_sep_and_period(corpus, tmp_path) -> N
         steps=40, learning_rate=3e-3, log_every=5, eval_every=20, checkpoint_every=40
     )
     workdir = tmp_path / "run"
-    last = train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+    last = train_and_evaluate(config, workdir, devices=jax.devices()[:1])
 
     logged = [r for r in read_metrics(workdir) if "mlm_loss" in r]
     assert [r["step"] for r in logged] == list(range(5, 41, 5))

@@ -1,4 +1,6 @@
-"""Tests for guided_jax.data: reading corpora, the default corpus, packing, eval batches."""
+"""Tests for guided_jax.data.text, .default_corpus and .packing: reading corpora, the default
+corpus, packing documents into blocks (also tokenized, through the token cache's builder), splits
+and eval batches."""
 
 from __future__ import annotations
 
@@ -8,18 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from guided_jax import data
-from guided_jax.data import (
-    CorpusError,
-    default_corpus,
-    eval_batches,
-    load_corpus,
-    pack_blocks,
-    read_text_files,
-    split_blocks,
-    tokenize_and_pack,
-)
-from guided_jax.tokenizer import train_tokenizer
+from guided_jax.data import sources, token_cache
+from guided_jax.data.default_corpus import default_corpus
+from guided_jax.data.packing import BlockPacker, eval_batches, split_blocks
+from guided_jax.data.text import CorpusError, read_text_files
+from guided_jax.data.tokenizer import train_tokenizer
 
 BOS, EOS = 0, 2
 
@@ -102,12 +97,14 @@ def test_read_text_files_binary(tmp_path: Path) -> None:
     assert str(path) in str(err.value) and "offset 3" in str(err.value)
 
 
-def test_load_corpus_dispatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_text_files_and_the_default_corpus_as_sources(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "c.txt"
     path.write_text("one\ntwo\n", encoding="utf-8")
-    assert load_corpus([str(path)]) == ["one", "two"]
-    monkeypatch.setattr(data, "default_corpus", lambda: ["from the default corpus"])
-    assert load_corpus([]) == ["from the default corpus"]
+    assert list(sources.TextFiles((str(path),)).documents()) == ["one", "two"]
+    monkeypatch.setattr(sources, "default_corpus", lambda: ["from the default corpus"])
+    assert list(sources.DefaultCorpus().documents()) == ["from the default corpus"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,36 +207,57 @@ def test_default_corpus_real_stdlib() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# pack_blocks / tokenize_and_pack
+# BlockPacker / token_cache.build
 # ---------------------------------------------------------------------------------------------
 
 
-def test_pack_blocks_exact() -> None:
+def test_block_packer_exact() -> None:
     docs = [[10, 11, 12], [13, 14], np.array([15, 16, 17, 18]), [19]]
-    blocks = pack_blocks(docs, block_size=5, bos_id=BOS, eos_id=EOS)
-    assert blocks.dtype == np.int32
+    packer = BlockPacker(block_size=5, bos_id=BOS, eos_id=EOS)
+    blocks, starts = packer.add(docs)
+    assert blocks.dtype == np.int32 and starts is None
     np.testing.assert_array_equal(
         blocks,
         [
             [BOS, 10, 11, 12, EOS],
             [BOS, 13, 14, 15, EOS],
             [BOS, 16, 17, 18, EOS],
-        ],  # 19 is the dropped remainder
+        ],  # 19 is the remainder, carried over
     )
-    # Generators work; exactly one block's worth of tokens gives one block.
-    one = pack_blocks((d for d in [[7], [8, 9]]), block_size=5, bos_id=5, eos_id=6)
+    assert (packer.tokens, packer.blocks) == (10, 3)
+    # The carried remainder opens the next call's first block; exactly one block's worth of
+    # tokens gives one block.
+    np.testing.assert_array_equal(packer.add([[20], [21]])[0], [[BOS, 19, 20, 21, EOS]])
+    one, _ = BlockPacker(block_size=5, bos_id=5, eos_id=6).add([[7], [8, 9]])
     np.testing.assert_array_equal(one, [[5, 7, 8, 9, 6]])
 
 
-def test_pack_blocks_errors() -> None:
-    with pytest.raises(ValueError, match=r"only 5 tokens.*block_size 8"):
-        pack_blocks([[1, 2], [3, 4, 5]], block_size=8, bos_id=BOS, eos_id=EOS)
-    with pytest.raises(ValueError, match="only 0 tokens"):
-        pack_blocks([], block_size=8, bos_id=BOS, eos_id=EOS)
+def test_block_packer_records_where_documents_start() -> None:
+    packer = BlockPacker(block_size=5, bos_id=BOS, eos_id=EOS, starts=True)
+    blocks, starts = packer.add([[10, 11], [], [12, 13, 14, 15], [16]])
+    np.testing.assert_array_equal(blocks, [[BOS, 10, 11, 12, EOS], [BOS, 13, 14, 15, EOS]])
+    assert starts.dtype == np.uint8
+    # 1 at each document's first token, 0 in the bos and eos columns; the empty one starts
+    # nowhere; the flags of the carried token 16 come with the next call's block.
+    np.testing.assert_array_equal(starts, [[0, 1, 0, 1, 0], [0, 0, 0, 0, 0]])
+    blocks, starts = packer.add([[17, 18]])
+    np.testing.assert_array_equal(blocks, [[BOS, 16, 17, 18, EOS]])
+    np.testing.assert_array_equal(starts, [[0, 1, 1, 0, 0]])
+
+
+def test_block_packer_errors() -> None:
+    packer = BlockPacker(block_size=8, bos_id=BOS, eos_id=EOS)
+    packer.add([[1, 2], [3, 4, 5]])
+    with pytest.raises(CorpusError, match=r"only 5 tokens.*block_size 8"):
+        packer.check_not_empty()
+    empty = BlockPacker(block_size=8, bos_id=BOS, eos_id=EOS)
+    empty.add([])
+    with pytest.raises(CorpusError, match="only 0 tokens"):
+        empty.check_not_empty()
     with pytest.raises(ValueError, match="at least 3"):
-        pack_blocks([[1, 2, 3]], block_size=2, bos_id=BOS, eos_id=EOS)
-    with pytest.raises(ValueError, match="non-negative"):
-        pack_blocks([[1, -2, 3]], block_size=3, bos_id=BOS, eos_id=EOS)
+        BlockPacker(block_size=2, bos_id=BOS, eos_id=EOS)
+    with pytest.raises(ValueError, match="block_size must be a positive integer"):
+        BlockPacker(block_size=True, bos_id=BOS, eos_id=EOS)
 
 
 class _CharTokenizer:
@@ -255,26 +273,30 @@ class _CharTokenizer:
         return [[ord(c) for c in text] for text in texts]
 
 
-def test_tokenize_and_pack_keeps_order_across_chunks() -> None:
+def _build(texts, tokenizer, block_size: int, out: Path, **kwargs) -> np.ndarray:
+    return np.asarray(token_cache.build(texts, tokenizer, block_size, out, {}, **kwargs))
+
+
+def test_tokenized_packing_keeps_order_across_chunks(tmp_path: Path) -> None:
     texts = [chr(ord("a") + i % 26) for i in range(5000)]  # spans two encoding chunks
     tok = _CharTokenizer()
-    blocks = tokenize_and_pack(texts, tok, block_size=12, separator="")  # type: ignore[arg-type]
+    blocks = _build(texts, tok, 12, tmp_path / "entry", separator="")
     assert tok.calls == 2
     assert blocks.shape == (500, 12)
     assert (blocks[:, 0] == 1).all() and (blocks[:, -1] == 2).all()
     np.testing.assert_array_equal(blocks[:, 1:-1].reshape(-1), [ord(t) for t in texts])
 
 
-def test_tokenize_and_pack_separates_documents_with_newline() -> None:
-    blocks = tokenize_and_pack(["ab", "c", "de"], _CharTokenizer(), block_size=5)  # type: ignore[arg-type]
+def test_tokenized_packing_separates_documents_with_newline(tmp_path: Path) -> None:
+    blocks = _build(["ab", "c", "de"], _CharTokenizer(), 5, tmp_path / "entry")
     # Stream "ab\nc\nde\n" (8 tokens) -> two chunks of 3; the last two tokens are dropped.
     np.testing.assert_array_equal(blocks, [[1, *map(ord, "ab\n"), 2], [1, *map(ord, "c\nd"), 2]])
 
 
-def test_tokenize_and_pack_with_real_tokenizer(tmp_path: Path) -> None:
+def test_tokenized_packing_with_real_tokenizer(tmp_path: Path) -> None:
     texts = [f"document number {i} talks about attention heads." for i in range(200)]
-    tok = train_tokenizer(texts, vocab_size=300, out_dir=tmp_path)
-    blocks = tokenize_and_pack(texts, tok, block_size=32)
+    tok = train_tokenizer(texts, vocab_size=300, out_dir=tmp_path / "tok")
+    blocks = _build(texts, tok, 32, tmp_path / "entry")
     assert blocks.shape[1] == 32 and len(blocks) > 10
     assert (blocks[:, 0] == tok.bos_id).all() and (blocks[:, -1] == tok.eos_id).all()
     assert not np.isin(blocks[:, 1:-1], [tok.pad_id, tok.mask_id, tok.bos_id]).any()

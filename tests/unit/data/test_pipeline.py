@@ -1,4 +1,5 @@
-"""The grain input pipeline: epochs, per-process shards, iterator state in orbax checkpoints."""
+"""The grain input pipeline (guided_jax.data.pipeline): epochs, per-process shards, iterator
+state in orbax checkpoints."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import numpy as np
 import pytest
 import tiny_tfds
 
-from guided_jax import checkpointing, experiment, pipeline, train
-from guided_jax.data import CorpusError
-from guided_jax.metrics import read_metrics
+from guided_jax.data import pipeline
+from guided_jax.data.text import CorpusError
+from guided_jax.train import checkpoints
+from guided_jax.train.inputs import prepare
+from guided_jax.train.loop import train_and_evaluate
+from guided_jax.train.metrics import read_metrics
 
 
 def _numbered(n: int, length: int = 4) -> np.ndarray:
@@ -75,30 +79,37 @@ def _tfds_config(tiny_config, tfds_dir):
 def test_restored_iterator_continues_like_an_uninterrupted_one(tiny_config, tfds_dir, tmp_path):
     """Stop after k batches, save the iterator in an orbax checkpoint, restore it into a fresh
     iterator: the next batches are those of the uninterrupted iterator."""
-    exp = experiment.prepare(_tfds_config(tiny_config, tfds_dir), tmp_path / "run")
+    inputs = prepare(_tfds_config(tiny_config, tfds_dir), tmp_path / "run")
     rows = slice(2, 4)  # the second of two shards of a batch of 4
-    uninterrupted = pipeline.train_iterator(exp, rows)
+    assert inputs.config.train.batch_size == 4
+
+    def iterator(start_step: int = 0):
+        return pipeline.train_iterator(
+            inputs.train_blocks, None, 4, inputs.config.train.seed, rows=rows, start_step=start_step
+        )
+
+    uninterrupted = iterator()
     expected = [next(uninterrupted) for _ in range(12)]
 
     k = 5
-    stopped = pipeline.train_iterator(exp, rows)
+    stopped = iterator()
     for batch in expected[:k]:
         np.testing.assert_array_equal(next(stopped), batch)
-    manager = checkpointing.checkpoint_manager(tmp_path / "ckpt", keep=2)
+    manager = checkpoints.checkpoint_manager(tmp_path / "ckpt", keep=2)
     state = {"step": np.int32(k)}
-    checkpointing.save(manager, k, state, {"next_batch": k}, stopped)
+    checkpoints.save(manager, k, state, {"next_batch": k}, stopped)
     next(stopped)  # consumed after the save: not part of the checkpoint
     manager.wait_until_finished()
 
-    resumed = pipeline.train_iterator(exp, rows)
+    resumed = iterator()
     abstract = {"step": jax.ShapeDtypeStruct((), np.int32)}
-    step, _, position, iterator_restored = checkpointing.restore_latest(manager, abstract, resumed)
+    step, _, position, iterator_restored = checkpoints.restore_latest(manager, abstract, resumed)
     manager.close()
     assert (step, position, iterator_restored) == (k, {"next_batch": k}, True)
     for batch in expected[k:]:
         np.testing.assert_array_equal(next(resumed), batch)
     # Without a saved state (another process count), starting at the step gives the same.
-    started = pipeline.train_iterator(exp, rows, start_step=k)
+    started = iterator(start_step=k)
     np.testing.assert_array_equal(next(started), expected[k])
 
 
@@ -106,7 +117,7 @@ def test_restored_iterator_continues_like_an_uninterrupted_one(tiny_config, tfds
 def test_training_from_a_tfds_source_end_to_end(tiny_config, tfds_dir, tmp_path):
     config = _tfds_config(tiny_config, tfds_dir)
     workdir = tmp_path / "run"
-    train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+    train_and_evaluate(config, workdir, devices=jax.devices()[:1])
     records = read_metrics(workdir)
     assert records[-1]["step"] == config.train.steps
     assert np.isfinite(records[-1]["eval_mlm_loss"])

@@ -7,8 +7,8 @@ import pytest
 import tiny_tfds
 
 from conftest import write_corpus
-from guided_jax import sources
-from guided_jax.data import CorpusError
+from guided_jax.data import sources
+from guided_jax.data.text import CorpusError
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,16 @@
-"""Tests for guided_jax.tokenizer (byte-level BPE and WordPiece): training, save/load round trip,
-lookups, kind detection, errors and CLI."""
+"""Tests for guided_jax.data.tokenizer (byte-level BPE and WordPiece): training, save/load round
+trip, lookups, kind detection and errors."""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from guided_jax import data
-from guided_jax import tokenizer as tok_mod
-from guided_jax.tokenizer import (
+from guided_jax.data.tokenizer import (
     SPECIAL_TOKENS,
     WORDPIECE_SPECIAL_TOKENS,
     Tokenizer,
@@ -22,8 +18,6 @@ from guided_jax.tokenizer import (
     load_tokenizer,
     train_tokenizer,
 )
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 _FUNCTION_WORDS = ("the", "a", "of", "to", "and", "in", "is", "was", "for", "on", "with", "as")
 _CONTENT_WORDS = ("model", "attention", "head", "token", "layer", "mask", "guide", "pattern")
@@ -190,69 +184,6 @@ def test_load_invalid_vocab_json(trained: tuple[Tokenizer, Path], tmp_path: Path
         load_tokenizer(tmp_path)
 
 
-def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-W", "error", "-m", "guided_jax.tokenizer", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
-def test_cli_trains_from_files(tmp_path: Path) -> None:
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(_corpus()) + "\n", encoding="utf-8")
-    out = tmp_path / "tok"
-    result = _run_cli("--files", str(corpus), "--vocab-size", "350", "--out", str(out))
-    assert result.returncode == 0, result.stderr
-    assert str(out) in result.stdout and "vocab size" in result.stdout
-    loaded = load_tokenizer(out)
-    assert 261 < loaded.vocab_size <= 350
-    assert loaded.special_ids == (0, 1, 2, 3, 4)
-
-
-def test_cli_bad_file_fails_with_one_line(tmp_path: Path) -> None:
-    missing = tmp_path / "missing.txt"
-    out = tmp_path / "tok"
-    result = _run_cli("--files", str(missing), "--vocab-size", "300", "--out", str(out))
-    assert result.returncode != 0
-    assert str(missing) in result.stderr
-    assert "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert not out.exists()
-
-
-def test_cli_in_process_errors_and_default_corpus(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    bad = tmp_path / "latin1.txt"
-    bad.write_bytes("caf\xe9\n".encode("latin-1"))
-    assert tok_mod.main(["--files", str(bad), "--vocab-size", "300", "--out", str(tmp_path)]) == 1
-    err = capsys.readouterr().err
-    assert str(bad) in err and "UTF-8" in err
-
-    good = tmp_path / "good.txt"
-    good.write_text("hello world\n", encoding="utf-8")
-    assert tok_mod.main(["--files", str(good), "--vocab-size", "100", "--out", str(tmp_path)]) == 1
-    assert "vocab_size" in capsys.readouterr().err
-
-    # --default-corpus trains on data.default_corpus(); a small stand-in keeps this fast.
-    monkeypatch.setattr(data, "default_corpus", lambda: _corpus(100))
-    out = tmp_path / "default"
-    assert tok_mod.main(["--default-corpus", "--vocab-size", "300", "--out", str(out)]) == 0
-    assert "trained on 100 documents" in capsys.readouterr().out
-    assert load_tokenizer(out).vocab_size <= 300
-
-    # --files and --default-corpus are exclusive, and one of them is required.
-    for argv in ([], ["--default-corpus", "--files", "x"]):
-        with pytest.raises(SystemExit) as exit_info:
-            tok_mod.main([*argv, "--vocab-size", "300", "--out", str(out)])
-        assert exit_info.value.code == 2
-    capsys.readouterr()
-
-
 # ----------------------------------------------------------------------------- kinds on disk
 
 
@@ -390,17 +321,3 @@ def test_detect_kind_errors(
     (tmp_path / "tokenizer_config.json").write_text("{oops")
     with pytest.raises(ValueError, match=r"tokenizer_config\.json' is not valid JSON"):
         load_tokenizer(tmp_path)
-
-
-def test_cli_trains_wordpiece(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(_corpus()) + "\n", encoding="utf-8")
-    out = tmp_path / "tok"
-    argv = ["--kind", "wordpiece", "--files", str(corpus), "--vocab-size", "150", "--out", str(out)]
-    assert tok_mod.main([*argv, "--lowercase"]) == 0
-    assert "wrote vocab.txt, tokenizer_config.json" in capsys.readouterr().out
-    loaded = load_tokenizer(out)
-    assert loaded.kind == "wordpiece" and loaded.lowercase and loaded.vocab_size <= 150
-    bpe_argv = ["--files", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "b")]
-    assert tok_mod.main([*bpe_argv, "--lowercase"]) == 1
-    assert "WordPiece only" in capsys.readouterr().err

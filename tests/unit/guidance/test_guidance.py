@@ -23,6 +23,7 @@ from guided_jax.guidance import (
     group_losses,
     guidance_loss,
     guidance_weight,
+    head_square_sums,
     token_masks,
 )
 
@@ -213,6 +214,24 @@ def test_group_losses_and_guide_match_dense_reference_per_group(case: str) -> No
     np.testing.assert_allclose(
         np.asarray(Guide(spec, masks).layer_losses(jnp.asarray(attention))), want, rtol=1e-6
     )
+
+
+def test_head_square_sums_score_each_head_against_its_own_target() -> None:
+    """Per head, ``Σ (A - P)²`` over batch, queries and keys: three token-set groups on different
+    tokens (one absent), so a head scored against another group's tokens is caught."""
+    text, tokens, _, groups, _ = CASES["token_sparse_dense_absent_start1"]
+    rng = np.random.default_rng(13)
+    (attention,) = random_attention(rng, 1)
+    ids = example_ids(rng)
+    spec = HeadSpec.parse(text, tokens=tokens)
+    masks = token_masks(jnp.asarray(ids), [TOKEN_IDS[t] for t in tokens])
+    got = np.asarray(jax.jit(lambda a: head_square_sums(a, spec, masks))(jnp.asarray(attention)))
+    assert got.shape == (H,)
+    for pattern, heads, token_id in groups:
+        target = dense_target(pattern, N, ids, token_id)
+        for head in heads:
+            want = np.sum((attention[:, head].astype(np.float64) - target) ** 2)
+            np.testing.assert_allclose(got[head], want, rtol=1e-6, err_msg=f"head {head}")
 
 
 def test_token_masks_mark_every_occurrence_per_example() -> None:
@@ -743,7 +762,7 @@ def test_layered_guidance_loss_matches_dense_reference_per_layer() -> None:
 
 
 def test_config_refuses_registered_patterns_for_kernels_without_them(tiny_config) -> None:
-    from guided_jax.experiment import ConfigError, check_config
+    from guided_jax.config import ConfigError, check_config
 
     tiny_config.guidance.heads = "layers=0:next:1;1:window1:1"
     check_config(tiny_config)

@@ -1,4 +1,4 @@
-"""Tests for guided_jax.dropout: 16-bit draws keep the rate and the expectation."""
+"""Tests for guided_jax.kernels.dropout: 16-bit draws keep the rate and the expectation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from guided_jax.dropout import dropout, keep_mask, keep_scale
+from guided_jax.kernels.dropout import dropout, keep_mask, keep_scale
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.25, 0.5])

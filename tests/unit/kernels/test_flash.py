@@ -1,4 +1,4 @@
-"""Tests for guided_jax.flash_attention: the blockwise kernel against the dense reference (values,
+"""Tests for guided_jax.kernels.flash: the blockwise kernel against the dense reference (values,
 guidance losses and gradients for every pattern type, padding, dropout, ragged blocks) and its
 memory, which must grow linearly in the sequence length where dense grows quadratically."""
 
@@ -8,79 +8,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from guided_jax.attention import attention_bias, attention_probs
-from guided_jax.dropout import keep_scale
-from guided_jax.flash_attention import HeadPatterns, dropout_keep_mask, flash_attention
-from guided_jax.guidance import (
-    HeadSpec,
-    group_losses,
-    losses_from_head_sums,
-    register_pattern,
-    token_masks,
+from kernel_checks import (
+    BATCH,
+    HEADS,
+    SPEC,
+    assert_kernels_agree,
+    dense_reference,
+    kernel_inputs,
+    kernel_losses,
 )
 
-BATCH, HEADS, HEAD_DIM = 2, 8, 8
-# Every pattern type, two heads of one group, and two unguided heads at the end.
-SPEC = HeadSpec.parse("self:1,next:1,prev:1,first:2,token[7]:1")
-TOKEN_ID = 7
-
-
-def _inputs(n: int, padded: bool, seed: int = 0):
-    keys = jax.random.split(jax.random.key(seed), 4)
-    q, k, v = (jax.random.normal(key, (BATCH, n, HEADS, HEAD_DIM)) for key in keys[:3])
-    ids = jax.random.randint(keys[3], (BATCH, n), 0, 12)
-    lengths = jnp.array([n, n - 5 if padded else n])
-    key_mask = jnp.arange(n)[None, :] < lengths[:, None]
-    return q, k, v, key_mask, token_masks(ids, [TOKEN_ID])
-
-
-def _dense(q, k, v, key_mask, masks, *, keep, rate, after_dropout, spec=SPEC):
-    probs = attention_probs(q, k, attention_bias(key_mask))
-    dropped = probs if keep is None else probs * keep * keep_scale(rate)
-    out = jnp.einsum("bhqk,bkhd->bqhd", dropped, v)
-    return out, group_losses(dropped if after_dropout else probs, spec, masks)
-
-
-def _flash(q, k, v, key_mask, masks, *, key, rate, after_dropout, block, spec=SPEC):
-    out, head_sums = flash_attention(
-        q,
-        k,
-        v,
-        key_mask,
-        patterns=HeadPatterns.from_spec(spec, HEADS),
-        token_masks=masks,
-        dropout_rate=rate,
-        dropout_key=key,
-        after_dropout=after_dropout,
-        block=block,
-    )
-    return out, losses_from_head_sums(head_sums, spec, q.shape[0], q.shape[1])
-
-
-def _objective(attention):
-    """Weighs the output and every group's loss differently, so each gradient path counts."""
-
-    def objective(q, k, v):
-        out, losses = attention(q, k, v)
-        return jnp.sum(out * jnp.cos(out)) + 50.0 * jnp.sum(
-            losses * jnp.arange(1, losses.shape[0] + 1)
-        )
-
-    return objective
-
-
-def assert_kernels_agree(kernel, dense, q, k, v) -> None:
-    """Values, (positive) per-group losses and gradients of ``kernel`` equal ``dense``'s."""
-    want_out, want_losses = jax.jit(dense)(q, k, v)
-    got_out, got_losses = jax.jit(kernel)(q, k, v)
-    np.testing.assert_allclose(got_out, want_out, atol=1e-5)
-    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5, atol=1e-7)
-    assert np.all(np.asarray(want_losses) > 0)
-    want_grads = jax.jit(jax.grad(_objective(dense), argnums=(0, 1, 2)))(q, k, v)
-    got_grads = jax.jit(jax.grad(_objective(kernel), argnums=(0, 1, 2)))(q, k, v)
-    for name, got, want in zip("qkv", got_grads, want_grads, strict=True):
-        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"d{name}")
+from guided_jax.guidance import HeadSpec, group_losses, register_pattern
+from guided_jax.kernels.dense import attention_bias, attention_probs
+from guided_jax.kernels.flash import dropout_keep_mask, flash_attention
 
 
 @pytest.mark.parametrize(
@@ -93,23 +33,28 @@ def assert_kernels_agree(kernel, dense, q, k, v) -> None:
     ],
 )
 def test_flash_matches_dense_values_losses_and_gradients(n, block, padded, rate, after_dropout):
-    q, k, v, key_mask, masks = _inputs(n, padded)
-    key = jax.random.key(3) if rate else None
+    _assert_flash_matches_dense(n, block, padded, rate, after_dropout, SPEC, seed=0)
+
+
+def _assert_flash_matches_dense(n, block, padded, rate, after_dropout, spec, seed) -> None:
+    q, k, v, key_mask, masks = kernel_inputs(n, padded, seed=seed)
+    key = jax.random.key(3 + seed) if rate else None
     keep = None if key is None else dropout_keep_mask(key, (BATCH, HEADS, n, n), rate, block)
+    options = dict(dropout_rate=rate, dropout_key=key, after_dropout=after_dropout, block=block)
 
     def dense(q, k, v):
-        return _dense(q, k, v, key_mask, masks, keep=keep, rate=rate, after_dropout=after_dropout)
+        return dense_reference(
+            q, k, v, key_mask, masks, keep=keep, rate=rate, after_dropout=after_dropout, spec=spec
+        )
 
     def flash(q, k, v):
-        return _flash(
-            q, k, v, key_mask, masks, key=key, rate=rate, after_dropout=after_dropout, block=block
-        )
+        return kernel_losses("flash", q, k, v, key_mask, masks, spec=spec, **options)
 
     assert_kernels_agree(flash, dense, q, k, v)
 
 
 def test_unguided_flash_matches_dense_and_returns_no_losses() -> None:
-    q, k, v, key_mask, _ = _inputs(24, padded=True)
+    q, k, v, key_mask, _ = kernel_inputs(24, padded=True)
 
     def dense(q, k, v):
         probs = attention_probs(q, k, attention_bias(key_mask))
@@ -130,20 +75,20 @@ def test_unguided_flash_matches_dense_and_returns_no_losses() -> None:
 def test_heads_that_follow_their_pattern_keep_small_losses_exact() -> None:
     """Near-perfect heads: the loss is ~1e-9, where ``Σa² - 2Σa·P + ΣP`` would be all rounding."""
     n = 32
-    _, _, v, key_mask, masks = _inputs(n, padded=False)
+    _, _, v, key_mask, masks = kernel_inputs(n, padded=False)
     # Keys one-hot by position and queries equal to them: every row attends to itself.
     k = jnp.broadcast_to(jnp.eye(n)[None, :, None, :], (BATCH, n, HEADS, n))
     q = 60.0 * k
-    want = _dense(q, k, v, key_mask, masks, keep=None, rate=0.0, after_dropout=True)[1]
-    got = _flash(q, k, v, key_mask, masks, key=None, rate=0.0, after_dropout=True, block=8)[1]
+    want = dense_reference(q, k, v, key_mask, masks, keep=None, rate=0.0, after_dropout=True)[1]
+    got = kernel_losses("flash", q, k, v, key_mask, masks, block=8)[1]
     assert float(want[0]) < 1e-6  # the self head is nearly perfect
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-10)
 
 
 def test_token_heads_need_token_masks() -> None:
-    q, k, v, key_mask, _ = _inputs(8, padded=False)
+    q, k, v, key_mask, _ = kernel_inputs(8, padded=False)
     with pytest.raises(ValueError, match="token_masks"):
-        flash_attention(q, k, v, key_mask, patterns=HeadPatterns.from_spec(SPEC, HEADS))
+        flash_attention(q, k, v, key_mask, spec=SPEC)
 
 
 def _temp_bytes(kind: str, n: int) -> int:
@@ -158,8 +103,7 @@ def _temp_bytes(kind: str, n: int) -> int:
             out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
             guidance = jnp.sum(group_losses(probs, spec))
         else:
-            patterns = HeadPatterns.from_spec(spec, 2)
-            out, sums = flash_attention(q, k, v, key_mask, patterns=patterns, block=256)
+            out, sums = flash_attention(q, k, v, key_mask, spec=spec, block=256)
             guidance = jnp.sum(sums)
         return jnp.sum(out) + guidance
 
@@ -195,15 +139,4 @@ USER_SPEC = HeadSpec.parse("window2:2,prev2:1,test_flash_half_last:1,token[7]:1,
     ],
 )
 def test_flash_matches_dense_with_registered_patterns(n, block, padded, rate, after_dropout):
-    q, k, v, key_mask, masks = _inputs(n, padded, seed=1)
-    key = jax.random.key(4) if rate else None
-    keep = None if key is None else dropout_keep_mask(key, (BATCH, HEADS, n, n), rate, block)
-    options = dict(rate=rate, after_dropout=after_dropout, spec=USER_SPEC)
-
-    def dense(q, k, v):
-        return _dense(q, k, v, key_mask, masks, keep=keep, **options)
-
-    def flash(q, k, v):
-        return _flash(q, k, v, key_mask, masks, key=key, block=block, **options)
-
-    assert_kernels_agree(flash, dense, q, k, v)
+    _assert_flash_matches_dense(n, block, padded, rate, after_dropout, USER_SPEC, seed=1)

@@ -14,14 +14,8 @@ import pytest
 from flax import nnx
 
 from guided_jax.guidance import Guide, HeadSpec, guidance_loss, token_masks
-from guided_jax.model import (
-    REMAT_POLICIES,
-    EncoderForMLM,
-    ModelConfig,
-    bert_position_ids,
-    position_ids,
-    roberta_position_ids,
-)
+from guided_jax.model import REMAT_POLICIES, EncoderForMLM, ModelConfig
+from guided_jax.model.encoder import bert_position_ids, position_ids, roberta_position_ids
 
 PAD, BOS, EOS = 1, 0, 2
 # Models that run: sizes shared between parameters where possible (V = P = FFN = 64), because
