@@ -8,8 +8,7 @@ The default is the CPU target: 4 layers, d=256, 8 heads, FFN 1024, vocab 8000, b
 batch 16. ``roberta_12`` is the reference's 12-layer base model on blocks of 512 in bfloat16.
 Our arms use the default dense attention, the fastest at these lengths (measured on the 2-core
 CPU and an H100, benchmarks/RESULTS.md); ``--config.model.attention=flash`` times the blockwise
-kernel (same results, O(n) memory: the choice for long blocks), ``pallas
---config.model.attention_dropout=0`` the GPU/TPU kernels.
+kernel (same results, O(n) memory: the choice for long blocks), ``pallas`` the GPU/TPU kernels.
 """
 
 from guided_jax.config import base_config, model_config

@@ -19,7 +19,7 @@ REMAT_POLICIES: dict[str, Any] = {
 
 
 # How attention is computed: the reference's full maps, or blockwise with O(n) memory (portable
-# JAX with dropout, or Pallas kernels for GPU/TPU without attention dropout).
+# JAX, or Pallas kernels for GPU and TPU).
 ATTENTION_KINDS = ("dense", "flash", "pallas")
 
 # Encoder types: how positions are numbered (see guided_jax.model.encoder).
@@ -105,12 +105,6 @@ class ModelConfig:
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(
                 f"model.attention must be one of {list(ATTENTION_KINDS)}, got {self.attention!r}"
-            )
-        if self.attention == "pallas" and self.attention_dropout > 0.0:
-            raise ValueError(
-                f"model.attention='pallas' applies no attention dropout, but "
-                f"model.attention_dropout={self.attention_dropout}; set it to 0 or use "
-                f"model.attention='flash'"
             )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(

@@ -19,7 +19,7 @@ from guided_jax import sharding
 from guided_jax.config.checks import check_mesh_fits
 from guided_jax.guidance import token_masks
 from guided_jax.guidance.stats import flat_metrics, head_diagnostics
-from guided_jax.model import EncoderForMLM
+from guided_jax.model import EncoderForMLM, ModelConfig
 from guided_jax.train.inputs import RunInputs
 from guided_jax.train.objective import Objective, mlm_forward, split_batch
 from guided_jax.train.optimizer import make_optimizer
@@ -179,20 +179,30 @@ class TrainProgram(NamedTuple):
     train_step: Any  # compiled (state, batch) -> (state, metrics); the state is donated
 
 
+def step_functions(
+    model: ModelConfig, objective: Objective, train: ml_collections.ConfigDict
+) -> tuple[nnx.GraphDef, Callable[[], TrainState], Callable]:
+    """A run's model graph, its state initialiser (the seeded init and the optimizer's state) and
+    its train step, not yet placed on devices (``train``: the config's ``train`` section)."""
+    tx, schedule = make_optimizer(train)
+
+    def init_state() -> TrainState:
+        params = nnx.state(EncoderForMLM(model, rngs=nnx.Rngs(params=train.seed)))
+        rng = jax.random.key_data(jax.random.key(train.seed))
+        return TrainState(jnp.zeros((), jnp.int32), rng, params, tx.init(params))
+
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: EncoderForMLM(model, rngs=nnx.Rngs(0))))
+    step = make_train_step(objective, graphdef, tx, schedule, train.grad_accum_steps)
+    return graphdef, init_state, step
+
+
 def build_train_program(inputs: RunInputs, mesh: jax.sharding.Mesh) -> TrainProgram:
     """Shapes and shardings first, then the jitted init and the compiled step: no array of
     the model is created before its place on the mesh is known. Call under ``jax.set_mesh``."""
     cfg = inputs.config
     rules = sharding.parse_rules(cfg.mesh.rules)
     check_mesh_fits(cfg, mesh)
-    tx, schedule = make_optimizer(cfg.train)
-
-    def init_state() -> TrainState:
-        params = nnx.state(EncoderForMLM(inputs.model, rngs=nnx.Rngs(params=cfg.train.seed)))
-        rng = jax.random.key_data(jax.random.key(cfg.train.seed))
-        return TrainState(jnp.zeros((), jnp.int32), rng, params, tx.init(params))
-
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: EncoderForMLM(inputs.model, rngs=nnx.Rngs(0))))
+    graphdef, init_state, step = step_functions(inputs.model, inputs.objective, cfg.train)
     abstract = jax.eval_shape(init_state)
     state_shardings = sharding.tree_shardings(abstract, mesh, rules)
     abstract = sharding.with_shardings(abstract, state_shardings)
@@ -200,7 +210,7 @@ def build_train_program(inputs: RunInputs, mesh: jax.sharding.Mesh) -> TrainProg
     batch = jax.ShapeDtypeStruct(batch_shape(cfg), jnp.int32, sharding=batch_sharding)
     train_step = (
         jax.jit(
-            make_train_step(inputs.objective, graphdef, tx, schedule, cfg.train.grad_accum_steps),
+            step,
             in_shardings=(state_shardings, batch_sharding),
             out_shardings=(state_shardings, NamedSharding(mesh, P())),
             donate_argnums=0,

@@ -24,6 +24,7 @@ COMMANDS = (
     "hf_interop",
     "tokenizer",
     "anaphora",
+    "lower",
 )
 
 
@@ -111,6 +112,16 @@ def test_tokenizer_trains_from_several_files_and_refuses_bad_ones(tmp_path):
         result = _run("tokenizer", *both_or_neither, "--vocab-size", 300, "--out", tmp_path / "y")
         assert result.returncode == 1 and "--files or --default-corpus" in result.stderr
         assert not (tmp_path / "y").exists()
+
+
+def test_lower_prints_what_it_lowered_and_refuses_what_cannot_run():
+    args = ("--config", "configs/tiny.py", "--platform", "tpu", "--config.model.attention=pallas")
+    lines = _ok(_run("lower", *args)).strip().splitlines()
+    assert lines[0] == "train step of attention=pallas on 1 x TPU v5 lite"
+    assert "mosaic (TPU Pallas) 6" in lines[1] and lines[2].startswith("StableHLO: ")
+    assert lines[-1] == "lowered platform=tpu attention=pallas ok"
+    result = _run("lower", *args, "--config.data.document_masks=true")
+    _one_line_error(result, "lower", "document_masks", "pallas")
 
 
 def test_visualize_draws_a_chosen_step(tiny_run, tmp_path):

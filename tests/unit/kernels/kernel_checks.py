@@ -38,10 +38,12 @@ def kernel_arrays(n: int, padded: bool, seed: int = 0):
     return q, k, v, key_mask, ids
 
 
-def dense_reference(q, k, v, key_mask, masks, *, keep, rate, after_dropout, spec=SPEC):
-    """Values and per-group losses from the full maps (``keep``: a dropout keep mask or None)."""
+def dense_reference(q, k, v, key_mask, masks, *, keep, rate, after_dropout, spec=SPEC, scale=None):
+    """Values and per-group losses from the full maps (``keep``: a dropout keep mask or None,
+    its kept values scaled by ``scale``, by default that of guided_jax.kernels.dropout)."""
     probs = attention_probs(q, k, attention_bias(key_mask))
-    dropped = probs if keep is None else probs * keep * keep_scale(rate)
+    scale = keep_scale(rate) if scale is None else scale
+    dropped = probs if keep is None else probs * keep * scale
     out = jnp.einsum("bhqk,bkhd->bqhd", dropped, v)
     return out, group_losses(dropped if after_dropout else probs, spec, masks)
 

@@ -21,10 +21,14 @@ from kernel_checks import (
 
 from guided_jax.guidance import HeadSpec, token_masks
 from guided_jax.kernels import KERNELS
-from guided_jax.kernels.dropout import keep_mask, keep_scale
+from guided_jax.kernels.dropout import attention_keep_mask, hash_keep_scale, keep_mask, keep_scale
 from guided_jax.kernels.flash import dropout_keep_mask
+from guided_jax.kernels.pallas import Tiling
 
 N, BLOCK = 24, 16  # a ragged last block; the second example's last 5 keys are padding
+# Pallas, interpreted, with Triton's layouts (tiles of 16 here) and with the TPU's (rows of 128
+# lanes, tiles of 128, one ragged block).
+GPU_TILING, TPU_TILING = Tiling(BLOCK, BLOCK, 1), Tiling(128, 128, 128)
 TOKENS = (5, 7)
 TOKEN_SPEC = HeadSpec.parse("next:1,token[5]:2,token[7]:1,first:1")
 # Each head's target by hand: pattern name, token id, registered target, or None (unguided).
@@ -56,11 +60,19 @@ def _ids() -> np.ndarray:
     [
         ("dense", TOKEN_SPEC, TOKEN_HEADS, 0.0, {}),
         ("flash", TOKEN_SPEC, TOKEN_HEADS, 0.0, {"block": BLOCK}),
-        ("pallas", TOKEN_SPEC, TOKEN_HEADS, 0.0, {"block": BLOCK, "interpret": True}),
+        ("pallas", TOKEN_SPEC, TOKEN_HEADS, 0.0, {"tiling": GPU_TILING}),
+        ("pallas", TOKEN_SPEC, TOKEN_HEADS, 0.25, {"tiling": TPU_TILING}),
         ("dense", USER_SPEC, USER_HEADS, 0.25, {}),  # the loss sees the dropped maps
         ("flash", USER_SPEC, USER_HEADS, 0.25, {"block": BLOCK}),
     ],
-    ids=["dense-tokens", "flash-tokens", "pallas-tokens", "dense-registered", "flash-registered"],
+    ids=[
+        "dense-tokens",
+        "flash-tokens",
+        "pallas-tokens",
+        "pallas-tokens-dropout",
+        "dense-registered",
+        "flash-registered",
+    ],
 )
 def test_each_head_is_scored_against_its_own_target(kind, spec, heads, rate, options) -> None:
     q, k, v, key_mask, _ = kernel_arrays(N, padded=True, seed=2)
@@ -78,13 +90,17 @@ def test_each_head_is_scored_against_its_own_target(kind, spec, heads, rate, opt
 
     grad = jax.jit(jax.value_and_grad(weighted, argnums=(0, 1), has_aux=True))
     (_, sums), (dq, dk) = grad(q, k)
-    drawn = None  # the keep mask the kernel draws: dense one for the whole map, flash per block
+    # The keep mask the kernel draws: dense one for the whole map, flash per block, Pallas from
+    # a hash of each element's place.
+    drawn, kept_scale = None, keep_scale(rate) if rate else 1.0
     if rate:
         shape = (BATCH, HEADS, N, N)
         drawn = keep_mask(key, rate, shape)
         if kind == "flash":
             drawn = dropout_keep_mask(key, shape, rate, BLOCK)
-    keep = None if drawn is None else np.asarray(drawn, np.float64) * keep_scale(rate)
+        if kind == "pallas":
+            drawn, kept_scale = attention_keep_mask(key, rate, shape), hash_keep_scale(rate)
+    keep = None if drawn is None else np.asarray(drawn, np.float64) * kept_scale
     want, want_dq, want_dk = numpy_head_sums(q, k, key_mask, heads, ids, weights, keep)
     assert guided.sum() == spec.num_guided_heads and np.all(want[guided] > 1.0)
     assert not want[~guided].any()
@@ -97,8 +113,9 @@ def test_each_head_is_scored_against_its_own_target(kind, spec, heads, rate, opt
 
         def dense(q, k, v):
             return dense_reference(
-                q, k, v, key_mask, masks, keep=drawn, rate=rate, after_dropout=True, spec=spec
-            )
+                q, k, v, key_mask, masks, keep=drawn, rate=rate, after_dropout=True, spec=spec,
+                scale=kept_scale,
+            )  # fmt: skip
 
         def kernel(q, k, v):
             return kernel_losses(kind, q, k, v, key_mask, masks, spec=spec, **options)
@@ -108,7 +125,7 @@ def test_each_head_is_scored_against_its_own_target(kind, spec, heads, rate, opt
 
 @pytest.mark.parametrize(
     ("kind", "options"),
-    [("dense", {}), ("flash", {"block": BLOCK}), ("pallas", {"block": BLOCK, "interpret": True})],
+    [("dense", {}), ("flash", {"block": BLOCK}), ("pallas", {"tiling": GPU_TILING})],
     ids=["dense", "flash", "pallas"],
 )
 def test_unguided_heads_sum_to_zero_and_get_no_gradient(kind, options) -> None:
