@@ -37,6 +37,7 @@ def main(argv: list[str]) -> None:
     if _DISTRIBUTED.value or any(v is not None for v in explicit):
         jax.distributed.initialize(*explicit)  # before any other JAX call
     from guided_jax.train import loop as train
+    from guided_jax.train.metrics import summary
 
     with cli.command("main", argv):
         try:
@@ -48,10 +49,7 @@ def main(argv: list[str]) -> None:
     if not last:
         print(f"{_WORKDIR.value} already holds a finished run of this config")
         return
-    # Head diagnostics (diag/...) are one value per layer and head: metrics.jsonl holds them.
-    shown = {k: v for k, v in last.items() if k != "step" and not k.startswith("diag/")}
-    summary = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
-    print(f"finished at step {last['step']}: {summary}")
+    print(summary(last))
 
 
 if __name__ == "__main__":

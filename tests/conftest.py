@@ -3,13 +3,19 @@
 import os
 
 os.environ["JAX_PLATFORMS"] = "cpu"
+# Test files run two at a time on two cores: each XLA computation on one thread.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8 --xla_cpu_multi_thread_eigen=false"
 ).strip()
 
 import pathlib
 
 import pytest
+
+# The tests' programs are tiny: XLA's cheapest compilation makes the suite about twice as fast
+# (the README's default job, run as a user runs it, keeps XLA's defaults: see user_env).
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # Many tests compile the same tiny programs, also in CLI subprocesses: share XLA's results.
@@ -26,6 +32,14 @@ def cli_env(devices: int = 1) -> dict[str, str]:
         f"--xla_force_host_platform_device_count={devices}",
     )
     return {**os.environ, "XLA_FLAGS": flags}
+
+
+def user_env() -> dict[str, str]:
+    """Environment of a user's laptop run: one CPU device, XLA's default optimisation and
+    threads (not the tests' settings above)."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_DISABLE_MOST_OPTIMIZATIONS"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    return env
 
 
 @pytest.fixture
@@ -77,7 +91,8 @@ def tiny_config(corpus_file: pathlib.Path):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> pathlib.Path:
-    """A finished configs/tiny.py run on one device (the encoder that analysis tests read)."""
+    """A finished configs/tiny.py run on one device with head diagnostics (the encoder and
+    metrics that analysis tests and commands read)."""
     import jax
 
     from guided_jax.config import load_config
@@ -86,8 +101,25 @@ def tiny_run(tmp_path_factory) -> pathlib.Path:
     root = tmp_path_factory.mktemp("tiny_run")
     config = load_config(str(REPO / "configs" / "tiny.py"))
     config.data.train_files = str(write_corpus(root / "corpus.txt"))
+    config.train.diagnostics = True
     train_and_evaluate(config, root / "run", devices=jax.devices()[:1])
     return root / "run"
+
+
+def small_model(**changes):
+    """The config of a small encoder for tests that build models by hand (2 layers, d=16,
+    4 heads, FFN 32, vocabulary 40, 24 positions), with ``changes``."""
+    from guided_jax.model import ModelConfig
+
+    sizes = dict(
+        vocab_size=40,
+        hidden_size=16,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=32,
+        max_position_embeddings=24,
+    )
+    return ModelConfig(**{**sizes, **changes})
 
 
 KEYWORDS = ["the", "a", "cat", "dog", "sees", "likes", "river", "garden", "ball", "letter"]

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Sequence
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,11 @@ class Task:
     validation: Split
     eval: Split
     label_names: list[str]  # class names in id order; empty for regression
+    # Rows left out for an empty label (data.drop_empty_labels), per file: "train" counts the
+    # training file's (before validation is held out of it), "validation" data.validation_file's.
+    dropped: dict[str, int] = dataclasses.field(
+        default_factory=lambda: {"train": 0, "validation": 0, "eval": 0}
+    )
 
     @property
     def regression(self) -> bool:
@@ -65,48 +71,127 @@ class Task:
         return 1 if self.regression else len(self.label_names)
 
 
-def read_rows(path: str | os.PathLike, columns: Sequence[str]) -> list[dict[str, str]]:
-    """Rows of a CSV (``.csv``), TSV (``.tsv``/``.txt``) or JSON-lines (``.jsonl``/``.json``)
-    file; every row must have ``columns``."""
+_SHOWN_ROWS = 5  # line numbers an error about many rows names before "..."
+
+
+def _lines_text(lines: Sequence[int]) -> str:
+    shown = ", ".join(str(n) for n in lines[:_SHOWN_ROWS])
+    return shown + (", ..." if len(lines) > _SHOWN_ROWS else "")
+
+
+def _read_delimited(
+    path: Path, delimiter: str, columns: Sequence[str]
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """Rows (``None`` for a field the row lacks) and the file line each starts on, read with the
+    csv module from the file opened with ``newline=""``, so quoted fields keep their line breaks
+    (CR, LF, U+2028, ...) exactly; header names are stripped of whitespace."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter, strict=True)
+        start = 1
+        try:
+            header = next(reader, None)
+            if header is None:
+                return [], []
+            names = [name.strip() for name in header]
+            duplicates = sorted({n for n in names if n and names.count(n) > 1})
+            if duplicates:
+                raise FinetuneError(
+                    f"data file {str(path)!r}: the header (line 1) names columns {duplicates} "
+                    f"more than once; give every column its own name"
+                )
+            _check_columns(path, columns, [n for n in names if n])
+            rows, lines, extra = [], [], []
+            start = reader.line_num + 1
+            for record in reader:
+                if any(field.strip() for field in record):  # all-empty records are blank lines
+                    if any(field.strip() for field in record[len(names) :]):
+                        extra.append(start)
+                    row = {n: record[i] if i < len(record) else None for i, n in enumerate(names)}
+                    rows.append(row)
+                    lines.append(start)
+                start = reader.line_num + 1
+        except csv.Error as error:
+            raise FinetuneError(
+                f"data file {str(path)!r}: the row starting on line {start} is not valid CSV "
+                f"({error}); quote fields that hold the delimiter, quotes or line breaks"
+            ) from None
+        except UnicodeDecodeError as error:
+            raise FinetuneError(f"data file {str(path)!r} is not UTF-8 text: {error}") from None
+    if extra:
+        raise FinetuneError(
+            f"data file {str(path)!r} has {len(extra)} rows with more fields than its header's "
+            f"{len(names)} (lines {_lines_text(extra)}); an unquoted delimiter inside a field? "
+            f"quote such fields"
+        )
+    return rows, lines
+
+
+def _read_json_lines(path: Path, columns: Sequence[str]) -> tuple[list[dict[str, Any]], list[int]]:
+    """Rows of a JSON-lines file and their line numbers (lines end at LF only)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise FinetuneError(f"data file {str(path)!r} is not UTF-8 text: {error}") from None
+    rows, lines = [], []
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise FinetuneError(f"{str(path)!r} line {number}: not JSON ({error})") from None
+        if not isinstance(row, dict):
+            raise FinetuneError(f"{str(path)!r} line {number}: expected a JSON object")
+        rows.append(row)
+        lines.append(number)
+    if rows:
+        _check_columns(path, columns, list(rows[0]))
+    return rows, lines
+
+
+def _check_columns(path: Path, columns: Sequence[str], names: Sequence[str]) -> None:
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise FinetuneError(
+            f"data file {str(path)!r} has no column {missing[0]!r} (set by data.*_column); "
+            f"its columns are {sorted(names)}"
+        )
+
+
+def _read_table(
+    path: str | os.PathLike, columns: Sequence[str]
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """Rows of a table file with ``columns`` in its header (a row may lack a value: ``None``)
+    and the file line number each row starts on (1 is a CSV/TSV file's header)."""
     path = Path(path)
     if not path.is_file():
         raise FinetuneError(f"data file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise FinetuneError(f"data file {str(path)!r} is not UTF-8 text: {error}") from None
     if suffix in (".jsonl", ".json"):
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise FinetuneError(f"{str(path)!r} line {number}: not JSON ({error})") from None
-            if not isinstance(row, dict):
-                raise FinetuneError(f"{str(path)!r} line {number}: expected a JSON object")
-            rows.append(row)
+        rows, lines = _read_json_lines(path, columns)
     elif suffix in (".csv", ".tsv", ".txt"):
-        delimiter = "," if suffix == ".csv" else "\t"
-        rows = list(csv.DictReader(text.splitlines(), delimiter=delimiter))
+        rows, lines = _read_delimited(path, "," if suffix == ".csv" else "\t", columns)
     else:
         raise FinetuneError(
             f"data file {str(path)!r}: unknown format {suffix!r}; expected .csv, .tsv or .jsonl"
         )
     if not rows:
         raise FinetuneError(f"data file {str(path)!r} holds no examples")
-    missing = [c for c in columns if c not in rows[0]]
-    if missing:
-        raise FinetuneError(
-            f"data file {str(path)!r} has no column {missing[0]!r} (set by data.*_column); "
-            f"its columns are {sorted(rows[0])}"
-        )
-    for number, row in enumerate(rows, 1):
+    return rows, lines
+
+
+def read_rows(path: str | os.PathLike, columns: Sequence[str]) -> list[dict[str, str]]:
+    """Rows of a CSV (``.csv``), TSV (``.tsv``/``.txt``) or JSON-lines (``.jsonl``/``.json``)
+    file (UTF-8, with or without a byte-order mark); every row must have ``columns``.
+
+    CSV and TSV files are read by the csv module (RFC 4180 quoting: quoted fields may hold the
+    delimiter, doubled quotes and line breaks, kept exactly); their first line is the header,
+    whose names must be unique. Errors name the file and its line numbers."""
+    rows, lines = _read_table(path, columns)
+    for row, line in zip(rows, lines, strict=True):
         empty = [c for c in columns if row.get(c) is None]
         if empty:
-            raise FinetuneError(f"{str(path)!r} example {number} lacks {empty}")
+            raise FinetuneError(f"{str(path)!r} line {line} lacks {empty}")
     return rows
 
 
@@ -116,33 +201,115 @@ def _text_columns(data: ml_collections.ConfigDict) -> tuple[str, ...]:
     )
 
 
-def _table_split(
-    path: str, data: ml_collections.ConfigDict, label_ids: dict[str, int] | None
-) -> tuple[list[tuple[str, ...]], list[str]]:
+@dataclasses.dataclass(frozen=True)
+class _Table:
+    """One table file's examples: texts, labels as written (stripped), the file line of each,
+    and how many rows without a label were dropped."""
+
+    path: str
+    texts: list[tuple[str, ...]]
+    labels: list[str]
+    lines: list[int]
+    dropped: int
+
+
+def _read_labelled(path: str, data: ml_collections.ConfigDict) -> _Table:
+    """A table's examples. A row whose label is empty or missing is refused, naming the file's
+    line numbers, unless ``data.drop_empty_labels`` drops it (and counts it)."""
     columns = _text_columns(data)
-    rows = read_rows(path, (*columns, data.label_column))
-    texts = [tuple(str(row[c]) for c in columns) for row in rows]
-    labels = [str(row[data.label_column]).strip() for row in rows]
-    if label_ids is not None:
-        unknown = sorted(set(labels) - set(label_ids))
-        if unknown:
+    rows, lines = _read_table(path, (*columns, data.label_column))
+    lacking = [line for row, line in zip(rows, lines, strict=True) if _lacks(row, columns)]
+    if lacking:
+        raise FinetuneError(
+            f"data file {path!r} has {len(lacking)} rows without a value in text column(s) "
+            f"{list(columns)} (lines {_lines_text(lacking)})"
+        )
+    labels = [_label_text(row.get(data.label_column)) for row in rows]
+    empty = [line for label, line in zip(labels, lines, strict=True) if not label]
+    kept = range(len(rows))
+    if empty:
+        if not data.get("drop_empty_labels", False):
             raise FinetuneError(
-                f"data file {path!r} has labels {unknown[:5]} that the training file lacks "
-                f"(it has {sorted(label_ids)})"
+                f"data file {path!r} has {len(empty)} of {len(rows)} rows with an empty or "
+                f"missing label (column {data.label_column!r}) at file lines "
+                f"{_lines_text(empty)}; fill them in, remove them, or set "
+                f"data.drop_empty_labels=true to leave them out"
             )
-    return texts, labels
+        kept = [i for i, label in enumerate(labels) if label]
+        if not kept:
+            raise FinetuneError(f"data file {path!r} has no row with a label")
+    return _Table(
+        path,
+        [tuple(str(rows[i][c]) for c in columns) for i in kept],
+        [labels[i] for i in kept],
+        [lines[i] for i in kept],
+        len(rows) - len(kept),
+    )
 
 
-def _as_split(texts, labels, label_ids: dict[str, int] | None, path: str) -> Split:
+def _lacks(row: dict[str, Any], columns: Sequence[str]) -> bool:
+    return any(row.get(c) is None for c in columns)
+
+
+def _label_text(value: Any) -> str:
+    """A label as text without surrounding whitespace ("" when missing or null)."""
+    return "" if value is None else str(value).strip()
+
+
+def _number(label: str) -> Decimal | None:
+    """The finite number ``label`` spells (exactly), or None."""
+    try:
+        value = Decimal(label)
+    except InvalidOperation:
+        return None
+    return value if value.is_finite() else None
+
+
+def _number_name(value: Decimal) -> str:
+    """A number's canonical class name: ``1`` for 1, 1.0, +1, 1e0; ``0.5`` for .50 (``1E+40``
+    beyond 20 digits either side of the point)."""
+    value = value.normalize()
+    if abs(value.adjusted()) > 20:
+        return str(value)
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value, "f")
+
+
+def _class_names(labels: Sequence[str]) -> tuple[list[str], bool]:
+    """The training labels' class names in id order, and whether they are numbers."""
+    numbers = [_number(label) for label in labels]
+    if all(n is not None for n in numbers):
+        values = {_number_name(n): n for n in numbers}
+        return sorted(values, key=values.__getitem__), True
+    return sorted(set(labels)), False
+
+
+def _class_of(label: str, numeric: bool) -> str:
+    number = _number(label) if numeric else None
+    return label if number is None else _number_name(number)
+
+
+def _as_split(table: _Table, label_ids: dict[str, int] | None, numeric: bool) -> Split:
     if label_ids is None:  # regression
-        try:
-            values = np.asarray([float(v) for v in labels], np.float32)
-        except ValueError as error:
-            raise FinetuneError(
-                f"data file {path!r}: regression labels must be numbers: {error}"
-            ) from None
-        return Split(texts, values)
-    return Split(texts, np.asarray([label_ids[v] for v in labels], np.int32))
+        values = []
+        for label, line in zip(table.labels, table.lines, strict=True):
+            try:
+                values.append(float(label))
+            except ValueError:
+                raise FinetuneError(
+                    f"data file {table.path!r} line {line}: regression labels must be numbers, "
+                    f"got {label!r}"
+                ) from None
+        return Split(table.texts, np.asarray(values, np.float32))
+    classes = [_class_of(label, numeric) for label in table.labels]
+    unknown = sorted(set(classes) - set(label_ids))
+    if unknown:
+        raise FinetuneError(
+            f"data file {table.path!r} has labels {unknown[:5]} that the training file lacks "
+            f"(it has {list(label_ids)})"
+        )
+    return Split(table.texts, np.asarray([label_ids[c] for c in classes], np.int32))
 
 
 def _hold_out(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
@@ -158,30 +325,43 @@ def _hold_out(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
 
 def load_table_task(config: ml_collections.ConfigDict) -> Task:
     """A task from CSV/TSV/JSONL files (``data.train_file``, ``data.eval_file``, optional
-    ``data.validation_file``)."""
+    ``data.validation_file``; see :func:`read_rows`).
+
+    Labels are compared without surrounding whitespace. A row with an empty or missing label is
+    an error that names the file and its line numbers, unless ``data.drop_empty_labels`` is
+    set: then such rows are left out, and ``Task.dropped`` counts them per file.
+
+    Classes: when every training label spells a finite number (``1``, `` 1``, ``1.0``,
+    ``+1e0``, ...), labels of equal value are one class, named by the number's canonical form
+    (``1``; ``0.5`` for ``.50``) and ordered by value; the other files' labels are read the same
+    way. Otherwise each distinct label text is a class, in sorted order."""
     data = config.data
     for key in ("train_file", "eval_file"):
         if not data[key]:
             raise FinetuneError(f"task {config.task!r} needs data.{key} (a .csv, .tsv or .jsonl)")
-    texts, labels = _table_split(data.train_file, data, None)
-    label_ids = None if config.regression else {v: i for i, v in enumerate(sorted(set(labels)))}
-    if label_ids is not None and len(label_ids) < 2:
-        raise FinetuneError(
-            f"data file {data.train_file!r} has a single label {sorted(label_ids)}; "
-            f"classification needs at least two"
-        )
-    train = _as_split(texts, labels, label_ids, data.train_file)
+    train_table = _read_labelled(data.train_file, data)
+    label_ids, numeric = None, False
+    if not config.regression:
+        names, numeric = _class_names(train_table.labels)
+        if len(names) < 2:
+            raise FinetuneError(
+                f"data file {data.train_file!r} has a single label {names}; "
+                f"classification needs at least two"
+            )
+        label_ids = {name: i for i, name in enumerate(names)}
+    train = _as_split(train_table, label_ids, numeric)
+    dropped = {"train": train_table.dropped, "validation": 0}
     if data.validation_file:
-        validation = _as_split(
-            *_table_split(data.validation_file, data, label_ids), label_ids, data.validation_file
-        )
+        validation_table = _read_labelled(data.validation_file, data)
+        validation = _as_split(validation_table, label_ids, numeric)
+        dropped["validation"] = validation_table.dropped
     else:
         train, validation = _hold_out(train, data.validation_fraction, config.split_seed)
-    evaluation = _as_split(
-        *_table_split(data.eval_file, data, label_ids), label_ids, data.eval_file
-    )
-    names = sorted(label_ids, key=label_ids.get) if label_ids is not None else []
-    return Task(Path(data.train_file).stem, train, validation, evaluation, names)
+    eval_table = _read_labelled(data.eval_file, data)
+    evaluation = _as_split(eval_table, label_ids, numeric)
+    dropped["eval"] = eval_table.dropped
+    names = list(label_ids) if label_ids is not None else []
+    return Task(Path(data.train_file).stem, train, validation, evaluation, names, dropped)
 
 
 def _decode(value: Any) -> str:
@@ -202,7 +382,9 @@ def load_glue_task(config: ml_collections.ConfigDict) -> Task:
 
     def split(which: str) -> Split:
         try:
-            source = tfds.data_source(f"glue/{name}", split=which, data_dir=data_dir)
+            source = tfds.data_source(
+                f"glue/{name}", split=which, data_dir=data_dir, download=False
+            )
         except Exception as error:  # tfds raises many kinds; say which dataset was missing
             raise FinetuneError(
                 f"task {config.task!r}: cannot open TFDS split {which!r} "

@@ -18,15 +18,16 @@ import jax.numpy as jnp
 _LEVELS = 1 << 16
 
 
-def _threshold(rate: float) -> int:
+def _threshold(rate: float, levels: int = _LEVELS) -> int:
+    """Random integers in ``[0, levels)`` at or above this are kept."""
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
-    return round(rate * _LEVELS)
+    return round(rate * levels)
 
 
-def keep_scale(rate: float) -> float:
-    """What kept values are multiplied by."""
-    return _LEVELS / (_LEVELS - _threshold(rate))
+def keep_scale(rate: float, levels: int = _LEVELS) -> float:
+    """What kept values are multiplied by: exact for the rate rounded to ``levels``."""
+    return levels / (levels - _threshold(rate, levels))
 
 
 def keep_mask(key: jax.Array, rate: float, shape: tuple[int, ...]) -> jax.Array:
@@ -73,14 +74,12 @@ def _fmix32(x: jax.Array) -> jax.Array:
 
 def hash_threshold(rate: float) -> int:
     """Keep bits at or above this are kept (rate rounded to a multiple of ``2**-31``)."""
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
-    return round(rate * _HASH_LEVELS)
+    return _threshold(rate, _HASH_LEVELS)
 
 
 def hash_keep_scale(rate: float) -> float:
     """What the kept values of a hashed mask are multiplied by."""
-    return _HASH_LEVELS / (_HASH_LEVELS - hash_threshold(rate))
+    return keep_scale(rate, _HASH_LEVELS)
 
 
 def row_hashes(key: jax.Array, batch: int, heads: int, rows: int) -> jax.Array:

@@ -33,9 +33,11 @@ Which backend's tiling and compiler settings apply is decided per lowering platf
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -70,6 +72,21 @@ def default_tiling(platform: str, dtype: Any) -> Tiling:
     semantics = ("parallel", "parallel", "parallel")
     compiler = pltpu.CompilerParams(dimension_semantics=semantics) if platform == "tpu" else None
     return Tiling(128, 128, 128, compiler)
+
+
+# Set while a program is traced for one known platform (guided_jax.train.lowering): the kernels
+# are then traced for that platform alone instead of for every platform.
+_TRACED_FOR: contextvars.ContextVar[str | None] = contextvars.ContextVar("traced_for", default=None)
+
+
+@contextlib.contextmanager
+def traced_for(platform: str) -> Iterator[None]:
+    """Within, Pallas attention takes ``platform``'s tiling without a per-platform choice."""
+    token = _TRACED_FOR.set(platform)
+    try:
+        yield
+    finally:
+        _TRACED_FOR.reset(token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -539,6 +556,8 @@ def pallas_attention(
         after_dropout=after_dropout,
     )
     args = (q, k, v, key_mask, token_masks, dropout_key)
+    if tiling is None and _TRACED_FOR.get() is not None:
+        tiling = default_tiling(_TRACED_FOR.get(), q.dtype)
     if tiling is not None:
         out, head_sums = run(tiling, *args)
     else:

@@ -25,6 +25,7 @@ from guided_jax.config.resolve import (
     check_workdir,
     head_spec,
     resolve_config,
+    vocab_resize_note,
 )
 from guided_jax.data import sources, token_cache
 from guided_jax.data.packing import split_blocks
@@ -214,19 +215,14 @@ def make_objective(
     tokenizer: Tokenizer,
 ) -> Objective:
     """The values of a resolved config that the compiled steps read."""
-    return Objective(
+    return Objective.from_config(
+        config,
         vocab_size=tokenizer.vocab_size,
         mask_id=tokenizer.mask_id,
         special_ids=tokenizer.special_ids,
         pad_id=model.pad_token_id,
-        mlm_probability=config.data.mlm_probability,
         spec=spec,
-        token_ids=tuple(token_ids),
-        guided=bool(config.guidance.enabled),
-        after_dropout=bool(config.guidance.after_dropout),
-        scale=float(config.guidance.scale),
-        stagnant_steps=int(config.guidance.stagnant_steps),
-        total_steps=int(config.train.steps),
+        token_ids=token_ids,
     )
 
 
@@ -240,6 +236,9 @@ def prepare(
     run) only reads WORKDIR and the cache."""
     workdir = Path(workdir)
     config, model_dir = resolve_config(config)
+    note = vocab_resize_note(config, model_dir)
+    if note and write:
+        print(note)
     check_resolved_config(config)
     check_workdir(config, workdir)
     train_sources = corpus_sources(config, "train_files")

@@ -24,6 +24,7 @@ from guided_jax import sharding
 from guided_jax.config.checks import check_mesh_fits, check_resolved_config
 from guided_jax.config.resolve import build_model_config, head_spec, resolve_config
 from guided_jax.data.tokenizer import ROLES, SPECIAL_TOKENS, WORDPIECE_SPECIAL_TOKENS
+from guided_jax.kernels import pallas
 from guided_jax.train.objective import Objective
 from guided_jax.train.step import batch_shape, step_functions
 
@@ -67,19 +68,14 @@ def _objective(config: ml_collections.ConfigDict, vocab_size: int, pad_id: int) 
     roles = ROLES[config.data.tokenizer_kind]
     spec = head_spec(config)
     tokens = spec.tokens if spec is not None else ()
-    return Objective(
+    return Objective.from_config(
+        config,
         vocab_size=vocab_size,
         mask_id=ids[roles["mask"]],
         special_ids=tuple(ids[roles[r]] for r in ("bos", "pad", "eos", "unk", "mask")),
         pad_id=pad_id,
-        mlm_probability=config.data.mlm_probability,
         spec=spec,
         token_ids=tuple(len(specials) + i for i in range(len(tokens))),
-        guided=bool(config.guidance.enabled),
-        after_dropout=bool(config.guidance.after_dropout),
-        scale=float(config.guidance.scale),
-        stagnant_steps=int(config.guidance.stagnant_steps),
-        total_steps=int(config.train.steps),
     )
 
 
@@ -108,7 +104,7 @@ def lower_train_step(
         abstract_device=AbstractDevice(device_kind=kind, num_cores=1, platform=platform),
     )
     check_mesh_fits(config, mesh)
-    with jax.sharding.use_abstract_mesh(mesh):
+    with jax.sharding.use_abstract_mesh(mesh), pallas.traced_for(platform):
         _, init_state, step = step_functions(model, objective, config.train)
         state = jax.eval_shape(init_state)
         batch = jax.ShapeDtypeStruct(batch_shape(config), jnp.int32)

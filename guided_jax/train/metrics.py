@@ -82,6 +82,13 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict]:
     return _parse((Path(workdir) / "metrics.jsonl").read_text())
 
 
+def summary(last: Mapping[str, float]) -> str:
+    """The closing line of a run: its last logged step and scalars (the per-head diagnostics,
+    one value per layer and head, stay in metrics.jsonl)."""
+    shown = {k: v for k, v in last.items() if k != "step" and not k.startswith("diag/")}
+    return f"finished at step {last['step']}: " + " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+
+
 def check_finite(metrics: Mapping[str, Any], step: int) -> None:
     """Raises FloatingPointError when a loss or the gradient norm is not finite."""
     values = {k: float(v) for k, v in metrics.items()}

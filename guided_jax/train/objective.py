@@ -12,6 +12,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from guided_jax import sharding
 from guided_jax.guidance import Guide, Spec, guidance_weight, token_masks
@@ -36,6 +37,34 @@ class Objective:
     scale: float  # AG weight: scale * w(step), see guidance_weight
     stagnant_steps: int
     total_steps: int
+
+    @classmethod
+    def from_config(
+        cls,
+        config: ml_collections.ConfigDict,
+        *,
+        vocab_size: int,
+        mask_id: int,
+        special_ids: tuple[int, ...],
+        pad_id: int,
+        spec: Spec | None,
+        token_ids: tuple[int, ...],
+    ) -> Objective:
+        """The objective of a resolved ``config``, given the ids its tokenizer assigns."""
+        return cls(
+            vocab_size=vocab_size,
+            mask_id=mask_id,
+            special_ids=special_ids,
+            pad_id=pad_id,
+            mlm_probability=float(config.data.mlm_probability),
+            spec=spec,
+            token_ids=tuple(token_ids),
+            guided=bool(config.guidance.enabled),
+            after_dropout=bool(config.guidance.after_dropout),
+            scale=float(config.guidance.scale),
+            stagnant_steps=int(config.guidance.stagnant_steps),
+            total_steps=int(config.train.steps),
+        )
 
     def mask(self, key: jax.Array, batch: jax.Array) -> tuple[jax.Array, jax.Array]:
         """This run's dynamic MLM noise on ``[B, n]`` ids: ``(masked ids, selected)``."""

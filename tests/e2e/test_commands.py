@@ -1,7 +1,8 @@
 """Every documented ``python -m guided_jax.X`` command, run as a user runs it (a fresh process):
 its ``--help``, its README example on tiny inputs, and its one-line errors. Pretraining's own
 runs (resume, signals, kill -9) are in test_main.py, the README's default job in
-test_default_job.py."""
+test_default_job.py; the AG-vs-baseline report, which trains two arms, runs in-process in
+tests/unit/analysis/test_reproduce.py."""
 
 import json
 import re
@@ -11,7 +12,6 @@ import sys
 import pytest
 
 from conftest import REPO, cli_env, write_corpus, write_keyword_csv
-from guided_jax.train.metrics import read_metrics
 
 COMMANDS = (
     "main",
@@ -130,8 +130,6 @@ def test_visualize_draws_a_chosen_step(tiny_run, tmp_path):
     stdout = _ok(_run("visualize", *args, "--out", out))
     assert stdout.strip() == f"wrote {out}"
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    result = _run("visualize", "--workdir", tiny_run, "--text", "x", "--step", 5)
-    _one_line_error(result, "visualize", "no checkpoint at step 5")
 
 
 def test_probe_prints_tables_and_a_comparison_and_writes_json(tiny_run, tmp_path):
@@ -139,11 +137,27 @@ def test_probe_prints_tables_and_a_comparison_and_writes_json(tiny_run, tmp_path
     args = ("--workdir", tiny_run, "--compare", tiny_run, "--count", 16, "--json", report)
     result = _run("probe", *args)
     stdout = _ok(result)
-    assert "reflexive -> antecedent, top attention, 16 sentences (%)" in stdout
-    assert "comparison (%)" in stdout
+    name = f"{tiny_run.name}@6"
+    assert stdout.startswith(f"{name}: reflexive -> antecedent, top attention, 16 sentences (%)")
+    assert f"comparison (%): A = {name}, B = {name}" in stdout
+    assert stdout.strip().splitlines()[-1].split()[0] == "all"
     payload = json.loads(report.read_text())
     assert payload["probe"]["accuracy"] == payload["compare"]["accuracy"]
     assert _library_log_lines(result) == []
+    # The reference's protocol on a file in its format: lines 2 and 4 are not one token per
+    # word with the tiny tokenizer, line 5's first word splits after the clause.
+    sentences = tmp_path / "reflexive.txt"
+    words = ["a cat sees her", "the girl would kick herself", "her friend calls her",
+             "my teacher likes her", "he dog finds her", "a dog finds her"]  # fmt: skip
+    sentences.write_text("".join(f"{w}\t{len(w.split()) - 1}\t0 1\t\n" for w in words))
+    args = ("--workdir", tiny_run, "--compare", tiny_run, "--protocol", "reference")
+    stdout = _ok(_run("probe", *args, "--sentences", sentences))
+    lines = stdout.strip().splitlines()
+    assert lines[0] == f"{name}: reflexive -> antecedent, top attention, 3 sentences (%)"
+    assert lines[1].split() == ["layer", "h0", "h1", "h2", "h3", "max", "mean"]
+    assert [line.split()[0] for line in lines[2:4]] == ["0", "1"]
+    assert lines[-2].startswith("not scored") and lines[-2].endswith("clause: line 5")
+    assert lines[-1] == "kept=3 of 6 sentences"
 
 
 def _library_log_lines(result: subprocess.CompletedProcess) -> list[str]:
@@ -158,15 +172,11 @@ def _library_log_lines(result: subprocess.CompletedProcess) -> list[str]:
 def test_hf_interop_exports_a_directory_transformers_can_read(tiny_run, tmp_path):
     out = tmp_path / "exported"
     stdout = _ok(_run("hf_interop", "--workdir", tiny_run, "--out", out))
-    assert f"to {out} (RobertaForMaskedLM)" in stdout
+    assert stdout.strip() == f"exported step 6 of {tiny_run} to {out} (RobertaForMaskedLM)"
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["RobertaForMaskedLM"]
     assert {"config.json", "model.safetensors", "vocab.json", "merges.txt"} <= {
         p.name for p in out.iterdir()
     }
-    taken = tmp_path / "taken"
-    taken.mkdir()
-    (taken / "notes.txt").write_text("mine")
-    result = _run("hf_interop", "--workdir", tiny_run, "--out", taken)
-    _one_line_error(result, "hf_interop", "is not a model directory")
 
 
 def test_finetune_on_a_table_is_quiet_and_writes_results(tiny_run, tmp_path):
@@ -188,45 +198,29 @@ def test_finetune_on_a_table_is_quiet_and_writes_results(tiny_run, tmp_path):
     _one_line_error(result, "finetune", "missing.csv")
 
 
-@pytest.mark.slow
-def test_diagnostics_draws_the_heads_of_a_run_trained_with_them(corpus_file, tmp_path):
-    workdir = tmp_path / "run"
-    _ok(
-        _run(
-            "main", "--config", "configs/tiny.py", "--workdir", workdir,
-            f"--config.data.train_files={corpus_file}", "--config.train.diagnostics=true",
-        )
-    )  # fmt: skip
-    stdout = _ok(_run("diagnostics", "--workdir", workdir, "--panels", 2))
-    assert stdout.strip() == f"wrote {workdir / 'heads.png'}"
-    assert (workdir / "heads.png").read_bytes()[:4] == b"\x89PNG"
+def test_diagnostics_draws_the_heads_of_a_run_trained_with_them(tiny_run, tmp_path):
+    out = tmp_path / "heads.png"
+    stdout = _ok(_run("diagnostics", "--workdir", tiny_run, "--panels", 2, "--out", out))
+    assert stdout.strip() == f"wrote {out}"
+    assert out.read_bytes()[:4] == b"\x89PNG"
     _one_line_error(_run("diagnostics", "--workdir", tmp_path), "diagnostics", "metrics.jsonl")
-
-
-@pytest.mark.slow
-def test_reproduce_trains_both_arms_and_writes_the_report(corpus_file, tmp_path):
-    workdir = tmp_path / "compare"
-    args = (
-        "--config", "configs/tiny.py", "--workdir", workdir,
-        f"--config.data.train_files={corpus_file}", "--config.train.steps=4",
-    )  # fmt: skip
-    stdout = _ok(_run("reproduce", *args))
-    assert stdout.strip().splitlines()[-1] == f"wrote {workdir / 'report.md'}"
-    report = json.loads((workdir / "report.json").read_text())
-    for arm in ("baseline", "ag"):
-        final = read_metrics(workdir / arm)[-1]
-        assert report["arms"][arm]["final_step"] == final["step"] == 4
-    assert "python -m guided_jax.reproduce" in (workdir / "report.md").read_text()
 
 
 @pytest.mark.slow
 def test_benchmark_times_every_arm_and_appends_a_row(tmp_path):
     results = tmp_path / "RESULTS.md"
-    args = ("--config", "configs/benchmark.py:tiny", "--steps", 2, "--warmup", 1, "--rounds", 1)
+    args = ("--config", "configs/benchmark.py:tiny", "--steps", 1, "--warmup", 0, "--rounds", 1)
     stdout = _ok(_run("benchmark", *args, "--nohf", "--results", results))
+    for pattern in (
+        r"ours: step +[\d.]+ ms +\d+ tokens/s",
+        r"ours_guided: step +[\d.]+ ms",
+        r"input pipeline: \d+ examples/s",
+        r"head diagnostics: [\d.]+ ms per log step",
+    ):
+        assert re.search(pattern, stdout), pattern
     last = stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"guidance_overhead=\d+\.\d+x", last), last
     assert "hf_flax: not measured: --nohf" in stdout
-    assert results.read_text().count("| benchmark.py |") == 1
+    assert results.read_text().count("| benchmark.py:tiny | 4x32 |") == 1
     result = _run("benchmark", *args[:2], "--steps", 0)
     assert result.returncode == 1 and "--steps" in result.stderr

@@ -1,12 +1,13 @@
-"""The README's default job, exactly as the README runs it: it must train with guidance on the
-embedded corpus and show the AG loss falling by more than half and the eval MLM loss falling."""
+"""The README's default job, exactly as the README runs it (XLA fully optimising, as on a user's
+machine): it must train with guidance on the embedded corpus and show the AG loss falling by
+more than half and the eval MLM loss falling."""
 
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, cli_env
+from conftest import REPO, user_env
 from guided_jax.config import load_config
 from guided_jax.train.metrics import read_metrics
 
@@ -19,7 +20,7 @@ def test_default_job_trains_with_guidance(tmp_path):
     result = subprocess.run(
         [sys.executable, *command],
         cwd=REPO,
-        env=cli_env(),
+        env=user_env(),
         capture_output=True,
         text=True,
     )

@@ -1,22 +1,22 @@
-"""Head diagnostics: their values on hand-made maps, a tiny run that logs them (with a per-layer
-spec and a registered pattern whose builder is counted) and the heat-map command."""
+"""Head diagnostics (guided_jax.guidance.stats): their values on hand-made maps, a tiny run that
+logs them (with a per-layer spec and a registered pattern whose builder is counted) and their
+heat maps over the run (guided_jax.analysis.head_history)."""
 
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, cli_env, write_corpus
-from guided_jax import diagnostics, train
+from conftest import REPO, write_corpus
+from guided_jax.analysis import head_history
 from guided_jax.config import load_config
-from guided_jax.guidance import HeadSpec, parse_spec, register_pattern, token_masks
-from guided_jax.metrics import read_metrics
+from guided_jax.guidance import HeadSpec, parse_spec, register_pattern, stats, token_masks
+from guided_jax.train.loop import train_and_evaluate
+from guided_jax.train.metrics import read_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
 N = 6
@@ -41,21 +41,21 @@ def test_guided_heads_report_mass_on_their_target() -> None:
     ids[:, 2] = 9
     masks = token_masks(jnp.asarray(ids), [9])
     query = jnp.ones((2, N), bool)
-    values = diagnostics.head_diagnostics([jnp.asarray(_maps())], spec, query, masks)
+    values = stats.head_diagnostics([jnp.asarray(_maps())], spec, query, masks)
     mass, closest, entropy = (np.asarray(values[k])[0] for k in ("mass", "closest", "entropy"))
     np.testing.assert_allclose(mass[:2], [1.0, 1.0], rtol=1e-6)  # next (rows 0..n-2), first
     np.testing.assert_allclose(mass[2], 1.0 / N, rtol=1e-6)  # the uniform head on the token
     assert closest[:3].tolist() == [-1, -1, -1]
-    assert closest[3] == diagnostics.BUILTIN.index("self") and mass[3] == 1.0
+    assert closest[3] == stats.BUILTIN.index("self") and mass[3] == 1.0
     np.testing.assert_allclose(entropy[2], math.log(N), rtol=1e-6)
     np.testing.assert_allclose(entropy[[0, 1, 3]], 0.0, atol=1e-7)
 
 
 def test_unguided_heads_name_their_closest_builtin_pattern() -> None:
-    values = diagnostics.head_diagnostics([jnp.asarray(_maps())], None, jnp.ones((2, N), bool))
+    values = stats.head_diagnostics([jnp.asarray(_maps())], None, jnp.ones((2, N), bool))
     closest = np.asarray(values["closest"])[0].tolist()
-    assert closest[:2] == [diagnostics.BUILTIN.index("next"), diagnostics.BUILTIN.index("first")]
-    assert closest[3] == diagnostics.BUILTIN.index("self")
+    assert closest[:2] == [stats.BUILTIN.index("next"), stats.BUILTIN.index("first")]
+    assert closest[3] == stats.BUILTIN.index("self")
     # the window head spreads a third of its mass (half on the edge rows) on each neighbour
     assert np.asarray(values["mass"])[0, 4] == pytest.approx((2 / 2 + 4 / 3) / 6, rel=1e-6)
 
@@ -64,7 +64,7 @@ def test_registered_pattern_mass_and_padding_rows() -> None:
     spec = parse_spec("layers=1:first:1,window1:1")
     maps = jnp.asarray(np.stack([_maps(), _maps()]))  # two layers
     query = jnp.asarray(np.arange(N)[None, :] < np.array([[N], [N - 2]]))
-    values = diagnostics.head_diagnostics(list(maps), spec, query)
+    values = stats.head_diagnostics(list(maps), spec, query)
     mass, closest = np.asarray(values["mass"]), np.asarray(values["closest"])
     assert closest[0].min() >= 0  # layer 0 is unguided
     assert closest[1].tolist()[:2] == [-1, -1]
@@ -73,7 +73,7 @@ def test_registered_pattern_mass_and_padding_rows() -> None:
     real = np.asarray(query)
     want = (band_on_first[None] * real).sum() / real.sum()
     np.testing.assert_allclose(mass[1, 1], want, rtol=1e-6)
-    flat = diagnostics.flat_metrics(values, spec)
+    flat = stats.flat_metrics(values, spec)
     assert "diag/closest/L1H1" not in flat and "diag/closest/L1H2" in flat
     assert "diag/closest/L0H0" in flat and len(flat) == 2 * 5 * 3 - 2
 
@@ -99,7 +99,7 @@ def diag_run(tmp_path_factory):
     config.train.steps = 8
     # Without attention-dropout noise the guided losses fall step by step even in 8 steps.
     config.model.attention_dropout = 0.0
-    train.train_and_evaluate(config, root / "run", devices=jax.devices()[:1])
+    train_and_evaluate(config, root / "run", devices=jax.devices()[:1])
     return root / "run", builder
 
 
@@ -131,27 +131,26 @@ def test_diagnostics_appear_on_log_steps(diag_run) -> None:
     guided = {(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)}
     for layer, head in cells:
         assert (f"diag/closest/L{layer}H{head}" in last) == ((layer, head) not in guided)
-    assert last["diag/closest/L0H3"] in range(len(diagnostics.BUILTIN))
+    assert last["diag/closest/L0H3"] in range(len(stats.BUILTIN))
 
 
-def test_cli_draws_heat_maps_over_time(diag_run, tmp_path) -> None:
+def test_heat_maps_over_time(diag_run, tmp_path) -> None:
     workdir, _ = diag_run
-    out = tmp_path / "heads.png"
-    result = subprocess.run(
-        [sys.executable, "-m", "guided_jax.diagnostics", f"--workdir={workdir}", f"--out={out}"],
-        env=cli_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert out.read_bytes().startswith(PNG)
-    steps, mass = diagnostics.history(read_metrics(workdir), "mass")
+    records = read_metrics(workdir)
+    out = head_history.plot_history(records, tmp_path / "plots" / "heads.png", title="tiny")
+    assert out == tmp_path / "plots" / "heads.png" and out.read_bytes().startswith(PNG)
+    steps, mass = head_history.history(records, "mass")
     assert steps == [2, 4, 6, 8] and mass.shape == (4, 2, 4)
+    logged = [r for r in records if "loss" in r]
+    for t, record in enumerate(logged):
+        for layer in range(2):
+            for head in range(4):
+                assert mass[t, layer, head] == record[f"diag/mass/L{layer}H{head}"]
+    _, closest = head_history.history(records, "closest")
+    assert np.isnan(closest[:, 1, :3]).all() and not np.isnan(closest[:, 1, 3]).any()
 
 
 def test_heat_maps_need_diagnostics(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"train\.diagnostics=true"):
-        diagnostics.plot_history([{"step": 1, "loss": 1.0}], tmp_path / "x.png")
-    result = subprocess.run(
-        [sys.executable, "-m", "guided_jax.diagnostics", f"--workdir={tmp_path}"],
-        env=cli_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode != 0 and "metrics.jsonl" in result.stderr
+        head_history.plot_history([{"step": 1, "loss": 1.0}], tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()

@@ -2,18 +2,15 @@
 table read back from the metrics files, and the plots."""
 
 import json
-import subprocess
-import sys
 
 import jax
 import pytest
-from test_finetune import write_keyword_csv
 
-from conftest import REPO, cli_env, write_corpus
-from guided_jax import reproduce
+from conftest import REPO, write_corpus, write_keyword_csv
+from guided_jax.analysis import reproduce
 from guided_jax.config import load_config
-from guided_jax.metrics import read_metrics
-from guided_jax.pretrained import checkpoint_steps
+from guided_jax.train.metrics import read_metrics
+from guided_jax.weights.workdir import checkpoint_steps
 
 PNG = b"\x89PNG\r\n\x1a\n"
 STEPS = 24
@@ -71,23 +68,18 @@ def test_reproduce_writes_a_report_whose_numbers_come_from_the_metrics(tmp_path)
     for arm in reproduce.ARMS:  # 1% of training kept beside the newest two
         assert checkpoint_steps(workdir / arm) == [1, 12, 24]
 
-    # The CLI finds both arms finished, fine-tunes each on a CSV task and writes the report.
+    # A second call finds both arms finished, fine-tunes each on a CSV task and writes the report.
     train_csv = write_keyword_csv(tmp_path / "train.csv", 64, 0)
     eval_csv = write_keyword_csv(tmp_path / "eval.csv", 32, 1)
-    result = subprocess.run(
-        [sys.executable, "-m", "guided_jax.reproduce", f"--config={REPO / 'configs/tiny.py'}",
-         f"--workdir={workdir}", f"--config.data.train_files={tmp_path / 'corpus.txt'}",
-         f"--config.train.steps={STEPS}", "--config.train.eval_every=6",
-         "--config.train.log_every=2", "--config.train.checkpoint_every=12",
-         f"--finetune_config={REPO / 'configs/finetune.py'}",
-         f"--finetune_config.data.train_file={train_csv}",
-         f"--finetune_config.data.eval_file={eval_csv}", "--finetune_config.seeds=1,2",
-         "--finetune_config.epochs=1", "--finetune_config.learning_rate=0.001",
-         "--finetune_config.max_length=16"],
-        env=cli_env(), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert "wrote" in result.stdout and "report.md" in result.stdout
+    finetune_config = load_config(str(REPO / "configs" / "finetune.py"))
+    finetune_config.data.update(train_file=str(train_csv), eval_file=str(eval_csv))
+    finetune_config.update(seeds="1,2", epochs=1, learning_rate=0.001, max_length=16)
+    before = {a: (workdir / a / "metrics.jsonl").read_text() for a in reproduce.ARMS}
+    path = reproduce.reproduce(
+        config, workdir, finetune_config=finetune_config, devices=jax.devices()[:1]
+    )
+    assert path == workdir / "report.md"
+    assert {a: (workdir / a / "metrics.jsonl").read_text() for a in reproduce.ARMS} == before
 
     report = (workdir / "report.md").read_text()
     table = _table(report)

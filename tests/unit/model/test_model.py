@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import small_model
 from guided_jax.guidance import Guide, HeadSpec, guidance_loss, token_masks
 from guided_jax.model import REMAT_POLICIES, EncoderForMLM, ModelConfig
 from guided_jax.model.encoder import bert_position_ids, position_ids, roberta_position_ids
@@ -20,13 +21,8 @@ from guided_jax.model.encoder import bert_position_ids, position_ids, roberta_po
 PAD, BOS, EOS = 1, 0, 2
 # Models that run: sizes shared between parameters where possible (V = P = FFN = 64), because
 # every distinct initializer shape costs an XLA compilation on CPU.
-SMALL = ModelConfig(
-    vocab_size=64,
-    hidden_size=32,
-    num_layers=2,
-    num_heads=8,
-    intermediate_size=64,
-    max_position_embeddings=64,
+SMALL = small_model(
+    vocab_size=64, hidden_size=32, num_heads=8, intermediate_size=64, max_position_embeddings=64
 )
 NO_DROPOUT = dataclasses.replace(SMALL, dropout=0.0, attention_dropout=0.0)
 ATTENTION_ONLY = dataclasses.replace(SMALL, intermediate_size=0)

@@ -12,14 +12,22 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import assert_runs_match
-from guided_jax import data, documents, experiment, pipeline, token_cache, train
-from guided_jax import flash_attention as flash_kernel
-from guided_jax.attention import dense_attention, flash_attention, pallas_flash_attention
+from conftest import assert_runs_match, small_model
+from guided_jax.config import ConfigError, check_config
+from guided_jax.data import pipeline, token_cache
+from guided_jax.data.packing import BlockPacker
+from guided_jax.data.text import CorpusError
+from guided_jax.data.tokenizer import train_tokenizer
 from guided_jax.guidance import Guide, HeadSpec, losses_from_head_sums, token_masks
-from guided_jax.metrics import read_metrics
-from guided_jax.model import EncoderForMLM, ModelConfig
-from guided_jax.tokenizer import train_tokenizer
+from guided_jax.kernels import segments as documents
+from guided_jax.kernels.dense import dense_attention
+from guided_jax.kernels.flash import flash_attention
+from guided_jax.model import EncoderForMLM
+from guided_jax.model.attention import layer_attention
+from guided_jax.train.inputs import prepare
+from guided_jax.train.loop import train_and_evaluate
+from guided_jax.train.metrics import read_metrics
+from guided_jax.train.objective import split_batch
 
 ONE_DEVICE = jax.devices()[:1]
 
@@ -29,8 +37,7 @@ ONE_DEVICE = jax.devices()[:1]
 
 def test_packing_records_where_each_document_starts():
     docs = [[10, 11, 12], [20, 21], [], [30, 31, 32, 33, 34], [40]]
-    blocks = data.pack_blocks(docs, block_size=6, bos_id=0, eos_id=2)
-    starts = data.pack_starts([len(d) for d in docs], block_size=6)
+    blocks, starts = BlockPacker(6, bos_id=0, eos_id=2, starts=True).add(docs)
     assert starts.shape == blocks.shape and starts.dtype == np.uint8
     # Blocks of 4 text tokens: 10 11 12 20 | 21 30 31 32 | (33 34 40 dropped).
     np.testing.assert_array_equal(blocks, [[0, 10, 11, 12, 20, 2], [0, 21, 30, 31, 32, 2]])
@@ -46,9 +53,12 @@ def test_streamed_cache_records_the_same_starts(tmp_path, monkeypatch):
     )
     starts = token_cache.load_starts(tmp_path / "entry")
     assert isinstance(starts, np.memmap) and starts.shape == blocks.shape
-    lengths = [len(ids) for ids in tokenizer.encode_batch([d + "\n" for d in docs])]
-    np.testing.assert_array_equal(starts, data.pack_starts(lengths, 16))
-    np.testing.assert_array_equal(blocks, data.tokenize_and_pack(docs, tokenizer, 16))
+    ids = tokenizer.encode_batch([d + "\n" for d in docs])
+    want_blocks, want_starts = BlockPacker(16, tokenizer.bos_id, tokenizer.eos_id, starts=True).add(
+        ids
+    )
+    np.testing.assert_array_equal(starts, want_starts)
+    np.testing.assert_array_equal(blocks, want_blocks)
     # Each recorded start is the first token of a document: "Document" after a newline.
     first = tokenizer.encode_batch(["Document"])[0][0]
     assert (blocks[starts == 1] == first).all() and starts.sum() > len(blocks)
@@ -57,7 +67,7 @@ def test_streamed_cache_records_the_same_starts(tmp_path, monkeypatch):
     assert token_cache.load_starts(tmp_path / "plain") is None
     assert not (tmp_path / "plain" / token_cache.STARTS_FILE).exists()
     (tmp_path / "entry" / token_cache.STARTS_FILE).write_bytes(b"\1")
-    with pytest.raises(data.CorpusError, match=r"damaged.*starts\.bin"):
+    with pytest.raises(CorpusError, match=r"damaged.*starts\.bin"):
         token_cache.load_starts(tmp_path / "entry")
 
 
@@ -69,7 +79,7 @@ def test_segment_ids_number_documents_and_share_bos_and_eos():
     seen = documents.visible(jnp.array([[0, 1, 2, 0]]), jnp.array([[0, 1, 2, 0]]))[0]
     np.testing.assert_array_equal(seen, [[1, 1, 1, 1], [1, 1, 0, 1], [1, 0, 1, 1], [1, 1, 1, 1]])
     with pytest.raises(ValueError, match=r"\[B, 2, n\].*\(2, 3, 4\)"):
-        documents.split_batch(jnp.zeros((2, 3, 4), jnp.int32))
+        split_batch(jnp.zeros((2, 3, 4), jnp.int32))
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -88,25 +98,19 @@ def _attention_inputs(n: int = 21, seed: int = 0):
 
 def test_flash_equals_dense_with_segments_in_values_losses_and_gradients():
     q, k, v, key_mask, masks, segments = _attention_inputs()
-    guide = Guide(SPEC, masks)
     cotangent = jax.random.normal(jax.random.key(9), q.shape)
 
-    def dense(q, k, v, segment_ids):
-        options = dict(dropout_rate=0.0, dropout_key=None, guide=guide)
-        return dense_attention(q, k, v, key_mask, segment_ids=segment_ids, **options)
+    def kernel_losses(kernel, **options):
+        def attend(q, k, v, segment_ids):
+            out, head_sums = kernel(
+                q, k, v, key_mask, spec=SPEC, token_masks=masks, segment_ids=segment_ids, **options
+            )
+            return out, losses_from_head_sums(head_sums, SPEC, q.shape[0], q.shape[1])
 
-    def flash(q, k, v, segment_ids):  # blocks of 8 over 21 keys: several tiles, one padded
-        out, head_sums = flash_kernel.flash_attention(
-            q,
-            k,
-            v,
-            key_mask,
-            patterns=flash_kernel.HeadPatterns.from_spec(SPEC, q.shape[2]),
-            token_masks=masks,
-            block=8,
-            segment_ids=segment_ids,
-        )
-        return out, losses_from_head_sums(head_sums, SPEC, q.shape[0], q.shape[1])
+        return attend
+
+    dense = kernel_losses(dense_attention)
+    flash = kernel_losses(flash_attention, block=8)  # blocks of 8 over 21 keys: one padded
 
     def run(kernel, segment_ids):
         def objective(q, k, v):
@@ -124,25 +128,22 @@ def test_flash_equals_dense_with_segments_in_values_losses_and_gradients():
     assert not np.allclose(run(dense, None)[0], want[0], atol=1e-3)
 
 
-def test_flash_wrapper_passes_segments_and_pallas_refuses_them():
+def test_flash_layer_passes_segments_and_pallas_refuses_them():
     q, k, v, key_mask, masks, segments = _attention_inputs(n=12)
     options = dict(dropout_rate=0.0, dropout_key=None, guide=Guide(SPEC, masks))
-    want, want_losses = dense_attention(q, k, v, key_mask, segment_ids=segments, **options)
-    out, losses = flash_attention(q, k, v, key_mask, segment_ids=segments, **options)
+    want, want_losses = layer_attention("dense", q, k, v, key_mask, segment_ids=segments, **options)
+    out, losses = layer_attention("flash", q, k, v, key_mask, segment_ids=segments, **options)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(losses, want_losses, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"pallas.*per-document.*document_masks=false"):
-        pallas_flash_attention(q, k, v, key_mask, segment_ids=segments, **options)
+        layer_attention("pallas", q, k, v, key_mask, segment_ids=segments, **options)
 
 
 @pytest.mark.parametrize("attention", ["dense", "flash"])
 def test_attention_maps_are_zero_across_documents_but_not_at_bos_and_eos(attention):
-    config = ModelConfig(
+    config = small_model(
         vocab_size=50,
-        hidden_size=16,
-        num_layers=2,
         num_heads=2,
-        intermediate_size=32,
         max_position_embeddings=40,
         attention=attention,
         initializer_range=0.2,  # attention far from uniform, so the masks show
@@ -189,11 +190,11 @@ def test_pipeline_batches_carry_starts_and_shard_by_rows():
 
 
 def test_cache_entries_with_and_without_starts(tiny_config, tmp_path):
-    plain = experiment.prepare(tiny_config, tmp_path / "run")
+    plain = prepare(tiny_config, tmp_path / "run")
     assert plain.train_starts is None and plain.eval_starts is None
     tiny_config.data.document_masks = True
     tiny_config.data.cache_dir = str(tmp_path / "run" / "token_cache")
-    masked = experiment.prepare(tiny_config, tmp_path / "masked")
+    masked = prepare(tiny_config, tmp_path / "masked")
     assert len(list((tmp_path / "run" / "token_cache").iterdir())) == 2  # its own entry
     np.testing.assert_array_equal(masked.train_blocks, plain.train_blocks)
     assert masked.train_starts.shape == masked.train_blocks.shape
@@ -207,12 +208,12 @@ def test_cache_entries_with_and_without_starts(tiny_config, tmp_path):
     ]
     tiny_config.data.train_files = f"cache:{entry}"
     tiny_config.data.tokenizer_dir = str(tmp_path / "run" / "tokenizer")
-    with pytest.raises(experiment.ConfigError, match="records no document starts"):
-        experiment.prepare(tiny_config, tmp_path / "reuse")
+    with pytest.raises(ConfigError, match="records no document starts"):
+        prepare(tiny_config, tmp_path / "reuse")
     tiny_config.model.attention = "pallas"
     tiny_config.model.attention_dropout = 0.0
-    with pytest.raises(experiment.ConfigError, match=r"document_masks.*pallas"):
-        experiment.check_config(tiny_config)
+    with pytest.raises(ConfigError, match=r"document_masks.*pallas"):
+        check_config(tiny_config)
 
 
 @pytest.mark.slow
@@ -221,7 +222,7 @@ def test_run_with_document_masks_trains_and_resumes_identically(tiny_config, tmp
     tiny_config.train.diagnostics = True
     tiny_config.train.grad_accum_steps = 2  # splits [B, 2, n] batches
     workdir = tmp_path / "run"
-    train.train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)
+    train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)
     records = read_metrics(workdir)
     logged = [r for r in records if "mlm_loss" in r]
     assert [r["step"] for r in logged] == [2, 4, 6]
@@ -233,7 +234,7 @@ def test_run_with_document_masks_trains_and_resumes_identically(tiny_config, tmp
     resumed = tmp_path / "resumed"
     shutil.copytree(workdir, resumed)
     shutil.rmtree(resumed / "checkpoints" / "6")
-    train.train_and_evaluate(tiny_config, resumed, devices=ONE_DEVICE)
+    train_and_evaluate(tiny_config, resumed, devices=ONE_DEVICE)
     assert_runs_match(workdir, resumed, rtol=1e-6, step=6)
     # Step 2's loss (the parameters are still the initial ones: the first update has lr 0 in
     # warm-up) differs from a run without masks on the same data with the same masking.
@@ -241,6 +242,6 @@ def test_run_with_document_masks_trains_and_resumes_identically(tiny_config, tmp
     tiny_config.data.document_masks = False
     tiny_config.train.steps = 2
     tiny_config.train.warmup_steps = 1
-    train.train_and_evaluate(tiny_config, plain, devices=ONE_DEVICE)
+    train_and_evaluate(tiny_config, plain, devices=ONE_DEVICE)
     first_plain = next(r for r in read_metrics(plain) if "mlm_loss" in r)
     assert first_plain["mlm_loss"] != pytest.approx(logged[0]["mlm_loss"], rel=1e-6)

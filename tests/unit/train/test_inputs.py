@@ -3,14 +3,15 @@
 import pytest
 
 from conftest import write_corpus
-from guided_jax import experiment
-from guided_jax.data import CorpusError
+from guided_jax.config import ConfigError, check_config
+from guided_jax.data.text import CorpusError
 from guided_jax.guidance import SpecError
+from guided_jax.train.inputs import prepare
 
 
 def _refused(config, workdir, error, match):
     with pytest.raises(error, match=match):
-        experiment.prepare(config, workdir)
+        prepare(config, workdir)
 
 
 def test_missing_corpus_file_is_refused_before_writing(tiny_config, tmp_path):
@@ -74,19 +75,19 @@ def test_start_layer_out_of_range_is_refused(tiny_config, tmp_path):
 
 def test_block_size_above_max_positions_is_refused(tiny_config, tmp_path):
     tiny_config.data.block_size = 65
-    _refused(tiny_config, tmp_path / "run", experiment.ConfigError, "max_position_embeddings=66")
+    _refused(tiny_config, tmp_path / "run", ConfigError, "max_position_embeddings=66")
     assert not (tmp_path / "run").exists()
 
 
 def test_bert_blocks_may_fill_every_position(tiny_config, tmp_path):
     tiny_config.model.update(model_type="bert", max_position_embeddings=32)
     tiny_config.data.tokenizer_kind = "wordpiece"
-    experiment.check_config(tiny_config)  # 32 tokens in 32 positions: no padding offset
+    check_config(tiny_config)  # 32 tokens in 32 positions: no padding offset
     tiny_config.data.block_size = 33
     _refused(
         tiny_config,
         tmp_path / "run",
-        experiment.ConfigError,
+        ConfigError,
         r"block_size=33 exceeds .* \(32 tokens as BERT numbers positions from 0\)",
     )
     assert not (tmp_path / "run").exists()
@@ -94,17 +95,15 @@ def test_bert_blocks_may_fill_every_position(tiny_config, tmp_path):
 
 def test_model_vocab_smaller_than_tokenizer_is_refused(tiny_config, tmp_path):
     tiny_config.model.vocab_size = 100
-    _refused(tiny_config, tmp_path / "run", experiment.ConfigError, "vocab_size=100")
+    _refused(tiny_config, tmp_path / "run", ConfigError, "vocab_size=100")
 
 
 def test_workdir_of_another_config_is_refused_and_kept(tiny_config, tmp_path):
     workdir = tmp_path / "run"
-    experiment.prepare(tiny_config, workdir)
+    prepare(tiny_config, workdir)
     saved = {p.name: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
     tiny_config.train.learning_rate = 5e-3
-    _refused(
-        tiny_config, workdir, experiment.ConfigError, r"train\.learning_rate: 0\.001 -> 0\.005"
-    )
+    _refused(tiny_config, workdir, ConfigError, r"train\.learning_rate: 0\.001 -> 0\.005")
     assert {p.name: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == saved
 
 
@@ -114,12 +113,12 @@ def test_globbed_train_files_and_separate_eval_file(tiny_config, tmp_path):
     write_corpus(tmp_path / "held-out.txt", lines=60, seed=3)
     tiny_config.data.train_files = str(tmp_path / "part-*.txt")
     tiny_config.data.eval_files = str(tmp_path / "held-out.txt")
-    exp = experiment.prepare(tiny_config, tmp_path / "run")
-    single = experiment.prepare(
+    inputs = prepare(tiny_config, tmp_path / "run")
+    single = prepare(
         _with(tiny_config, train_files=str(tmp_path / "part-a.txt")), tmp_path / "run-a"
     )
-    assert len(exp.train_blocks) > 1.5 * len(single.train_blocks)
-    assert len(exp.eval_blocks) > 0
+    assert len(inputs.train_blocks) > 1.5 * len(single.train_blocks)
+    assert len(inputs.eval_blocks) > 0
 
 
 def test_glob_matching_nothing_is_refused(tiny_config, tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for guided_jax.masking: RoBERTa's 15% / 80-10-10 dynamic masking and the MLM loss."""
+"""Tests for guided_jax.train.masking: RoBERTa's 15% / 80-10-10 dynamic masking and the MLM loss."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from guided_jax.masking import mask_tokens, max_predictions, mlm_loss, prediction_positions
+from guided_jax.train.masking import mask_tokens, max_predictions, mlm_loss, prediction_positions
 
 VOCAB = 1000
 BOS, PAD, EOS, UNK, MASK = 0, 1, 2, 3, 4

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from tensorboardX.proto import event_pb2
 
-from guided_jax.metrics import MetricsWriter, read_metrics
+from guided_jax.train.metrics import MetricsWriter, read_metrics, summary
 
 # ----------------------------------------------------------------------------- event files
 
@@ -213,3 +213,14 @@ def test_disabled_writer_writes_nothing(tmp_path: Path) -> None:
     with MetricsWriter(fresh, enabled=False) as writer:
         writer.write({"step": 1, "loss": 1.0})
     assert list(fresh.iterdir()) == []
+
+
+def test_the_closing_summary_leaves_head_diagnostics_to_the_metrics_file() -> None:
+    last = {
+        "step": 8,
+        "ag_loss": 0.0123456,
+        "diag/mass/L0H0": 0.5,
+        "loss": 6.0,
+        "eval_mlm_loss": 5.5,
+    }
+    assert summary(last) == "finished at step 8: ag_loss=0.01235 loss=6 eval_mlm_loss=5.5"

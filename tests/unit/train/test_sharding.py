@@ -10,7 +10,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import STEPS, assert_runs_match, run_config
-from guided_jax import experiment, sharding, train
+from guided_jax import sharding
+from guided_jax.train.inputs import prepare
+from guided_jax.train.loop import train_and_evaluate
+from guided_jax.train.step import build_train_program
 
 
 def _meshrun_config(data: int, fsdp: int, tensor: int) -> ml_collections.ConfigDict:
@@ -83,10 +86,10 @@ def test_guidance_is_reduced_where_heads_and_examples_live(tiny_config, tmp_path
     n = 24  # distinct from every other dimension of the tiny model
     tiny_config.data.block_size = n
     tiny_config.mesh.update(data=2, fsdp=2, tensor=2)
-    exp = experiment.prepare(tiny_config, tmp_path / "run")
+    inputs = prepare(tiny_config, tmp_path / "run")
     mesh = sharding.make_mesh(tiny_config.mesh)
     with jax.set_mesh(mesh):
-        program = train.build_train_program(exp, mesh)
+        program = build_train_program(inputs, mesh)
     hlo = program.train_step.as_text()
     collectives = re.findall(
         r"= (\w+\[[\d,]*\])\S* (all-gather|all-to-all|collective-permute|all-reduce)\(", hlo
@@ -105,7 +108,7 @@ def test_guidance_is_reduced_where_heads_and_examples_live(tiny_config, tmp_path
 @pytest.fixture(scope="module")
 def one_device_run(run_corpus, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("one_device") / "run"
-    train.train_and_evaluate(run_config(run_corpus), workdir, devices=jax.devices()[:1])
+    train_and_evaluate(run_config(run_corpus), workdir, devices=jax.devices()[:1])
     return workdir
 
 
@@ -120,5 +123,5 @@ def test_checkpoint_of_8_devices_resumes_on_4(one_device_run, sharded_run, run_c
     shutil.copytree(sharded_run, workdir)
     shutil.rmtree(workdir / "checkpoints" / str(STEPS))  # as if stopped after step 10
     config = run_config(run_corpus, data=1, fsdp=2, tensor=2)
-    train.train_and_evaluate(config, workdir, devices=jax.devices()[:4])
+    train_and_evaluate(config, workdir, devices=jax.devices()[:4])
     assert_runs_match(one_device_run, workdir)

@@ -15,13 +15,17 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from conftest import REPO, write_corpus
-from guided_jax import sharding, train
-from guided_jax.config import load_config
-from guided_jax.experiment import ConfigError
-from guided_jax.masking import max_predictions, mlm_loss
-from guided_jax.metrics import read_metrics
-from guided_jax.model import EncoderForMLM, ModelConfig
+from conftest import REPO, small_model, write_corpus
+from guided_jax import sharding
+from guided_jax.config import ConfigError, load_config
+from guided_jax.model import EncoderForMLM
+from guided_jax.train import loop as train_loop
+from guided_jax.train import step as train_step_module
+from guided_jax.train.loop import train_and_evaluate
+from guided_jax.train.masking import max_predictions, mlm_loss
+from guided_jax.train.metrics import read_metrics
+from guided_jax.train.objective import selected_mlm_loss
+from guided_jax.weights.workdir import read_run_config
 
 ONE_DEVICE = jax.devices()[:1]
 
@@ -44,7 +48,7 @@ def test_tiny_run_lowers_mlm_and_guidance_losses(tiny_config, tmp_path, capsys):
     cfg.train.log_every = 5
     cfg.train.eval_every = 20
     workdir = tmp_path / "run"
-    last = train.train_and_evaluate(cfg, workdir, devices=ONE_DEVICE)
+    last = train_and_evaluate(cfg, workdir, devices=ONE_DEVICE)
 
     records = read_metrics(workdir)
     logged = [r for r in records if "mlm_loss" in r]
@@ -74,7 +78,7 @@ def test_tiny_run_lowers_mlm_and_guidance_losses(tiny_config, tmp_path, capsys):
 
 def test_baseline_trains_without_guidance_but_measures_it(tiny_config, tmp_path):
     tiny_config.guidance.enabled = False
-    train.train_and_evaluate(tiny_config, tmp_path / "run", devices=ONE_DEVICE)
+    train_and_evaluate(tiny_config, tmp_path / "run", devices=ONE_DEVICE)
     records = read_metrics(tmp_path / "run")
     logged = [r for r in records if "mlm_loss" in r]
     assert all(r["ag_weight"] == 0.0 and r["ag_loss"] == 0.0 for r in logged)
@@ -82,41 +86,42 @@ def test_baseline_trains_without_guidance_but_measures_it(tiny_config, tmp_path)
     assert all(r["eval_ag_loss"] > 0.0 for r in records if "eval_mlm_loss" in r)
 
 
-def test_token_set_guidance_trains(tiny_config, tmp_path):
-    tiny_config.guidance.heads = "next:1,token[</s>]:1,token[.]:1"
-    last = train.train_and_evaluate(tiny_config, tmp_path / "run", devices=ONE_DEVICE)
-    assert {"ag_loss/next", "ag_loss/token[</s>]", "ag_loss/token[.]"} <= set(last)
-    assert last["ag_loss/token[.]"] > 0.0
-
-
 def _without_timing(records):
     return [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in records]
 
 
-def test_rerun_resumes_from_last_checkpoint_identically(tiny_config, tmp_path):
+def _copy_of_tiny_run(tiny_run, tmp_path):
+    """A copy of the session's finished tiny run and the config it was trained with."""
     workdir = tmp_path / "run"
-    train.train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)
-    uninterrupted = read_metrics(workdir)
+    shutil.copytree(tiny_run, workdir)
+    config = load_config(str(REPO / "configs" / "tiny.py"))
+    config.data.train_files = read_run_config(tiny_run).data.train_files
+    config.train.diagnostics = True  # as conftest's tiny_run
+    return config, workdir
+
+
+def test_rerun_resumes_from_last_checkpoint_identically(tiny_run, tmp_path):
+    config, workdir = _copy_of_tiny_run(tiny_run, tmp_path)
+    uninterrupted = read_metrics(tiny_run)
     # Lose the final checkpoint, as if the run had died after step 3's save.
     shutil.rmtree(workdir / "checkpoints" / "6")
-    train.train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)
+    train_and_evaluate(config, workdir, devices=ONE_DEVICE)
     resumed = read_metrics(workdir)
     assert [r["step"] for r in resumed] == [2, 3, 4, 6]
     assert _without_timing(resumed) == _without_timing(uninterrupted)
 
 
-def test_finished_run_is_not_repeated(tiny_config, tmp_path):
-    workdir = tmp_path / "run"
-    train.train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)
+def test_finished_run_is_not_repeated(tiny_run, tmp_path):
+    config, workdir = _copy_of_tiny_run(tiny_run, tmp_path)
     before = (workdir / "metrics.jsonl").read_text()
-    assert train.train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE) == {}
+    assert train_and_evaluate(config, workdir, devices=ONE_DEVICE) == {}
     assert (workdir / "metrics.jsonl").read_text() == before
 
 
 def test_non_finite_loss_stops_without_saving_it(tiny_config, tmp_path):
     tiny_config.train.learning_rate = 1e38  # the first update overflows the parameters
     with pytest.raises(FloatingPointError, match=r"non-finite .* at step \d"):
-        train.train_and_evaluate(tiny_config, tmp_path / "run", devices=ONE_DEVICE)
+        train_and_evaluate(tiny_config, tmp_path / "run", devices=ONE_DEVICE)
     assert not any((tmp_path / "run" / "checkpoints").glob("[0-9]*"))
 
 
@@ -133,7 +138,7 @@ def reference(tmp_path_factory):
     config.data.train_files = str(write_corpus(root / "corpus.txt"))
     config.train.log_every = 1
     workdir = root / "run"
-    train.train_and_evaluate(config, workdir, devices=ONE_DEVICE)
+    train_and_evaluate(config, workdir, devices=ONE_DEVICE)
     return config, workdir, read_metrics(workdir)
 
 
@@ -154,7 +159,7 @@ def _assert_finite(records) -> None:
 def _poison_from(monkeypatch, bad_step: int) -> None:
     """From step index ``bad_step`` on, the train step sees NaN parameters (inside the
     compiled program, as a diverging run would)."""
-    make_real = train.make_train_step
+    make_real = train_step_module.make_train_step
 
     def make_poisoned(*args, **kwargs):
         real_step = make_real(*args, **kwargs)
@@ -167,7 +172,7 @@ def _poison_from(monkeypatch, bad_step: int) -> None:
 
         return train_step
 
-    monkeypatch.setattr(train, "make_train_step", make_poisoned)
+    monkeypatch.setattr(train_step_module, "make_train_step", make_poisoned)
 
 
 @pytest.mark.slow
@@ -181,7 +186,7 @@ def test_nan_stops_the_run_and_the_last_checkpoint_resumes(
     with monkeypatch.context() as patch:
         _poison_from(patch, 4)  # the 5th step (index 4) computes with NaN parameters
         with pytest.raises(FloatingPointError, match=r"non-finite .*loss=nan.* at step 5\b"):
-            train.train_and_evaluate(cfg, workdir, devices=ONE_DEVICE)
+            train_and_evaluate(cfg, workdir, devices=ONE_DEVICE)
     # The last good checkpoint is complete when the error surfaces (the CLI exits right
     # after it, which would abandon a save still in flight).
     assert _checkpoints(workdir) == ["3"]
@@ -190,7 +195,7 @@ def test_nan_stops_the_run_and_the_last_checkpoint_resumes(
     _assert_finite(crashed)
 
     restored_steps = []
-    restore_latest = train.checkpointing.restore_latest
+    restore_latest = train_loop.restore_latest
 
     def spy(manager, abstract_state, iterator):
         restored = restore_latest(manager, abstract_state, iterator)
@@ -200,8 +205,8 @@ def test_nan_stops_the_run_and_the_last_checkpoint_resumes(
         assert all(jnp.isfinite(x).all() for x in jax.tree.leaves(state.params)), step
         return restored
 
-    monkeypatch.setattr(train.checkpointing, "restore_latest", spy)
-    last = train.train_and_evaluate(cfg, workdir, devices=ONE_DEVICE)
+    monkeypatch.setattr(train_loop, "restore_latest", spy)
+    last = train_and_evaluate(cfg, workdir, devices=ONE_DEVICE)
     assert restored_steps == [3]
     assert last["step"] == 6 and _checkpoints(workdir) == ["3", "6"]
     records = read_metrics(workdir)
@@ -216,7 +221,7 @@ def test_nan_stops_the_run_and_the_last_checkpoint_resumes(
 @pytest.mark.slow
 def test_resume_on_a_grown_corpus_is_refused(tiny_config, tmp_path):
     workdir = tmp_path / "run"
-    train.train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)
+    train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)
     shutil.rmtree(workdir / "checkpoints" / "6")
     metrics_before = (workdir / "metrics.jsonl").read_text()
     corpus = tmp_path / "corpus.txt"
@@ -224,7 +229,7 @@ def test_resume_on_a_grown_corpus_is_refused(tiny_config, tmp_path):
     corpus.write_text(corpus.read_text() + extra)
 
     with pytest.raises(ConfigError, match=r"num_blocks: \d+ -> \d+") as caught:
-        train.train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)
+        train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)
     assert "step 3" in str(caught.value)
     assert _checkpoints(workdir) == ["3"]
     assert (workdir / "metrics.jsonl").read_text() == metrics_before
@@ -240,7 +245,7 @@ def test_gradient_accumulation_trains(tiny_config, tmp_path, reference):
     cfg.train.grad_accum_steps = 2  # two micro-batches of 2 rows per step of 4
     cfg.train.log_every = 1
     workdir = tmp_path / "run"
-    last = train.train_and_evaluate(cfg, workdir, devices=ONE_DEVICE)
+    last = train_and_evaluate(cfg, workdir, devices=ONE_DEVICE)
     assert last["step"] == 6
     records = read_metrics(workdir)
     _assert_finite(records)
@@ -260,7 +265,7 @@ def test_batch_not_divisible_by_grad_accum_is_refused_before_writing(tiny_config
     tiny_config.train.grad_accum_steps = 3  # batch_size is 4
     workdir = tmp_path / "run"
     with pytest.raises(ConfigError, match=r"train\.grad_accum_steps=3"):
-        train.train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)
+        train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)
     assert not workdir.exists()
 
 
@@ -273,7 +278,7 @@ def test_bfloat16_run_matches_float32_closely(tiny_config, tmp_path, reference):
     tiny_config.model.dtype = "bfloat16"
     tiny_config.train.log_every = 1
     workdir = tmp_path / "run"
-    train.train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)
+    train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)
     records = read_metrics(workdir)
     _assert_finite(records)
     logged = [r for r in records if "mlm_loss" in r]
@@ -291,7 +296,7 @@ def test_flash_attention_run_trains_like_dense(tiny_config, tmp_path, reference)
     tiny_config.model.attention = "flash"
     tiny_config.train.log_every = 1
     workdir = tmp_path / "run"
-    train.train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)
+    train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)
     logged = [r for r in read_metrics(workdir) if "mlm_loss" in r]
     _assert_finite(logged)
     assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
@@ -315,7 +320,7 @@ def test_resume_accepts_a_new_layout_but_not_a_new_config(tmp_path, reference):
     relaid = copy.deepcopy(config)
     relaid.mesh.update(data=1, fsdp=-1, rules="embed:fsdp")
     relaid.model.remat = "full"
-    last = train.train_and_evaluate(relaid, workdir, devices=ONE_DEVICE)
+    last = train_and_evaluate(relaid, workdir, devices=ONE_DEVICE)
     assert last["step"] == 6 and _checkpoints(workdir) == ["3", "6"]
     records = read_metrics(workdir)
     assert [r["step"] for r in records] == [r["step"] for r in want]
@@ -327,7 +332,7 @@ def test_resume_accepts_a_new_layout_but_not_a_new_config(tmp_path, reference):
     changed = copy.deepcopy(relaid)
     changed.train.learning_rate = 2e-3
     with pytest.raises(ConfigError, match=r"train\.learning_rate: 0\.001 -> 0\.002"):
-        train.train_and_evaluate(changed, workdir, devices=ONE_DEVICE)
+        train_and_evaluate(changed, workdir, devices=ONE_DEVICE)
     assert _checkpoints(workdir) == ["3"]
     assert (workdir / "metrics.jsonl").read_text() == before
 
@@ -340,9 +345,9 @@ def test_a_second_run_on_the_same_workdir_is_refused(tiny_config, tmp_path):
         held.flush()
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running training process does
         with pytest.raises(ConfigError, match=r"in use by another run \(pid 12345 on elsewhere\)"):
-            train.train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)
+            train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)
     assert not (workdir / "checkpoints").exists()
-    train.train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)  # free again: runs
+    train_and_evaluate(tiny_config, workdir, devices=ONE_DEVICE)  # free again: runs
     assert (workdir / "checkpoints" / "6").is_dir()
 
 
@@ -352,14 +357,7 @@ def test_a_second_run_on_the_same_workdir_is_refused(tiny_config, tmp_path):
 @pytest.mark.parametrize("shards", [1, 8])  # one group of all rows; a group per device
 @pytest.mark.parametrize("probability", [0.15, 0.9])  # within the bound; a fuller shard
 def test_head_on_selected_positions_gives_the_full_loss_and_gradients(probability, shards):
-    config = ModelConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_layers=1,
-        num_heads=4,
-        intermediate_size=32,
-        max_position_embeddings=80,
-    )
+    config = small_model(vocab_size=64, hidden_size=32, num_layers=1, max_position_embeddings=80)
     model = EncoderForMLM(config, rngs=nnx.Rngs(0))
     keys = jax.random.split(jax.random.key(1), 3)
     hidden = jax.random.normal(keys[0], (8, 64, 32))
@@ -375,7 +373,7 @@ def test_head_on_selected_positions_gives_the_full_loss_and_gradients(probabilit
 
     def selected_only(h):
         assert sharding.batch_shards(h.shape[0]) == shards
-        return train.selected_mlm_loss(model, h, labels, selected, 0.15)
+        return selected_mlm_loss(model, h, labels, selected, 0.15)
 
     def every_position(h):
         return mlm_loss(model.logits(h), labels, selected)
@@ -392,13 +390,8 @@ def test_full_head_fallback_never_holds_every_rows_logits():
     # The compiled step reserves memory for the cond's rare branch too: it must take the
     # vocabulary projection a row at a time, not [B, n, V] at once.
     rows, n, vocab = 8, 128, 4096
-    config = ModelConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        num_layers=1,
-        num_heads=4,
-        intermediate_size=32,
-        max_position_embeddings=n + 2,
+    config = small_model(
+        vocab_size=vocab, hidden_size=32, num_layers=1, max_position_embeddings=n + 2
     )
     model = EncoderForMLM(config, rngs=nnx.Rngs(0))
     hidden = jax.ShapeDtypeStruct((rows, n, 32), jnp.float32)
@@ -406,7 +399,7 @@ def test_full_head_fallback_never_holds_every_rows_logits():
     selected = jax.ShapeDtypeStruct((rows, n), jnp.bool_)
 
     def loss(h, labels, selected):
-        return train.selected_mlm_loss(model, h, labels, selected, 0.15)
+        return selected_mlm_loss(model, h, labels, selected, 0.15)
 
     compiled = jax.jit(jax.grad(loss)).lower(hidden, labels, selected).compile()
     every_rows_logits = rows * n * vocab * 4

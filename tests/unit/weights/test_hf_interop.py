@@ -3,19 +3,20 @@ checkpoints are refused by name, transformers loads an export with the same logi
 imported directory starts a guided pretraining run."""
 
 import json
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
+import safetensors
 
-from conftest import REPO, cli_env
-from guided_jax import hf_interop, pretrained, train
-from guided_jax.experiment import ConfigError
-from guided_jax.metrics import read_metrics
-from guided_jax.model import ModelConfig
-from guided_jax.tokenizer import train_tokenizer
+from guided_jax import weights
+from guided_jax.config import ConfigError
+from guided_jax.data.tokenizer import train_tokenizer
+from guided_jax.model import ModelConfig, build_model, init_params, model_params
+from guided_jax.train.loop import train_and_evaluate
+from guided_jax.train.metrics import read_metrics
+from guided_jax.weights import hf as hf_interop
+from guided_jax.weights.workdir import load_params
 
 ONE_DEVICE = jax.devices()[:1]
 ROBERTA = ModelConfig(
@@ -35,7 +36,7 @@ def _random_params(config: ModelConfig, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     return jax.tree.map(
         lambda x: (x + 0.05 * rng.standard_normal(x.shape)).astype(np.float32),
-        pretrained.init_params(config, seed),
+        init_params(config, seed),
     )
 
 
@@ -97,37 +98,23 @@ def test_reading_a_directory_without_weights_names_the_file(tmp_path):
 # ----------------------------------------------------------------------------- a real run
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """configs/tiny.py trained for a few steps on the synthetic corpus, on one device."""
-    from conftest import write_corpus
-    from guided_jax.config import load_config
-
-    root = tmp_path_factory.mktemp("interop")
-    config = load_config(str(REPO / "configs" / "tiny.py"))
-    config.data.train_files = str(write_corpus(root / "corpus.txt"))
-    train.train_and_evaluate(config, root / "run", devices=ONE_DEVICE)
-    return root / "run"
+def _export(workdir, out):
+    loaded = weights.load(workdir)
+    return hf_interop.export(loaded.model, loaded.tokenizer, out, step=loaded.step)
 
 
-def test_export_cli_then_import_gives_the_same_model(tiny_run, tmp_path):
-    out = tmp_path / "hf"
-    result = subprocess.run(
-        [sys.executable, "-m", "guided_jax.hf_interop", f"--workdir={tiny_run}", f"--out={out}"],
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "exported step 6" in result.stdout
+def test_export_then_import_gives_the_same_model(tiny_run, tmp_path):
+    out = _export(tiny_run, tmp_path / "hf")
+    assert out == tmp_path / "hf"
     assert {"config.json", "model.safetensors", "vocab.json", "merges.txt"} <= {
         p.name for p in out.iterdir()
     }
     assert json.loads((out / "config.json").read_text())["architectures"] == ["RobertaForMaskedLM"]
-    ours, again = pretrained.load(tiny_run), pretrained.load(out)
-    assert again.step is None and again.config == ours.config
-    _assert_trees_equal(pretrained.model_params(again.model), pretrained.model_params(ours.model))
+    with safetensors.safe_open(str(out / "model.safetensors"), framework="np") as f:
+        assert f.metadata() == {"format": "pt", "guided_jax_step": "6"}
+    ours, again = weights.load(tiny_run), weights.load(out)
+    assert ours.step == 6 and again.step is None and again.config == ours.config
+    _assert_trees_equal(model_params(again.model), model_params(ours.model))
     ids = np.asarray(ours.tokenizer.encode_batch(["The cat sees the dog."]), np.int32)
     np.testing.assert_array_equal(ours.model(ids)[0], again.model(ids)[0])
 
@@ -135,24 +122,24 @@ def test_export_cli_then_import_gives_the_same_model(tiny_run, tmp_path):
 def test_export_refuses_a_directory_of_other_files(tiny_run, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(hf_interop.InteropError, match="is not a model directory"):
-        hf_interop.export(pretrained.load(tiny_run), tmp_path)
+        _export(tiny_run, tmp_path)
 
 
 @pytest.mark.slow
 def test_imported_weights_start_a_guided_run(tiny_run, tmp_path, tiny_config):
-    out = hf_interop.export(pretrained.load(tiny_run), tmp_path / "hf")
+    out = _export(tiny_run, tmp_path / "hf")
     config = tiny_config.copy_and_resolve_references()
     config.model.from_dir = str(out)
     config.train.init_from = str(out)
     config.train.steps, config.train.checkpoint_every = 2, 1
     config.train.log_every = 1
-    train.train_and_evaluate(config, tmp_path / "continued", devices=ONE_DEVICE)
+    train_and_evaluate(config, tmp_path / "continued", devices=ONE_DEVICE)
     assert all(np.isfinite(r["ag_loss"]) for r in read_metrics(tmp_path / "continued"))
     imported = hf_interop.read_hf_dir(out)[1]
-    _, after_one = pretrained.load_params(tmp_path / "continued", 1)
+    _, after_one = load_params(tmp_path / "continued", 1)
     # Step 0's learning rate is 0 (one warmup step): the first update leaves the weights.
     _assert_trees_equal(after_one, imported)
-    _, after_two = pretrained.load_params(tmp_path / "continued", 2)
+    _, after_two = load_params(tmp_path / "continued", 2)
     gap = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), after_two, imported)
     assert 0 < max(jax.tree.leaves(gap)) <= 2.5 * config.train.learning_rate
 
@@ -160,13 +147,13 @@ def test_imported_weights_start_a_guided_run(tiny_run, tmp_path, tiny_config):
 def test_init_from_of_another_architecture_is_refused_before_writing(
     tiny_run, tmp_path, tiny_config
 ):
-    out = hf_interop.export(pretrained.load(tiny_run), tmp_path / "hf")
+    out = _export(tiny_run, tmp_path / "hf")
     tiny_config.train.init_from = str(out)
     tiny_config.model.hidden_size = 64
     with pytest.raises(
         ConfigError, match=r"train\.init_from: .*\(hidden_size: weights 32 vs run 64\)"
     ):
-        train.train_and_evaluate(tiny_config, tmp_path / "run", devices=ONE_DEVICE)
+        train_and_evaluate(tiny_config, tmp_path / "run", devices=ONE_DEVICE)
     assert not (tmp_path / "run").exists()
 
 
@@ -188,8 +175,8 @@ def _hf_logits(hf, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def test_transformers_loads_an_exported_run_with_the_same_logits(tiny_run, tmp_path):
     transformers = _transformers()
-    ours = pretrained.load(tiny_run)
-    out = hf_interop.export(ours, tmp_path / "hf")
+    ours = weights.load(tiny_run)
+    out = _export(tiny_run, tmp_path / "hf")
     hf = transformers.RobertaForMaskedLM.from_pretrained(out, attn_implementation="eager").eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     texts = ["The cat sees the dog today.", "A small bird calls!"]
@@ -204,9 +191,8 @@ def test_transformers_loads_an_exported_bert_with_the_same_logits(tmp_path):
     transformers = _transformers()
     texts = ["The cat sees the dog. A dog likes the ball!", "Our teacher draws a letter."] * 30
     tokenizer = train_tokenizer(texts, 120, tmp_path / "tok", kind="wordpiece")
-    model = pretrained.build_model(BERT, _random_params(BERT, 3))
-    source = pretrained.Pretrained(model, tokenizer, tmp_path / "tok", None, None)
-    out = hf_interop.export(source, tmp_path / "hf")
+    model = build_model(BERT, _random_params(BERT, 3))
+    out = hf_interop.export(model, tokenizer, tmp_path / "hf")
     hf = transformers.BertForMaskedLM.from_pretrained(out, attn_implementation="eager").eval()
     batch = transformers.AutoTokenizer.from_pretrained(out)(
         ["the dog draws the cat.", "a letter"], padding=True, return_tensors="np"
@@ -218,5 +204,5 @@ def test_transformers_loads_an_exported_bert_with_the_same_logits(tmp_path):
     hf.save_pretrained(tmp_path / "saved")
     for name in ("vocab.txt", "tokenizer_config.json"):
         (tmp_path / "saved" / name).write_bytes((out / name).read_bytes())
-    again = pretrained.load(tmp_path / "saved")
+    again = weights.load(tmp_path / "saved")
     np.testing.assert_allclose(np.asarray(again.model(ids.astype(np.int32))[0]), logits, atol=1e-5)

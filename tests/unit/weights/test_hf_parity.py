@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from guided_jax import hf_interop
+from conftest import small_model
+from guided_jax.data.tokenizer import train_tokenizer
 from guided_jax.guidance import HeadSpec, guidance_loss
-from guided_jax.model import EncoderForMLM, ModelConfig
-from guided_jax.pretrained import model_params
-from guided_jax.tokenizer import train_tokenizer
+from guided_jax.model import EncoderForMLM, ModelConfig, model_params
+from guided_jax.model.hf_config import hf_config
+from guided_jax.weights.hf import to_hf_tensors
 
 torch = pytest.importorskip("torch", reason="torch is not installed (optional parity check)")
 transformers = pytest.importorskip(
@@ -30,8 +31,8 @@ def _hf_copy(model: EncoderForMLM, config: ModelConfig):
     bert = config.model_type == "bert"
     hf_class = transformers.BertForMaskedLM if bert else transformers.RobertaForMaskedLM
     config_class = transformers.BertConfig if bert else transformers.RobertaConfig
-    hf = hf_class(config_class(**hf_interop.hf_config(config), attn_implementation="eager"))
-    tensors = hf_interop.to_hf_tensors(model_params(model), config)
+    hf = hf_class(config_class(**hf_config(config), attn_implementation="eager"))
+    tensors = to_hf_tensors(model_params(model), config)
     missing, unexpected = hf.load_state_dict(
         {k: torch.from_numpy(v) for k, v in tensors.items()}, strict=False
     )
@@ -73,13 +74,8 @@ def _assert_same_outputs(model: EncoderForMLM, hf, ids: np.ndarray, mask: np.nda
 
 
 def test_logits_and_attention_match_huggingface_roberta():
-    config = ModelConfig(
-        vocab_size=120,
-        hidden_size=48,
-        num_layers=2,
-        num_heads=4,
-        intermediate_size=96,
-        max_position_embeddings=40,
+    config = small_model(
+        vocab_size=120, hidden_size=48, intermediate_size=96, max_position_embeddings=40
     )
     model = _perturbed(config, seed=3)
     hf = _hf_copy(model, config)
@@ -96,14 +92,11 @@ def test_logits_and_attention_match_huggingface_roberta():
 
 
 def test_logits_attention_and_guidance_match_huggingface_bert():
-    config = ModelConfig(
+    config = small_model(
         model_type="bert",
         vocab_size=120,
         hidden_size=48,
-        num_layers=2,
-        num_heads=4,
         intermediate_size=96,
-        max_position_embeddings=24,
         type_vocab_size=2,
         layer_norm_eps=1e-12,
         pad_token_id=0,
