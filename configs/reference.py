@@ -6,8 +6,10 @@ The argument after ``:`` picks the shape:
 * ``ag_config/`` and ``oromo_config/`` (RoBERTa, byte-level BPE of 52,000): roberta_4,
   roberta_8, roberta_12, roberta_16, roberta_self_24, roberta_self_48 (attention-only layers);
 * ``filipino_config/`` (BERT, WordPiece of 30,101, 512 positions): bert_8, bert_16,
-  bert_self_24 (attention-only layers) and bert_48 (its ``self_attention_48`` config.json names
-  full BertForMaskedLM layers, so this is what the reference built).
+  bert_self_24 and bert_48 with full BERT layers, as the reference built them (its
+  ``self_attention_*`` config.json files have model_type ``bert``, which builds full layers
+  whatever their ``architectures`` say), and bert_attention_only_24, the attention-only model
+  that ``self_attention_24``'s name meant.
 
     python -m guided_jax.main --config configs/reference.py:roberta_4 --workdir runs/roberta_4 \
         --config.data.train_files=train.txt --config.data.tokenizer_dir=TOKENIZER_DIR

@@ -32,7 +32,15 @@ MODEL_PRESETS: dict[str, dict[str, object]] = {
     # filipino_config/: BERT with WordPiece (vocab 30,101, 512 positions, two token types).
     "bert_8": dict(_BERT, num_layers=8, hidden_size=768, num_heads=12, intermediate_size=3072),
     "bert_16": dict(_BERT, num_layers=16, hidden_size=768, num_heads=16, intermediate_size=3072),
-    "bert_self_24": dict(_BERT, num_layers=24, hidden_size=768, num_heads=12, intermediate_size=0),
+    # filipino_config/self_attention_24 names BertForMaskedLMOnlyAttention, but its model_type
+    # "bert" makes the reference's AutoModelWithLMHead.from_config build full BERT layers: what
+    # the paper's Filipino run trained. bert_attention_only_24 is what the directory's name meant.
+    "bert_self_24": dict(
+        _BERT, num_layers=24, hidden_size=768, num_heads=12, intermediate_size=3072
+    ),
+    "bert_attention_only_24": dict(
+        _BERT, num_layers=24, hidden_size=768, num_heads=12, intermediate_size=0
+    ),
     # filipino_config/self_attention_48's config.json names BertForMaskedLM: full layers.
     "bert_48": dict(_BERT, num_layers=48, hidden_size=768, num_heads=12, intermediate_size=3072),
 }

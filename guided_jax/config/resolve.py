@@ -10,7 +10,7 @@ from typing import Any
 
 import ml_collections
 
-from guided_jax.data.tokenizer import Tokenizer, detect_kind
+from guided_jax.data.tokenizer import Tokenizer, detect_kind, load_tokenizer
 from guided_jax.guidance import Spec, parse_spec
 from guided_jax.model import ModelConfig
 from guided_jax.model.hf_config import DEFAULT_PAD_IDS, ModelDir, read_model_dir
@@ -37,7 +37,8 @@ def resolve_config(
 
     With ``model.from_dir=DIR``, ``DIR/config.json`` sets every model key but ``dtype``,
     ``remat`` and ``attention`` (the file decides the architecture; the section's own values
-    are replaced), and ``data.tokenizer_dir`` becomes DIR unless it names another directory.
+    are replaced), ``data.tokenizer_dir`` becomes DIR unless it names another directory, and
+    ``model.vocab_size`` becomes the tokenizer's length.
     With a tokenizer directory, ``data.tokenizer_kind`` becomes the kind of the files there. The
     result is what WORKDIR/config.json records, so a resume compares what was actually built.
     Reads only."""
@@ -60,18 +61,27 @@ def resolve_config(
             config.data.tokenizer_dir = str(model_dir.path)
     if config.data.tokenizer_dir:
         config.data.tokenizer_kind = detect_kind(config.data.tokenizer_dir)
+    if model_dir is not None:
+        # The reference calls resize_token_embeddings(len(tokenizer)): its oromo_config/
+        # directories say 52,000 beside vocabularies of 40,000, and it trains 40,000 rows.
+        config.model.vocab_size = load_tokenizer(config.data.tokenizer_dir).vocab_size
     return config, model_dir
 
 
+def vocab_resize_note(config: ml_collections.ConfigDict, model_dir: ModelDir | None) -> str | None:
+    """The line a run prints when its embedding rows follow the tokenizer, not config.json."""
+    if model_dir is None or config.model.vocab_size == model_dir.model["vocab_size"]:
+        return None
+    return (
+        f"model.vocab_size={config.model.vocab_size}: the tokenizer's length, not the "
+        f"{model_dir.model['vocab_size']} of {str(model_dir.config_file)!r} (the reference "
+        f"resizes its embeddings to the tokenizer)"
+    )
+
+
 def check_model_dir_tokenizer(model_dir: ModelDir, tokenizer: Tokenizer) -> None:
-    """The tokenizer must fit the embedding table and pad where the model expects pads."""
+    """The tokenizer must pad where the model expects pads."""
     source = f"tokenizer in {str(tokenizer.directory)!r}"
-    if tokenizer.vocab_size > model_dir.model["vocab_size"]:
-        raise ConfigError(
-            f"the {source} has {tokenizer.vocab_size} tokens, more than vocab_size="
-            f"{model_dir.model['vocab_size']} in {str(model_dir.config_file)!r}; use the "
-            f"tokenizer the model was configured for"
-        )
     if tokenizer.pad_id != model_dir.pad_token_id:
         raise ConfigError(
             f"the {source} pads with id {tokenizer.pad_id}, but {str(model_dir.config_file)!r} "

@@ -66,11 +66,16 @@ IGNORED_KEYS = frozenset({
     "use_bfloat16", "use_cache",
     "dtype",  # what transformers >= 4.56 writes instead of torch_dtype
 })  # fmt: skip
-# model_type -> (our model_type, attention-only?, architectures allowed with it).
+# model_type -> (our model_type, attention-only?, architectures allowed with it). The
+# reference builds a model from its config with AutoModelWithLMHead.from_config, which looks at
+# model_type alone: a "bert" config naming BertForMaskedLMOnlyAttention (its
+# filipino_config/self_attention_24) trains full BERT layers, so only an "*-only-attention"
+# model_type gives layers without FFN.
 MODEL_TYPES: dict[str, tuple[str, bool, tuple[str, ...]]] = {
     "roberta": ("roberta", False, ("RobertaForMaskedLM", "RobertaForMaskedLMOnlyAttention")),
     "roberta-only-attention": ("roberta", True, ("RobertaForMaskedLMOnlyAttention",)),
     "bert": ("bert", False, ("BertForMaskedLM", "BertForMaskedLMOnlyAttention")),
+    "bert-only-attention": ("bert", True, ("BertForMaskedLMOnlyAttention",)),
 }
 # Our model_type -> the HuggingFace class that loads what we export.
 HF_CLASSES = {"roberta": "RobertaForMaskedLM", "bert": "BertForMaskedLM"}
@@ -143,7 +148,6 @@ def _map(values: dict[str, Any], file: Path) -> tuple[dict[str, Any], int]:
                 f"unsupported architectures {given!r} for model_type {model_type!r} {where}; "
                 f"expected one of {[[a] for a in architectures]}"
             )
-        attention_only = attention_only or given[0].endswith("OnlyAttention")
     wrong = [k for k, v in FIXED_VALUES.items() if k in values and values[k] != v]
     if wrong:
         given = ", ".join(f"{k}={values[k]!r}" for k in wrong)
@@ -189,7 +193,7 @@ def hf_config(config: ModelConfig, tokenizer: Tokenizer | None = None) -> dict[s
     model_type = config.model_type
     if attention_only:  # transformers has no such class; model.from_dir reads it
         architecture += "OnlyAttention"
-        model_type = "roberta-only-attention" if model_type == "roberta" else model_type
+        model_type += "-only-attention"
     values: dict[str, Any] = {
         "architectures": [architecture],
         "model_type": model_type,

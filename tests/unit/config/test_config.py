@@ -59,7 +59,8 @@ def test_reference_shapes(name, layers, width, heads, ffn):
     [
         ("bert_8", 8, 12, 3072),
         ("bert_16", 16, 16, 3072),
-        ("bert_self_24", 24, 12, 0),
+        ("bert_self_24", 24, 12, 3072),  # the reference built full layers
+        ("bert_attention_only_24", 24, 12, 0),
         ("bert_48", 48, 12, 3072),
     ],
 )

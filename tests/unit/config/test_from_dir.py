@@ -46,10 +46,13 @@ def _roberta_json(layers: int, width: int, heads: int, *, attention_only: bool =
     }
 
 
-def _bert_json(layers: int, heads: int, *, attention_only: bool = False) -> dict:
-    """A config.json as in the reference's filipino_config/ directories, bookkeeping included."""
+def _bert_json(layers: int, heads: int, *, model_type: str = "bert", named_only_attention=False):
+    """A config.json as in the reference's filipino_config/ directories, bookkeeping included
+    (its self_attention_24 names BertForMaskedLMOnlyAttention with model_type bert)."""
     return {
-        "architectures": ["BertForMaskedLMOnlyAttention" if attention_only else "BertForMaskedLM"],
+        "architectures": [
+            "BertForMaskedLMOnlyAttention" if named_only_attention else "BertForMaskedLM"
+        ],
         "attention_probs_dropout_prob": 0.1,
         "bos_token_id": 0,
         "directionality": "bidi",
@@ -68,7 +71,7 @@ def _bert_json(layers: int, heads: int, *, attention_only: bool = False) -> dict
         "length_penalty": 1.0,
         "max_length": 20,
         "max_position_embeddings": 512,
-        "model_type": "bert",
+        "model_type": model_type,
         "num_attention_heads": heads,
         "num_beams": 1,
         "num_hidden_layers": layers,
@@ -94,18 +97,31 @@ def _bert_json(layers: int, heads: int, *, attention_only: bool = False) -> dict
     }
 
 
-# name: (config.json, layers, width, FFN size, vocab, positions, token types)
+# name: (config.json, layers, width, FFN size, positions, token types); the vocabulary is the
+# tokenizer's, whatever config.json says (the reference resizes the embeddings to it).
 SHAPES = {
-    "roberta_4": (_roberta_json(4, 512, 8), 4, 512, 2048, 52000, 514, 1),
-    "roberta_8": (_roberta_json(8, 768, 12), 8, 768, 3072, 52000, 514, 1),
-    "roberta_12": (_roberta_json(12, 768, 12), 12, 768, 3072, 52000, 514, 1),
-    "roberta_16": (_roberta_json(16, 768, 16), 16, 768, 3072, 52000, 514, 1),
-    "roberta_self_24": (_roberta_json(24, 768, 12, attention_only=True), 24, 768, 0, 52000, 514, 1),
-    "roberta_self_48": (_roberta_json(48, 768, 12, attention_only=True), 48, 768, 0, 52000, 514, 1),
-    "bert_8": (_bert_json(8, 12), 8, 768, 3072, 30101, 512, 2),
-    "bert_16": (_bert_json(16, 16), 16, 768, 3072, 30101, 512, 2),
-    "bert_self_24": (_bert_json(24, 12, attention_only=True), 24, 768, 0, 30101, 512, 2),
+    "roberta_4": (_roberta_json(4, 512, 8), 4, 512, 2048, 514, 1),
+    "roberta_8": (_roberta_json(8, 768, 12), 8, 768, 3072, 514, 1),
+    "roberta_12": (_roberta_json(12, 768, 12), 12, 768, 3072, 514, 1),
+    "roberta_16": (_roberta_json(16, 768, 16), 16, 768, 3072, 514, 1),
+    "roberta_self_24": (_roberta_json(24, 768, 12, attention_only=True), 24, 768, 0, 514, 1),
+    "roberta_self_48": (_roberta_json(48, 768, 12, attention_only=True), 48, 768, 0, 514, 1),
+    "bert_8": (_bert_json(8, 12), 8, 768, 3072, 512, 2),
+    "bert_16": (_bert_json(16, 16), 16, 768, 3072, 512, 2),
+    # filipino_config/self_attention_24: full layers, as AutoModelWithLMHead built them
+    "bert_self_24": (_bert_json(24, 12, named_only_attention=True), 24, 768, 3072, 512, 2),
+    "bert_attention_only_24": (
+        _bert_json(24, 12, model_type="bert-only-attention", named_only_attention=True),
+        *(24, 768, 0, 512, 2),
+    ),
 }
+
+
+def _tokenizer_length(directory: Path) -> int:
+    """Entries of the directory's vocab.json or lines of its vocab.txt: len(tokenizer)."""
+    if (directory / "vocab.json").exists():
+        return len(json.loads((directory / "vocab.json").read_text()))
+    return len((directory / "vocab.txt").read_text().splitlines())
 
 
 def expected_parameters(vocab: int, width: int, layers: int, ffn: int, positions: int, types: int):
@@ -167,10 +183,11 @@ def _refused(config, workdir: Path, match: str) -> str:
 
 @pytest.mark.parametrize("name", SHAPES)
 def test_reference_shape_from_config_json(name, corpus, tokenizers, tmp_path) -> None:
-    config_json, layers, width, ffn, vocab, positions, types = SHAPES[name]
+    config_json, layers, width, ffn, positions, types = SHAPES[name]
     kind = "wordpiece" if name.startswith("bert") else "bpe"
     directory = _model_dir(tmp_path / name, config_json, tokenizers[kind])
     inputs = prepare(_config(corpus, directory), tmp_path / "run", write=False)
+    vocab = _tokenizer_length(directory)
 
     model = inputs.model
     assert (model.num_layers, model.hidden_size, model.intermediate_size) == (layers, width, ffn)
@@ -227,12 +244,26 @@ def test_directory_without_tokenizer_files_is_refused(corpus, tokenizers, tmp_pa
     assert inputs.model.num_layers == 8 and inputs.tokenizer.kind == "wordpiece"
 
 
-def test_tokenizer_larger_than_the_vocab_is_refused(corpus, tokenizers, tmp_path) -> None:
-    config_json = {**_roberta_json(4, 512, 8), "vocab_size": 100}
-    directory = _model_dir(tmp_path / "small", config_json, tokenizers["bpe"])
-    message = _refused(_config(corpus, directory), tmp_path / "run", "more than vocab_size=100")
-    assert f"{tokenizers['bpe'].vocab_size} tokens" in message
-    assert str(directory / "config.json") in message
+@pytest.mark.parametrize("rows_in_file", [100, 52000])
+def test_embedding_rows_follow_the_tokenizer(corpus, tokenizers, tmp_path, capsys, rows_in_file):
+    """Like the reference's oromo_config/ (52,000 in config.json, 40,000 in vocab.json): the
+    run trains one row per token, says so once, records it, and resumes."""
+    config_json = {**_roberta_json(4, 512, 8), "vocab_size": rows_in_file}
+    directory = _model_dir(tmp_path / "om", config_json, tokenizers["bpe"])
+    rows = _tokenizer_length(directory)
+    workdir = tmp_path / "run"
+    inputs = prepare(_config(corpus, directory), workdir)
+    assert inputs.model.vocab_size == rows != rows_in_file
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"model.vocab_size={rows}:") and f"{rows_in_file} of " in line
+    assert str(directory / "config.json") in line
+    assert json.loads((workdir / "config.json").read_text())["model"]["vocab_size"] == rows
+    assert prepare(_config(corpus, directory), workdir).model.vocab_size == rows
+    capsys.readouterr()
+    # with the file and the tokenizer agreeing, nothing is said
+    (directory / "config.json").write_text(json.dumps({**config_json, "vocab_size": rows}))
+    prepare(_config(corpus, directory), tmp_path / "agreeing", write=False)
+    assert capsys.readouterr().out == ""
 
 
 def test_pad_id_other_than_the_tokenizers_is_refused(corpus, tokenizers, tmp_path) -> None:
