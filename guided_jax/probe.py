@@ -3,6 +3,11 @@ attention lands on its antecedent, for one checkpoint or two side by side.
 
     python -m guided_jax.probe --workdir runs/ag --compare runs/baseline
     python -m guided_jax.probe --workdir runs/ag --step 0 --count 500 --variant distractor
+    python -m guided_jax.probe --workdir runs/ag --protocol reference --sentences reflexive.txt
+
+The extended protocol (default) probes our generated sentences; the reference protocol reads the
+reference's sentence file (one token per word, a seeded distractor clause before each) and ends
+with ``kept=K of N sentences``.
 
 Only parses flags; the work happens in :func:`guided_jax.analysis.probe.run`.
 """
@@ -13,13 +18,18 @@ from absl import app, flags
 
 from guided_jax import cli
 from guided_jax.analysis.anaphora import VARIANTS
+from guided_jax.analysis.reflexive import PROTOCOLS
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Pretraining workdir (or a HuggingFace directory).")
 _COMPARE = flags.DEFINE_string("compare", None, "A second workdir to compare with.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of both (default: the newest).")
-_COUNT = flags.DEFINE_integer("count", 200, "How many sentences to generate.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the generated sentences.")
-_VARIANT = flags.DEFINE_enum("variant", "both", list(VARIANTS), "Sentences with distractors?")
+_PROTOCOL = flags.DEFINE_enum(
+    "protocol", "extended", list(PROTOCOLS), "Generated sentences or the reference's file?"
+)
+_SENTENCES = flags.DEFINE_string("sentences", None, "Reference protocol: the sentence file.")
+_COUNT = flags.DEFINE_integer("count", None, "Extended: how many sentences (default 200).")
+_SEED = flags.DEFINE_integer("seed", None, "Seed of the sentences (extended: 0) or draws (42).")
+_VARIANT = flags.DEFINE_enum("variant", None, list(VARIANTS), "Extended: distractors? (both)")
 _JSON = flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -32,6 +42,8 @@ def main(argv: list[str]) -> None:
             _WORKDIR.value,
             compare=_COMPARE.value,
             step=_STEP.value,
+            protocol=_PROTOCOL.value,
+            sentences=_SENTENCES.value,
             count=_COUNT.value,
             seed=_SEED.value,
             variant=_VARIANT.value,

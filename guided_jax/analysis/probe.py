@@ -6,7 +6,9 @@ sentence as resolved when its highest attention lands on a token of the antecede
 table gives that fraction per head, with its max and mean over the heads of each layer;
 a comparison puts two checkpoints side by side (e.g. AG against the baseline, to see whether
 guidance changes the heads' linguistic behaviour). Words are mapped to tokens through the
-tokenizer's character offsets, so subword splits ("her" + "self") are handled.
+tokenizer's character offsets, so subword splits ("her" + "self") are handled. The reference's
+own protocol (its sentence file, with determiner or noun counted as the antecedent) is read by
+:mod:`guided_jax.analysis.reflexive` and scored here the same way.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +25,22 @@ import numpy as np
 from flax import nnx
 
 from guided_jax import weights
-from guided_jax.analysis import anaphora
+from guided_jax.analysis import anaphora, reflexive
 from guided_jax.data.tokenizer import Tokenizer
 from guided_jax.model import EncoderForMLM
+
+
+class Probed(Protocol):
+    """What the probe reads of a sentence (:class:`Encoded`, :class:`reflexive.Example`)."""
+
+    @property
+    def ids(self) -> tuple[int, ...]: ...
+
+    @property
+    def reflexive(self) -> int: ...
+
+    @property
+    def antecedents(self) -> tuple[int, ...]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +107,22 @@ class ProbeResult:
         }
 
 
+def top_keys(attentions: jax.Array | np.ndarray, rows: jax.Array | np.ndarray) -> jax.Array:
+    """``[L, B, H]``: the key each head attends to most from row ``rows[b]`` of sentence b;
+    ``attentions`` is ``[L, B, H, queries, keys]``."""
+    picked = jnp.take_along_axis(jnp.asarray(attentions), rows[None, :, None, None, None], axis=3)
+    return jnp.argmax(picked[:, :, :, 0], axis=-1)
+
+
+def count_hits(top: np.ndarray, sentences: Sequence[Probed]) -> np.ndarray:
+    """``[L, H]``: how many sentences have their top key (``top[l, b, h]``, from
+    :func:`top_keys`) on one of their antecedent positions."""
+    hits = np.zeros((top.shape[0], top.shape[2]))
+    for b, sentence in enumerate(sentences):
+        hits += np.isin(top[:, b], sentence.antecedents)
+    return hits
+
+
 def probe(
     model: EncoderForMLM,
     tokenizer: Tokenizer,
@@ -99,8 +131,16 @@ def probe(
     batch_size: int = 64,
     name: str = "",
 ) -> ProbeResult:
-    """Runs the probe over ``examples`` (padded to one length, so one compilation)."""
+    """Runs the probe over generated ``examples``, each mapped to tokens by :func:`encode`."""
     encoded = [encode(tokenizer, e) for e in examples]
+    return probe_encoded(model, encoded, batch_size=batch_size, name=name)
+
+
+def probe_encoded(
+    model: EncoderForMLM, encoded: Sequence[Probed], *, batch_size: int = 64, name: str = ""
+) -> ProbeResult:
+    """Runs the probe over sentences already encoded (padded to one length, so one
+    compilation)."""
     length = max(len(e.ids) for e in encoded)
     if length > model.config.max_block_size:
         raise ValueError(
@@ -110,14 +150,9 @@ def probe(
     graphdef, state = nnx.split(model)
 
     @jax.jit
-    def top_keys(state, ids, mask, rows):
-        """``[L, B, H]``: the key each head's reflexive row attends to most."""
+    def top_keys_of(state, ids, mask, rows):
         _, aux = nnx.merge(graphdef, state)(ids, attention_mask=mask, return_attentions=True)
-        picked = [
-            jnp.take_along_axis(a, rows[:, None, None, None], axis=2)[:, :, 0]
-            for a in aux["attentions"]
-        ]
-        return jnp.argmax(jnp.stack(picked), axis=-1)
+        return top_keys(jnp.stack(aux["attentions"]), rows)
 
     hits = np.zeros((model.config.num_layers, model.config.num_heads))
     for start in range(0, len(encoded), batch_size):
@@ -128,9 +163,7 @@ def probe(
         for i, e in enumerate(chunk):
             ids[i, : len(e.ids)], mask[i, : len(e.ids)], rows[i] = e.ids, True, e.reflexive
         mask[len(chunk) :, 0] = True  # filler rows attend somewhere; they are not counted
-        top = np.asarray(top_keys(state, ids, mask, rows))  # [L, B, H]
-        for i, e in enumerate(chunk):
-            hits += np.isin(top[:, i], e.antecedents)
+        hits += count_hits(np.asarray(top_keys_of(state, ids, mask, rows)), chunk)
     return ProbeResult(hits / len(encoded), len(encoded), name)
 
 
@@ -183,25 +216,67 @@ def run(
     *,
     compare: str | None = None,
     step: int | None = None,
-    count: int = 200,
-    seed: int = 0,
-    variant: str = "both",
+    protocol: str = "extended",
+    sentences: str | None = None,
+    count: int | None = None,
+    seed: int | None = None,
+    variant: str | None = None,
     json_path: str | None = None,
 ) -> tuple[ProbeResult, ProbeResult | None, str]:
-    """Probes the checkpoint of ``workdir`` (and of ``compare``) on one generated set; returns
-    the results and the printed report, also written as JSON to ``json_path`` if given."""
-    examples = anaphora.generate(count, seed=seed, variant=variant)
-    results = []
+    """Probes the checkpoint of ``workdir`` (and of ``compare``) on the same sentences; returns
+    the results and the printed report, also written as JSON to ``json_path`` if given.
+
+    ``protocol`` extended generates ``count`` sentences (default 200) of ``variant`` (default
+    both) from ``seed`` (default 0); reference reads the file ``sentences`` and draws its
+    distractors from ``seed`` (default 42), and the report ends with ``kept=K of N sentences``.
+    """
+    if protocol not in reflexive.PROTOCOLS:
+        raise ValueError(
+            f"probe protocol must be one of {list(reflexive.PROTOCOLS)}, got {protocol!r}"
+        )
+    if protocol == "reference":
+        if sentences is None:
+            raise ValueError("the reference protocol reads its sentences from a file (--sentences)")
+        if count is not None or variant is not None:
+            raise ValueError("count and variant choose generated sentences: extended protocol only")
+        lines = reflexive.read(sentences)
+        seed = reflexive.DEFAULT_SEED if seed is None else seed
+    elif sentences is not None:
+        raise ValueError("a sentences file (--sentences) is for --protocol reference only")
+    else:
+        count = 200 if count is None else count
+        seed = 0 if seed is None else seed
+        examples = anaphora.generate(count, seed=seed, variant=variant or "both")
+    results, sets = [], []
     for source in [workdir] + ([compare] if compare else []):
         loaded = weights.load(source, step)
         where = f"{Path(source).name}" + ("" if loaded.step is None else f"@{loaded.step}")
-        results.append(probe(loaded.model, loaded.tokenizer, examples, name=where))
+        if protocol == "extended":
+            results.append(probe(loaded.model, loaded.tokenizer, examples, name=where))
+            continue
+        sets.append(reflexive.encode(loaded.tokenizer, lines, seed=seed, source=sentences))
+        if sets[-1].draws != sets[0].draws:
+            raise ValueError(
+                f"the tokenizers of {workdir} and {compare} keep different sentences of "
+                f"{sentences} (or give them different clauses), so the reference protocol "
+                f"cannot compare them"
+            )
+        results.append(probe_encoded(loaded.model, sets[-1].examples, name=where))
     report = "\n\n".join(format_table(r) for r in results)
     if compare:
         report += "\n\n" + format_comparison(results[0], results[1])
+    if sets:
+        report += "\n\n" + sets[0].summary()
     if json_path:
-        payload = {"probe": results[0].to_json()}
+        payload: dict = {"probe": results[0].to_json()}
         if compare:
             payload["compare"] = results[1].to_json()
+        if sets:
+            payload["reference"] = {
+                "sentences": str(sentences),
+                "seed": seed,
+                "read": sets[0].read,
+                "kept": [{"line": line, "clause": clause} for line, clause in sets[0].draws],
+            }
         Path(json_path).write_text(json.dumps(payload, indent=2) + "\n")
     return results[0], results[1] if compare else None, report

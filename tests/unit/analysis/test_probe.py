@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from conftest import REPO, cli_env, write_corpus
-from guided_jax import anaphora, pretrained, probe, train, visualize
-from guided_jax.config import load_config
-from guided_jax.tokenizer import train_tokenizer
+from guided_jax import weights
+from guided_jax.analysis import anaphora, probe
+from guided_jax.data.tokenizer import train_tokenizer
+from guided_jax.weights.hf import export
 
 
 def test_generated_sentences_are_consistent_and_reproducible() -> None:
@@ -63,32 +63,23 @@ def test_words_map_to_their_subword_tokens(tmp_path, kind) -> None:
     assert reflexive.startswith(tokens[encoded.reflexive].strip().lower())
 
 
-@pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    """A guided and a baseline tiny run on the same corpus (4 steps each)."""
-    root = tmp_path_factory.mktemp("probe")
-    corpus = write_corpus(root / "corpus.txt")
-    runs = []
-    for name, guided in (("ag", True), ("baseline", False)):
-        config = load_config(str(REPO / "configs" / "tiny.py"))
-        config.data.train_files = str(corpus)
-        config.train.steps = 4
-        config.guidance.enabled = guided
-        train.train_and_evaluate(config, root / name, devices=jax.devices()[:1])
-        runs.append(root / name)
-    return runs
-
-
-def test_probe_counts_the_top_attention_of_each_head(two_runs) -> None:
-    loaded = pretrained.load(two_runs[0])
+def test_probe_counts_the_top_attention_of_each_head(tiny_run) -> None:
+    loaded = weights.load(tiny_run)
     examples = anaphora.generate(12, seed=1)
     result = probe.probe(loaded.model, loaded.tokenizer, examples, batch_size=5, name="ag")
     assert result.accuracy.shape == (2, 4) and result.sentences == 12
     # The same count from each sentence's own, unpadded maps.
+    graphdef, state = nnx.split(loaded.model)
+
+    @jax.jit
+    def maps_of(state, ids):  # [L, H, n, n] of one sentence
+        _, aux = nnx.merge(graphdef, state)(ids[None], return_attentions=True)
+        return jnp.stack(aux["attentions"])[:, 0]
+
     want = np.zeros((2, 4))
     for example in examples:
         encoded = probe.encode(loaded.tokenizer, example)
-        maps = visualize.attention_maps(loaded.model, list(encoded.ids))  # [L, H, n, n]
+        maps = np.asarray(maps_of(state, jnp.asarray(encoded.ids, jnp.int32)))
         top = maps[:, :, encoded.reflexive].argmax(-1)
         want += np.isin(top, encoded.antecedents)
     np.testing.assert_allclose(result.accuracy, want / len(examples))
@@ -97,25 +88,25 @@ def test_probe_counts_the_top_attention_of_each_head(two_runs) -> None:
     assert "h3" in table and "best head: layer" in table and "12 sentences" in table
 
 
-def test_cli_prints_per_head_tables_and_comparison(two_runs, tmp_path) -> None:
+def test_run_prints_per_head_tables_and_comparison_and_writes_json(tiny_run, tmp_path) -> None:
+    loaded = weights.load(tiny_run)
+    other = export(
+        loaded.model, loaded.tokenizer, tmp_path / "exported"
+    )  # no step: named "exported"
     out = tmp_path / "probe.json"
-    command = [
-        sys.executable, "-m", "guided_jax.probe", f"--workdir={two_runs[0]}",
-        f"--compare={two_runs[1]}", "--count=16", f"--json={out}",
-    ]  # fmt: skip
-    result = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert lines[0].startswith("ag@4: reflexive -> antecedent")
-    assert any(line.startswith("baseline@4: reflexive") for line in lines)
+    first, second, report = probe.run(str(tiny_run), compare=str(other), count=16, json_path=out)
+    lines = report.splitlines()
+    assert lines[0].startswith("run@6: reflexive -> antecedent")
+    assert any(line.startswith("exported: reflexive") for line in lines)
     header = next(line for line in lines if line.split()[:2] == ["layer", "h0"])
     assert header.split() == ["layer", "h0", "h1", "h2", "h3", "max", "mean"]
-    assert "comparison (%): A = ag@4, B = baseline@4" in result.stdout
+    assert "comparison (%): A = run@6, B = exported" in report
     assert lines[-1].split()[0] == "all"
+    # The same weights give the same accuracies, so the differences are zero.
+    np.testing.assert_array_equal(first.accuracy, second.accuracy)
+    assert lines[-1].split()[3] == lines[-1].split()[6] == "0.0"
     saved = json.loads(out.read_text())
+    assert saved["probe"] == first.to_json() and saved["compare"] == second.to_json()
     assert saved["probe"]["sentences"] == 16 and len(saved["compare"]["accuracy"]) == 2
-    missing = subprocess.run(
-        [sys.executable, "-m", "guided_jax.probe", f"--workdir={tmp_path / 'none'}"],
-        env=cli_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert missing.returncode != 0 and "is not a directory" in missing.stderr
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        probe.run(str(tmp_path / "none"))
