@@ -130,14 +130,15 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
     )
 
 
-def _batch_axes_size(mesh: Mesh | jax.sharding.AbstractMesh) -> int:
+def batch_axes_size(mesh: Mesh | jax.sharding.AbstractMesh) -> int:
+    """How many devices split a batch's examples (the mesh's ``data x fsdp``)."""
     return math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
 
 
 def batch_sharding(mesh: Mesh, rows: int) -> NamedSharding:
     """Examples split over ``data x fsdp``; a batch those do not divide (a short eval batch)
     is replicated instead."""
-    return NamedSharding(mesh, P(BATCH_AXES) if rows % _batch_axes_size(mesh) == 0 else P())
+    return NamedSharding(mesh, P(BATCH_AXES) if rows % batch_axes_size(mesh) == 0 else P())
 
 
 def batch_shards(rows: int) -> int:
@@ -145,7 +146,7 @@ def batch_shards(rows: int) -> int:
     :func:`batch_sharding` places them: the groups a computation over rows can work in without
     moving examples between devices."""
     mesh = jax.sharding.get_abstract_mesh()
-    shards = 1 if mesh.empty else _batch_axes_size(mesh)
+    shards = 1 if mesh.empty else batch_axes_size(mesh)
     return shards if rows % shards == 0 else 1
 
 

@@ -14,7 +14,7 @@ from guided_jax import sharding
 from guided_jax.config.resolve import ConfigError, build_model_config, head_spec, resolve_config
 from guided_jax.data.tables import FinetuneError
 from guided_jax.data.text import DOCUMENT_MODES
-from guided_jax.data.tokenizer import KINDS
+from guided_jax.data.tokenizer import KINDS, MLM_TARGETS
 from guided_jax.model.hf_config import WEIGHTS_FILE, architecture_differences, model_config_of
 
 
@@ -65,7 +65,6 @@ def check_resolved_config(config: ml_collections.ConfigDict) -> None:
     """Every check of a resolved config that needs no tokenizer, corpus or devices."""
     require_positive(
         config,
-        "train.steps",
         "train.batch_size",
         "train.learning_rate",
         "train.log_every",
@@ -100,11 +99,9 @@ def check_resolved_config(config: ml_collections.ConfigDict) -> None:
         sharding.parse_rules(config.mesh.rules)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    if config.train.warmup_steps < 0 or config.train.warmup_steps > config.train.steps:
-        raise ConfigError(
-            f"train.warmup_steps={config.train.warmup_steps} must be in "
-            f"[0, train.steps={config.train.steps}]"
-        )
+    _require_non_negative(config, "train.epochs", "train.per_device_batch_size")
+    if config.train.epochs == 0:  # else checked once the steps are counted
+        check_schedule(config)
     if config.data.block_size < 3:
         raise ConfigError(
             f"data.block_size={config.data.block_size} leaves no room for text between <s> and </s>"
@@ -116,6 +113,10 @@ def check_resolved_config(config: ml_collections.ConfigDict) -> None:
     if config.data.documents not in DOCUMENT_MODES:
         raise ConfigError(
             f"data.documents must be one of {list(DOCUMENT_MODES)}, got {config.data.documents!r}"
+        )
+    if config.data.mlm_targets not in MLM_TARGETS:
+        raise ConfigError(
+            f"data.mlm_targets must be one of {list(MLM_TARGETS)}, got {config.data.mlm_targets!r}"
         )
     if not 0.0 < config.data.mlm_probability < 1.0:
         raise ConfigError(
@@ -135,6 +136,16 @@ def check_resolved_config(config: ml_collections.ConfigDict) -> None:
                 f"guidance.heads uses registered patterns {list(spec.user_patterns)}, which "
                 f"model.attention={model.attention!r} cannot score; use 'dense' or 'flash'"
             )
+
+
+def check_schedule(config: ml_collections.ConfigDict) -> None:
+    """Warm-up must fit in the run's steps."""
+    require_positive(config, "train.steps")
+    if config.train.warmup_steps < 0 or config.train.warmup_steps > config.train.steps:
+        raise ConfigError(
+            f"train.warmup_steps={config.train.warmup_steps} must be in "
+            f"[0, train.steps={config.train.steps}]"
+        )
 
 
 def check_mesh_fits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:

@@ -88,6 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.tokenizer_kind = "bpe"
     config.data.tokenizer_vocab_size = 52000
     config.data.mlm_probability = 0.15
+    # which tokens MLM may select: "no_specials" = all but <s>, </s>, pad, <unk>, <mask>;
+    # "reference" = all but <s>, </s>, pad, as the reference's collator (<unk> is predicted)
+    config.data.mlm_targets = "no_specials"
     # Sources (train_files/eval_files): paths or globs (local or gs://), tfds:NAME[/CONFIG]:SPLIT
     # or cache:DIR; see guided_jax/sources.py.
     config.data.documents = "line"  # text files: one document per "line" or per "paragraph"
@@ -102,7 +105,13 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.train = ml_collections.ConfigDict()
     config.train.steps = 10000
-    config.train.batch_size = 4
+    # > 0: steps follow from epochs over the training blocks, as the reference counts them
+    # (int(ceil(blocks / micro-batch) // grad_accum_steps * epochs)); train.steps is then set
+    config.train.epochs = 0.0
+    config.train.batch_size = 4  # global: examples per optimizer step, over every device
+    # > 0: the reference's --per_gpu_train_batch_size; the global batch is then this x the
+    # devices that split the batch (mesh data x fsdp) x grad_accum_steps
+    config.train.per_device_batch_size = 0
     config.train.seed = 42
     config.train.learning_rate = 5e-5
     config.train.warmup_steps = 0

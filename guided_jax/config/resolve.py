@@ -79,6 +79,27 @@ def vocab_resize_note(config: ml_collections.ConfigDict, model_dir: ModelDir | N
     )
 
 
+def with_global_batch(
+    config: ml_collections.ConfigDict, batch_devices: int
+) -> ml_collections.ConfigDict:
+    """``config`` with ``train.batch_size`` set from ``train.per_device_batch_size`` (when > 0)
+    for ``batch_devices`` devices splitting each batch: per device x devices x accumulation."""
+    per_device = config.train.get("per_device_batch_size", 0)
+    if per_device <= 0:
+        return config
+    config = config.copy_and_resolve_references()
+    config.train.batch_size = per_device * batch_devices * config.train.grad_accum_steps
+    return config
+
+
+def steps_for_epochs(blocks: int, batch_size: int, grad_accum_steps: int, epochs: float) -> int:
+    """Optimizer steps of ``epochs`` over ``blocks`` examples, counted as the reference's
+    trainer counts them: ``int(len(loader) // grad_accum_steps * epochs)``, where the loader
+    yields micro-batches of ``batch_size / grad_accum_steps`` and keeps the short last one."""
+    micro_batches = -(-blocks // (batch_size // grad_accum_steps))
+    return int(micro_batches // grad_accum_steps * epochs)
+
+
 def check_model_dir_tokenizer(model_dir: ModelDir, tokenizer: Tokenizer) -> None:
     """The tokenizer must pad where the model expects pads."""
     source = f"tokenizer in {str(tokenizer.directory)!r}"
@@ -154,6 +175,9 @@ ADDED_KEYS = {
     "data.text_field": "text",
     "data.tokenizer_max_documents": 1_000_000,
     "data.document_masks": False,
+    "data.mlm_targets": "no_specials",
+    "train.epochs": 0.0,
+    "train.per_device_batch_size": 0,
 }
 
 
@@ -169,6 +193,8 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
         for key, old, new in _config_diff(previous, current)
         if not key.startswith(LAYOUT_KEYS)
         and not (old is None and key in ADDED_KEYS and new == ADDED_KEYS[key])
+        # steps counted from epochs are recorded once the corpus is read (epochs are compared)
+        and not (key == "train.steps" and config.train.get("epochs", 0) > 0)
     ]
     if diffs:
         shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:8])

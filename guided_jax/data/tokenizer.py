@@ -42,6 +42,11 @@ ROLES: dict[str, dict[str, str]] = {
     "bpe": dict(bos="<s>", pad="<pad>", eos="</s>", unk="<unk>", mask="<mask>"),
     "wordpiece": dict(bos="[CLS]", pad="[PAD]", eos="[SEP]", unk="[UNK]", mask="[MASK]"),
 }
+# The order of Tokenizer.special_ids.
+SPECIAL_ROLES = ("bos", "pad", "eos", "unk", "mask")
+# data.mlm_targets -> the special roles MLM never selects. "reference": the reference's collator
+# leaves out only <s>, </s> and padding, so an <unk> or <mask> in the text is masked and predicted.
+MLM_TARGETS = {"no_specials": SPECIAL_ROLES, "reference": ("bos", "pad", "eos")}
 VOCAB_FILE = "vocab.json"
 MERGES_FILE = "merges.txt"
 WORDPIECE_VOCAB_FILE = "vocab.txt"
@@ -92,7 +97,7 @@ class Tokenizer:
                 f"tokenizer{self._where()} lacks special tokens {missing}; "
                 f"expected all of {list(roles.values())}"
             )
-        ids = [int(backend.token_to_id(roles[r])) for r in ("bos", "pad", "eos", "unk", "mask")]
+        ids = [int(backend.token_to_id(roles[r])) for r in SPECIAL_ROLES]
         self.bos_id, self.pad_id, self.eos_id, self.unk_id, self.mask_id = ids
         self.special_ids: tuple[int, ...] = tuple(ids)
 

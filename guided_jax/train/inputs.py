@@ -17,7 +17,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from guided_jax.config.checks import check_resolved_config
+from guided_jax.config.checks import check_resolved_config, check_schedule
 from guided_jax.config.resolve import (
     ConfigError,
     build_model_config,
@@ -25,6 +25,7 @@ from guided_jax.config.resolve import (
     check_workdir,
     head_spec,
     resolve_config,
+    steps_for_epochs,
     vocab_resize_note,
 )
 from guided_jax.data import sources, token_cache
@@ -255,7 +256,9 @@ def prepare(
         if eval_sources:
             built.append(_Blocks(config, workdir, tokenizer, eval_sources, "eval"))
         # A corpus smaller than one batch fails here, before anything is written.
-        _split(config, [b.blocks for b in built])
+        train_count = len(_split(config, [b.blocks for b in built])[0])
+        if config.train.epochs > 0:
+            _count_steps(config, train_count, say=write)
         if write:
             workdir.mkdir(parents=True, exist_ok=True)
             if scratch is not None:
@@ -277,6 +280,23 @@ def prepare(
     return RunInputs(
         config, model, spec, token_ids, tokenizer, train_blocks, eval_blocks, objective, *starts
     )
+
+
+def _count_steps(config: ml_collections.ConfigDict, blocks: int, *, say: bool) -> None:
+    """Sets ``train.steps`` from ``train.epochs`` over ``blocks`` training blocks."""
+    train = config.train
+    train.steps = steps_for_epochs(blocks, train.batch_size, train.grad_accum_steps, train.epochs)
+    if train.steps == 0:
+        raise ConfigError(
+            f"train.epochs={train.epochs:g} over {blocks} training blocks at a batch of "
+            f"{train.batch_size} makes no optimizer step; raise train.epochs"
+        )
+    check_schedule(config)
+    if say:
+        print(
+            f"train.steps={train.steps}: {train.epochs:g} epochs of {blocks} training blocks at a "
+            f"global batch of {train.batch_size}"
+        )
 
 
 def _split(

@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from guided_jax import sharding
 from guided_jax.config.checks import check_config, parse_keep_steps
-from guided_jax.config.resolve import ConfigError
+from guided_jax.config.resolve import ConfigError, with_global_batch
 from guided_jax.data.packing import eval_batches
 from guided_jax.data.pipeline import BlocksWithStarts, train_iterator
 from guided_jax.model.params import place_params
@@ -59,6 +59,7 @@ def train_and_evaluate(
     """Trains per ``config`` into ``workdir`` on a mesh over ``devices`` (default: every device
     of every process); returns the last logged metrics."""
     mesh = sharding.make_mesh(config.mesh, devices)  # before anything is written
+    config = with_global_batch(config, sharding.batch_axes_size(mesh))
     check_config(config, mesh)
     inputs = _prepare(config, workdir)
     with _one_run_per_workdir(workdir), jax.set_mesh(mesh):

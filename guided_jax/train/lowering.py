@@ -22,8 +22,18 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 from guided_jax import sharding
 from guided_jax.config.checks import check_mesh_fits, check_resolved_config
-from guided_jax.config.resolve import build_model_config, head_spec, resolve_config
-from guided_jax.data.tokenizer import ROLES, SPECIAL_TOKENS, WORDPIECE_SPECIAL_TOKENS
+from guided_jax.config.resolve import (
+    build_model_config,
+    head_spec,
+    resolve_config,
+    with_global_batch,
+)
+from guided_jax.data.tokenizer import (
+    ROLES,
+    SPECIAL_ROLES,
+    SPECIAL_TOKENS,
+    WORDPIECE_SPECIAL_TOKENS,
+)
 from guided_jax.kernels import pallas
 from guided_jax.train.objective import Objective
 from guided_jax.train.step import batch_shape, step_functions
@@ -72,7 +82,7 @@ def _objective(config: ml_collections.ConfigDict, vocab_size: int, pad_id: int) 
         config,
         vocab_size=vocab_size,
         mask_id=ids[roles["mask"]],
-        special_ids=tuple(ids[roles[r]] for r in ("bos", "pad", "eos", "unk", "mask")),
+        special_ids=tuple(ids[roles[r]] for r in SPECIAL_ROLES),
         pad_id=pad_id,
         spec=spec,
         token_ids=tuple(len(specials) + i for i in range(len(tokens))),
@@ -103,6 +113,7 @@ def lower_train_step(
         axis_types=(AxisType.Auto,) * len(sharding.MESH_AXES),
         abstract_device=AbstractDevice(device_kind=kind, num_cores=1, platform=platform),
     )
+    config = with_global_batch(config, sharding.batch_axes_size(mesh))
     check_mesh_fits(config, mesh)
     with jax.sharding.use_abstract_mesh(mesh), pallas.traced_for(platform):
         _, init_state, step = step_functions(model, objective, config.train)

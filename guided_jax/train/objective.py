@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from guided_jax import sharding
+from guided_jax.data.tokenizer import MLM_TARGETS, SPECIAL_ROLES
 from guided_jax.guidance import Guide, Spec, guidance_weight, token_masks
 from guided_jax.kernels.segments import segment_ids
 from guided_jax.model import EncoderForMLM
@@ -50,11 +51,17 @@ class Objective:
         spec: Spec | None,
         token_ids: tuple[int, ...],
     ) -> Objective:
-        """The objective of a resolved ``config``, given the ids its tokenizer assigns."""
+        """The objective of a resolved ``config``, given the ids its tokenizer assigns
+        (``special_ids`` in :data:`SPECIAL_ROLES` order; ``data.mlm_targets`` picks those
+        MLM never selects)."""
+        skipped = MLM_TARGETS[config.data.mlm_targets]
+        never_masked = tuple(
+            i for r, i in zip(SPECIAL_ROLES, special_ids, strict=True) if r in skipped
+        )
         return cls(
             vocab_size=vocab_size,
             mask_id=mask_id,
-            special_ids=special_ids,
+            special_ids=never_masked,
             pad_id=pad_id,
             mlm_probability=float(config.data.mlm_probability),
             spec=spec,

@@ -72,6 +72,8 @@ NON_NEGATIVE_KEYS = [
     ("guidance.stagnant_steps", -1),
     ("data.tokenizer_max_documents", -1),
     ("data.prefetch", -1),
+    ("train.epochs", -1.0),
+    ("train.per_device_batch_size", -2),
 ]
 FRACTION_KEYS = [
     ("train.adam_b1", 1.0),
@@ -156,6 +158,12 @@ RESOLVED_CHECKS = [
         {"data.documents": "page"},
         ConfigError,
         r"data\.documents must be one of \['line', 'paragraph'\], got 'page'",
+    ),
+    (
+        "mlm_targets",
+        {"data.mlm_targets": "everything"},
+        ConfigError,
+        r"data\.mlm_targets must be one of \['no_specials', 'reference'\], got 'everything'",
     ),
     (
         "mlm_probability_zero",

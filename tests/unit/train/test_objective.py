@@ -269,3 +269,30 @@ def test_mlm_noise_proportions_on_a_million_selected_tokens():
     assert within(to_mask, chosen, 0.8 + 0.1 / vocab), to_mask / chosen
     assert within(unchanged, chosen, 0.1 + 0.1 / vocab), unchanged / chosen
     assert within(random, chosen, 0.1 * (1 - 2 / vocab)), random / chosen
+
+
+# ----------------------------------------------------------------------------- (e) MLM targets
+
+
+@pytest.mark.parametrize(("targets", "maskable"), [("no_specials", ()), ("reference", (3, 4))])
+def test_mlm_targets_choose_which_special_tokens_are_predicted(tiny_config, targets, maskable):
+    """data.mlm_targets=reference: <unk> (3) and <mask> (4) in the text are selected at the MLM
+    rate like words, as by the reference's collator; <s>, </s> and pad never are."""
+    tiny_config.data.mlm_targets = targets
+    objective = Objective.from_config(
+        tiny_config,
+        vocab_size=40,
+        mask_id=MASK,
+        special_ids=SPECIALS,
+        pad_id=PAD,
+        spec=None,
+        token_ids=(),
+    )
+    ids = np.tile(np.array([0, 3, 4, 9, 1, 2], np.int32), (512, 1))
+    _, selected = objective.mask(jax.random.key(0), jnp.asarray(ids))
+    rate = np.asarray(selected).mean(axis=0)
+    for position, token in enumerate(ids[0]):
+        if token == 9 or token in maskable:
+            assert abs(rate[position] - 0.15) < 0.05, (token, rate[position])
+        else:
+            assert rate[position] == 0.0, (token, rate[position])
