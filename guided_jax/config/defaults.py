@@ -149,6 +149,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.guidance.heads = "0,1,1,4"  # self,next,prev,first; or "next:1,prev:1,token[</s>]:2"
     config.guidance.tokens = ""  # comma-separated tokens for counts after the fourth
     config.guidance.start_layer = 0
+    # what the layers below start_layer leave out: "all" groups, or only the "tokens" groups
+    # (the reference's probing code; positional groups are then guided in every layer)
+    config.guidance.start_layer_groups = "all"
     config.guidance.scale = 100.0
     config.guidance.stagnant_steps = 20000
     config.guidance.after_dropout = True  # reference: the loss sees dropped-out probabilities

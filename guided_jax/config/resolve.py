@@ -148,6 +148,7 @@ def head_spec(config: ml_collections.ConfigDict) -> Spec | None:
         config.guidance.heads,
         tokens=_split_paths(config.guidance.tokens),
         start_layer=config.guidance.start_layer,
+        start_layer_groups=config.guidance.get("start_layer_groups", "all"),
     )
 
 
@@ -178,6 +179,7 @@ ADDED_KEYS = {
     "data.mlm_targets": "no_specials",
     "train.epochs": 0.0,
     "train.per_device_batch_size": 0,
+    "guidance.start_layer_groups": "all",
 }
 
 

@@ -47,6 +47,10 @@ class PatternGroup:
         return self.pattern not in POSITIONAL_PATTERNS and self.pattern != "token"
 
 
+# guidance.start_layer_groups: what the start layer holds back in the layers below it.
+START_LAYER_GROUPS = ("all", "tokens")
+
+
 @dataclasses.dataclass(frozen=True)
 class HeadSpec:
     """Which heads follow which pattern; the same heads in every layer from ``start_layer`` on.
@@ -57,13 +61,23 @@ class HeadSpec:
 
     groups: tuple[PatternGroup, ...]
     start_layer: int = 0
+    # Which groups start_layer holds back: "all" of them, or only the "tokens" groups (the
+    # reference's probing code: positional heads are guided in every layer).
+    start_layer_groups: str = "all"
     # Where each group's loss goes in the per-layer loss vector (default: group i at i, of
     # len(groups)): a layer of a LayeredSpec writes into the run's metric groups.
     outputs: tuple[int, ...] = ()
     num_outputs: int = 0
 
     @classmethod
-    def parse(cls, text: str, *, tokens: Sequence[str] = (), start_layer: int = 0) -> HeadSpec:
+    def parse(
+        cls,
+        text: str,
+        *,
+        tokens: Sequence[str] = (),
+        start_layer: int = 0,
+        start_layer_groups: str = "all",
+    ) -> HeadSpec:
         """Parses ``"0,1,1,4"`` (reference: self,next,prev,first counts), the probing form
         ``"0,1,1,0,3,3"`` with ``tokens=("<s>", "</s>")`` for the counts after the fourth, or the
         named form ``"next:1,prev:1,first:4,token[</s>]:2"``."""
@@ -90,10 +104,22 @@ class HeadSpec:
             raise SpecError(
                 f"guidance start layer must be a non-negative integer, got {start_layer!r}"
             )
-        spec = cls(groups=groups, start_layer=start_layer)
+        if start_layer_groups not in START_LAYER_GROUPS:
+            raise SpecError(
+                f"guidance start layer groups must be one of {list(START_LAYER_GROUPS)}, got "
+                f"{start_layer_groups!r}"
+            )
+        spec = cls(groups=groups, start_layer=start_layer, start_layer_groups=start_layer_groups)
         if spec.num_guided_heads == 0:
             raise SpecError(
                 f"guidance head spec {text!r} guides no head; expected at least one positive count"
+            )
+        kinds = [g.pattern == "token" for g in groups]
+        if start_layer_groups == "tokens" and kinds != sorted(kinds):
+            raise SpecError(
+                f"guidance head spec {text!r} puts token groups before other groups; with the "
+                f"start layer holding back only token groups they must come last (the other "
+                f"groups keep their heads in every layer)"
             )
         return spec
 
@@ -116,11 +142,27 @@ class HeadSpec:
         return tuple(g.token for g in self.groups if g.pattern == "token")
 
     def guides_layer(self, layer: int) -> bool:
-        return layer >= self.start_layer
+        return self.for_layer(layer) is not None
 
     def for_layer(self, layer: int) -> HeadSpec | None:
-        """The spec of layer ``layer`` (this one from ``start_layer`` on), or None."""
-        return self if self.guides_layer(layer) else None
+        """The spec of layer ``layer``: this one from ``start_layer`` on; below it None, or with
+        ``start_layer_groups="tokens"`` the groups other than token sets (same heads, same loss
+        slots), if any."""
+        if layer >= self.start_layer:
+            return self
+        if self.start_layer_groups == "all":
+            return None
+        kept = tuple(i for i, g in enumerate(self.groups) if g.pattern != "token")
+        if not kept:
+            return None
+        slots, count = self.output_slots()
+        return dataclasses.replace(
+            self,
+            groups=tuple(self.groups[i] for i in kept),
+            start_layer=0,
+            outputs=tuple(slots[i] for i in kept),
+            num_outputs=count,
+        )
 
     def output_slots(self) -> tuple[tuple[int, ...], int]:
         """``(slot of each group, length of the loss vector)``."""
@@ -380,7 +422,13 @@ class LayeredSpec:
 Spec = Union[HeadSpec, LayeredSpec]  # noqa: UP007 (a runtime alias)
 
 
-def parse_spec(text: str, *, tokens: Sequence[str] = (), start_layer: int = 0) -> Spec:
+def parse_spec(
+    text: str,
+    *,
+    tokens: Sequence[str] = (),
+    start_layer: int = 0,
+    start_layer_groups: str = "all",
+) -> Spec:
     """A uniform :class:`HeadSpec` (``"0,1,1,4"``, ``"next:1,window2:2"``) or, for text starting
     with ``layers=``, a :class:`LayeredSpec` (which takes no ``start_layer``)."""
     if text.strip().startswith("layers="):
@@ -390,4 +438,6 @@ def parse_spec(text: str, *, tokens: Sequence[str] = (), start_layer: int = 0) -
                 f"{text!r}; name the layers in the spec instead"
             )
         return LayeredSpec.parse(text, tokens=tokens)
-    return HeadSpec.parse(text, tokens=tokens, start_layer=start_layer)
+    return HeadSpec.parse(
+        text, tokens=tokens, start_layer=start_layer, start_layer_groups=start_layer_groups
+    )

@@ -210,6 +210,12 @@ RESOLVED_CHECKS = [
         r"start layer 2 is out of range .* 2 layers",
     ),
     (
+        "guidance_start_layer_groups",
+        {"guidance.start_layer_groups": "heads"},
+        SpecError,
+        r"start layer groups must be one of \['all', 'tokens'\], got 'heads'",
+    ),
+    (
         "guidance_registered_pallas",
         {"guidance.heads": "next:1,window1:1", **PALLAS},
         ConfigError,

@@ -45,7 +45,10 @@ def test_reference_shapes(name, layers, width, heads, ffn):
         1e-5,
     )
     assert model.dropout == model.attention_dropout == 0.1
-    assert config.data.block_size == 512 and config.train.batch_size == 4
+    assert config.data.block_size == 512
+    # the reference's --num_train_epochs 3 --per_device_train_batch_size=4, <unk> predicted
+    assert (config.train.epochs, config.train.per_device_batch_size) == (3.0, 4)
+    assert config.data.mlm_targets == "reference"
     assert config.guidance.heads == "0,1,1,4" and config.guidance.scale == 100.0
     assert (model.model_type, config.data.tokenizer_kind, config.model.from_dir) == (
         "roberta",

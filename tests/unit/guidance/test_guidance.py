@@ -61,16 +61,19 @@ def dense_loss_and_grad(
     groups: list[tuple[str, list[int], int | None]],
     start_layer: int,
     input_ids: np.ndarray,
+    start_layer_groups: str = "all",
 ) -> tuple[float, list[np.ndarray]]:
-    """Reference loss ``sum_l sum_g mean((A[l][:, heads_g] - P_g)^2)`` and its gradient."""
+    """Reference loss ``sum_l sum_g mean((A[l][:, heads_g] - P_g)^2)`` and its gradient; below
+    ``start_layer`` no group counts, or with ``start_layer_groups="tokens"`` (the reference's
+    probing code) every group but the token sets."""
     total = 0.0
     grads = [np.zeros(a.shape, np.float64) for a in attentions]
     for layer, attention in enumerate(attentions):
-        if layer < start_layer:
-            continue
         a = attention.astype(np.float64)
         n = a.shape[-1]
         for pattern, heads, token_id in groups:
+            if layer < start_layer and (start_layer_groups == "all" or pattern == "token"):
+                continue
             target = dense_target(pattern, n, input_ids, token_id)[:, None]  # [B, 1, n, n]
             diff = a[:, heads] - target
             total += np.mean(diff**2)
@@ -772,3 +775,27 @@ def test_config_refuses_registered_patterns_for_kernels_without_them(tiny_config
     tiny_config.model.attention_dropout = 0.0
     with pytest.raises(ConfigError, match=r"\['window1'\].*model.attention='pallas'"):
         check_config(tiny_config)
+
+
+def test_start_layer_can_hold_back_only_the_token_groups() -> None:
+    """guidance.start_layer_groups=tokens: below the start layer the positional heads are still
+    guided (same heads, same loss slots) and the token-set heads are not."""
+    rng = np.random.default_rng(7)
+    attentions = random_attention(rng, 3)
+    ids = example_ids(rng)
+    groups = [("next", [0], None), ("prev", [1], None), ("token", [2, 3], EOS_ID)]
+    for mode in ("all", "tokens"):
+        spec = HeadSpec.parse("0,1,1,0,2", tokens=("</s>",), start_layer=2, start_layer_groups=mode)
+        want, _ = dense_loss_and_grad(attentions, groups, 2, ids, start_layer_groups=mode)
+        got = guidance_loss([jnp.asarray(a) for a in attentions], spec, ids, TOKEN_IDS)
+        assert _rel_err(float(got), want) <= 1e-6, (mode, float(got), want)
+    below = spec.for_layer(1)
+    assert below is not None and [g.name for g in below.groups] == ["next", "prev"]
+    assert below.head_ranges == ((0, 1), (1, 2)) and below.output_slots() == ((0, 1), 3)
+    assert spec.for_layer(2) is spec
+    only_tokens = HeadSpec.parse("token[</s>]:2", start_layer=1, start_layer_groups="tokens")
+    assert only_tokens.for_layer(0) is None and not only_tokens.guides_layer(0)
+    with pytest.raises(SpecError, match=r"token groups before other groups"):
+        HeadSpec.parse("token[</s>]:2,next:1", start_layer=1, start_layer_groups="tokens")
+    with pytest.raises(SpecError, match=r"must be one of \['all', 'tokens'\], got 'some'"):
+        HeadSpec.parse("0,1,1,4", start_layer=1, start_layer_groups="some")
