@@ -5,6 +5,9 @@
         --config.data.eval_file=hate_test.csv
     python -m guided_jax.finetune --config configs/finetune.py --pretrained runs/default \
         --workdir runs/ft_cola --config.task=glue/cola
+    # the reference's protocol and hyperparameters: every train row, the final model scored
+    python -m guided_jax.finetune --config configs/finetune.py:reference \
+        --pretrained runs/default --workdir runs/ft_cola_ref --config.task=glue/cola
 
 Only parses flags; the work happens in :func:`guided_jax.analysis.finetune.run`.
 """

@@ -6,13 +6,17 @@ the same pretrained weights with its own head initialisation, dropout and data o
 evaluates the validation split every ``eval_every`` steps (default: each epoch), keeps the best
 parameters and stops after ``patience`` evaluations without improvement. The best parameters are
 scored on the eval split (accuracy, macro-F1 and MCC, or Pearson and Spearman for regression);
-``WORKDIR/results.json`` holds every seed and the mean ± std.
+``WORKDIR/results.json`` holds every seed and the mean ± std. That is the ``selected``
+protocol (``config.protocol``, the default). The ``reference`` protocol
+(``configs/finetune.py:reference``) is the reference implementation's HuggingFace ``run_glue.py``:
+every training row (the last batch of an epoch partial), a fixed number of epochs, no
+validation and no early stopping, and the final parameters scored on the eval split.
 
 Splits (:mod:`guided_jax.data.tables`): CSV-like tasks read ``data.train_file`` and
 ``data.eval_file`` and hold out ``data.validation_fraction`` of the training rows for early
 stopping unless ``data.validation_file`` is given. GLUE tasks train on TFDS's ``train`` split,
 hold out the validation rows the same way, and report on its labelled ``validation`` split
-(GLUE's test labels are not public).
+(GLUE's test labels are not public). The ``reference`` protocol holds nothing out.
 
 Training is functional, as pretraining is: parameters and optimizer state are arrays passed
 through one jitted step.
@@ -21,6 +25,7 @@ through one jitted step.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,10 +47,17 @@ from guided_jax.data.tables import FinetuneError, Task, encode, load_task
 from guided_jax.model import EncoderForMLM, Params, build_model, model_params
 from guided_jax.train.optimizer import adamw, warmup_linear_decay
 
-__all__ = ["FinetuneError", "format_results", "run", "scores", "train_one_seed"]
+__all__ = [
+    "PROTOCOLS", "FinetuneError", "check_protocol", "format_results", "run", "scores",
+    "train_one_seed",
+]  # fmt: skip
 
 # The metric that picks the best checkpoint (GLUE's headline metric of each task).
 SELECTION_METRIC = {"cola": "mcc", "stsb": "pearson"}
+
+# "selected": validate, stop early, score the best checkpoint; "reference": train on every row
+# for a fixed number of epochs and score the final parameters (configs/finetune.py:reference).
+PROTOCOLS = ("selected", "reference")
 
 
 # ----------------------------------------------------------------------------- model
@@ -79,11 +91,14 @@ class SequenceClassifier(nnx.Module):
         return self.out(drop(jnp.tanh(self.dense(drop(first, keys[0]))), keys[1]))
 
 
-def _loss(outputs: jax.Array, labels: jax.Array, regression: bool) -> jax.Array:
-    """Mean squared error (regression) or cross-entropy over the batch."""
+def _loss(outputs: jax.Array, labels: jax.Array, weights: jax.Array, regression: bool) -> jax.Array:
+    """Mean squared error (regression) or cross-entropy over the batch's examples of weight 1
+    (a partial batch is padded with examples of weight 0)."""
     if regression:
-        return jnp.mean((outputs[:, 0] - labels) ** 2)
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(outputs, labels))
+        losses = (outputs[:, 0] - labels) ** 2
+    else:
+        losses = optax.softmax_cross_entropy_with_integer_labels(outputs, labels)
+    return jnp.sum(losses * weights) / jnp.sum(weights)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -109,6 +124,36 @@ def selection_metric(task: Task) -> str:
     return SELECTION_METRIC.get(task.name, "pearson" if task.regression else "accuracy")
 
 
+# ----------------------------------------------------------------------------- protocol
+
+
+def check_protocol(config: ml_collections.ConfigDict) -> None:
+    """``protocol`` and the optimizer settings beside the values
+    :func:`~guided_jax.config.checks.check_finetune_config` checks."""
+    if config.protocol not in PROTOCOLS:
+        raise FinetuneError(
+            f"config protocol must be one of {list(PROTOCOLS)}, got {config.protocol!r}"
+        )
+    if config.protocol == "reference" and config.data.validation_file:
+        raise FinetuneError(
+            f"config data.validation_file must be empty with protocol='reference' (it trains "
+            f"on the whole train split and validates nothing), got "
+            f"{config.data.validation_file!r}"
+        )
+    if not config.adam_eps > 0:
+        raise FinetuneError(f"config adam_eps must be positive, got {config.adam_eps}")
+    if not config.grad_clip_norm >= 0:
+        raise FinetuneError(f"config grad_clip_norm must be >= 0, got {config.grad_clip_norm}")
+
+
+def steps_per_epoch(rows: int, batch_size: int, protocol: str) -> int:
+    """Optimizer steps per epoch: ``reference`` takes every row, the last batch partial (a
+    DataLoader without ``drop_last``); ``selected`` full batches only."""
+    if protocol == "reference":
+        return math.ceil(rows / batch_size)
+    return max(1, rows // batch_size)
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -122,6 +167,15 @@ def _pad_rows(rows: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate([rows, np.zeros(batch_size - len(rows), rows.dtype)])
 
 
+def _train_batch(order: np.ndarray, batch: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of batch ``batch`` of an epoch's ``order`` padded to ``batch_size``, and each row's
+    weight in the loss: 1, or 0 for the padding of a partial last batch."""
+    rows = order[batch * batch_size : (batch + 1) * batch_size]
+    weights = np.zeros(batch_size, np.float32)
+    weights[: len(rows)] = 1.0
+    return _pad_rows(rows, batch_size), weights
+
+
 def train_one_seed(
     config: ml_collections.ConfigDict,
     task: Task,
@@ -130,31 +184,42 @@ def train_one_seed(
     seed: int,
     encoded: dict[str, tuple[np.ndarray, np.ndarray]],
     progress: tqdm | None = None,
+    *,
+    return_model: bool = False,
 ) -> dict[str, Any]:
     """Fine-tunes from the pretrained ``params`` of an encoder of ``encoder_config`` with
-    ``seed``; returns the best validation step and scores and the eval scores of the best
-    parameters. ``progress`` (a bar over the steps) shows the loss and the last validation."""
+    ``seed``. Protocol ``selected``: returns the best validation step and scores and the eval
+    scores of the best parameters; ``reference``: the eval scores of the final parameters
+    (``encoded`` needs no validation split). ``progress`` (a bar over the steps) shows the loss
+    and the last validation. ``return_model`` adds the model as it is after the last step,
+    whichever parameters were scored (``"final_model"``, not JSON), for checks."""
+    reference = config.protocol == "reference"
     encoder = build_model(encoder_config, params)
     model = SequenceClassifier(encoder, task.num_outputs, config.classifier_dropout, nnx.Rngs(seed))
     graphdef, state = nnx.split(model)
     batch_size = config.batch_size
-    steps_per_epoch = max(1, len(task.train) // batch_size)
-    total = steps_per_epoch * config.epochs
-    eval_every = config.eval_every or steps_per_epoch
+    per_epoch = steps_per_epoch(len(task.train), batch_size, config.protocol)
+    total = per_epoch * config.epochs
+    eval_every = config.eval_every or per_epoch
     schedule = warmup_linear_decay(
         config.learning_rate, round(config.warmup_fraction * total), total
     )
-    tx = adamw(schedule, clip_norm=1.0, weight_decay=config.weight_decay)
+    tx = adamw(
+        schedule,
+        clip_norm=config.grad_clip_norm,
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+    )
     opt_state = tx.init(state)
     regression = task.regression
 
-    def loss_fn(state, ids, mask, labels, key):
+    def loss_fn(state, ids, mask, labels, weights, key):
         outputs = nnx.merge(graphdef, state)(ids, mask, key)
-        return _loss(outputs, labels, regression)
+        return _loss(outputs, labels, weights, regression)
 
     @jax.jit
-    def train_step(state, opt_state, ids, mask, labels, key):
-        loss, grads = jax.value_and_grad(loss_fn)(state, ids, mask, labels, key)
+    def train_step(state, opt_state, ids, mask, labels, weights, key):
+        loss, grads = jax.value_and_grad(loss_fn)(state, ids, mask, labels, weights, key)
         updates, opt_state = tx.update(grads, opt_state, state)
         return optax.apply_updates(state, updates), opt_state, loss
 
@@ -176,19 +241,28 @@ def train_one_seed(
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
     metric = selection_metric(task)
-    best: dict[str, Any] = {"step": 0, "validation": evaluate(state, "validation"), "state": state}
+    best: dict[str, Any] = {}
+    if not reference:
+        best = {"step": 0, "validation": evaluate(state, "validation"), "state": state}
     stale, step, history = 0, 0, []
     stopped = False
     for _ in range(config.epochs):
         order = rng.permutation(len(ids))
-        for batch in range(steps_per_epoch):
-            rows = order[batch * batch_size : (batch + 1) * batch_size]
+        for batch in range(per_epoch):
+            rows, weights = _train_batch(order, batch, batch_size)
             state, opt_state, loss = train_step(
-                state, opt_state, ids[rows], mask[rows], labels[rows], jax.random.fold_in(key, step)
-            )
+                state, opt_state, ids[rows], mask[rows], labels[rows], weights,
+                jax.random.fold_in(key, step),
+            )  # fmt: skip
             step += 1
             if progress is not None:
                 progress.update(1)
+            if reference:
+                if step % per_epoch == 0:  # the loss of each epoch's last batch
+                    history.append({"step": step, "loss": float(loss)})
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{float(loss):.4g}")
+                continue
             if step % eval_every and step != total:
                 continue
             validation = evaluate(state, "validation")
@@ -207,14 +281,20 @@ def train_one_seed(
                 break
         if stopped:
             break
-    return {
-        "seed": seed,
-        "best_step": best["step"],
-        "steps": step,
-        "validation": best["validation"],
-        "eval": evaluate(best["state"], "eval"),
-        "history": history,
-    }
+    if reference:
+        result = {"seed": seed, "steps": step, "eval": evaluate(state, "eval"), "history": history}
+    else:
+        result = {
+            "seed": seed,
+            "best_step": best["step"],
+            "steps": step,
+            "validation": best["validation"],
+            "eval": evaluate(best["state"], "eval"),
+            "history": history,
+        }
+    if return_model:
+        result["final_model"] = nnx.merge(graphdef, state)
+    return result
 
 
 def mean_std(values: Sequence[float]) -> dict[str, Any]:
@@ -236,13 +316,15 @@ def run(
     and writes ``WORKDIR/results.json``; returns its contents. ``progress`` shows a bar per
     seed with the loss and the last validation score."""
     check_finetune_config(config)
+    check_protocol(config)
+    reference = config.protocol == "reference"
     seeds = parse_seeds(config.seeds)
     loaded = weights.load(source, step)
     task = load_task(config)
     max_length = min(config.max_length, loaded.config.max_block_size)
     encoded = {
         name: encode(loaded.tokenizer, getattr(task, name), max_length)
-        for name in ("train", "validation", "eval")
+        for name in (("train", "eval") if reference else ("train", "validation", "eval"))
     }
     if len(task.train) < config.batch_size:
         raise FinetuneError(
@@ -250,7 +332,7 @@ def run(
         )
     params = model_params(loaded.model)
     runs = []
-    steps = max(1, len(task.train) // config.batch_size) * config.epochs
+    steps = steps_per_epoch(len(task.train), config.batch_size, config.protocol) * config.epochs
     for seed in seeds:
         with tqdm(
             total=steps, desc=f"fine-tune seed {seed}", unit="step", disable=not progress,
@@ -259,15 +341,20 @@ def run(
             result = train_one_seed(config, task, loaded.config, params, seed, encoded, bar)
         runs.append(result)
         shown = " ".join(f"{k}={v:.4f}" for k, v in result["eval"].items())
-        print(f"seed {seed}: best step {result['best_step']}, eval {shown}")
+        scored = (
+            f"final step {result['steps']}" if reference else f"best step {result['best_step']}"
+        )
+        print(f"seed {seed}: {scored}, eval {shown}")
     metric_names = list(runs[0]["eval"])
     results = {
         "task": config.task if config.task != "table" else task.name,
+        "protocol": config.protocol,
         "pretrained": str(source),
         "pretrained_step": loaded.step,
         "labels": task.label_names,
         "sizes": {name: len(getattr(task, name)) for name in ("train", "validation", "eval")},
-        "selection_metric": selection_metric(task),
+        "dropped_rows": dict(task.dropped),
+        "selection_metric": None if reference else selection_metric(task),
         "metrics": {m: mean_std([r["eval"][m] for r in runs]) for m in metric_names},
         "runs": runs,
     }
@@ -278,7 +365,15 @@ def run(
 
 
 def format_results(results: dict[str, Any]) -> str:
-    lines = [f"{results['task']} ({len(results['runs'])} seeds, eval split):"]
+    scored = {
+        "selected": "the best validation checkpoint of each seed",
+        "reference": "the final parameters of each seed, trained on the whole train split",
+    }[results["protocol"]]
+    seeds = len(results["runs"])
+    lines = [
+        f"{results['task']} ({seeds} seed{'s' * (seeds != 1)}, eval split; protocol "
+        f"{results['protocol']!r}: {scored}):"
+    ]
     for name, m in results["metrics"].items():
         lines.append(f"  {name:>9}: {m['mean']:.4f} ± {m['std']:.4f}")
     return "\n".join(lines)

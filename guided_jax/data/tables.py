@@ -312,8 +312,13 @@ def _as_split(table: _Table, label_ids: dict[str, int] | None, numeric: bool) ->
     return Split(table.texts, np.asarray([label_ids[c] for c in classes], np.int32))
 
 
-def _hold_out(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """A fixed random ``fraction`` of ``train`` (the same for every fine-tuning seed)."""
+def _hold_out(train: Split, config: ml_collections.ConfigDict) -> tuple[Split, Split]:
+    """``(train, validation)``: a fixed random ``data.validation_fraction`` of ``train`` held
+    out (the same for every fine-tuning seed); nothing with ``protocol="reference"``, which
+    trains on every row, as the reference's run_glue.py."""
+    if config.get("protocol") == "reference":
+        return train, train.take(np.zeros(0, np.int64))
+    fraction, seed = config.data.validation_fraction, config.split_seed
     if not 0.0 < fraction < 1.0:
         raise FinetuneError(f"data.validation_fraction must be in (0, 1), got {fraction}")
     order = np.random.default_rng(seed).permutation(len(train))
@@ -356,7 +361,7 @@ def load_table_task(config: ml_collections.ConfigDict) -> Task:
         validation = _as_split(validation_table, label_ids, numeric)
         dropped["validation"] = validation_table.dropped
     else:
-        train, validation = _hold_out(train, data.validation_fraction, config.split_seed)
+        train, validation = _hold_out(train, config)
     eval_table = _read_labelled(data.eval_file, data)
     evaluation = _as_split(eval_table, label_ids, numeric)
     dropped["eval"] = eval_table.dropped
@@ -397,9 +402,7 @@ def load_glue_task(config: ml_collections.ConfigDict) -> Task:
         return Split(texts, np.asarray([e["label"] for e in examples], dtype))
 
     validation_name = "validation_matched" if name == "mnli" else "validation"
-    train, validation = _hold_out(
-        split("train"), config.data.validation_fraction, config.split_seed
-    )
+    train, validation = _hold_out(split("train"), config)
     evaluation = split(validation_name)
     if not regression:
         num_classes = 3 if name == "mnli" else 2
