@@ -1,9 +1,11 @@
 """The reference's model shapes with its training setup: blocks of 512 without padding, AdamW
 lr 5e-5 (no warmup, linear decay, clip 1.0), 3 epochs, 4 examples per device, seed 42, head
-spec 0,1,1,4, alpha 100, and the reference's MLM targets (<unk> and <mask> in the text are
-predicted). Its command line was ``--num_train_epochs 3 --per_device_train_batch_size=4``: the
-steps are counted from the epochs once the corpus is read (the run prints them), and the
-global batch is 4 x the devices that split the batch.
+spec 0,1,1,4, alpha 100, the reference's token stream (each training file read and tokenized
+whole, blank lines and all, every block trained on; evaluation only on ``data.eval_files``) and
+its MLM targets (<unk> and <mask> in the text are predicted). Its command line was
+``--num_train_epochs 3 --per_device_train_batch_size=4``: the steps are counted from the epochs
+once the corpus is read (the run prints them), and the global batch is 4 x the devices that
+split the batch. docs/REPRODUCING.md maps each of its flags to ours.
 
 The argument after ``:`` picks the shape:
 
@@ -37,6 +39,7 @@ def get_config(shape: str = "roberta_12"):
     config.train.epochs = 3.0
     config.train.per_device_batch_size = 4
     config.data.mlm_targets = "reference"
+    config.data.format = "reference_text"  # whole files, every block trained on
     if config.model.model_type == "bert":  # a WordPiece of the model's size, as BERT's
         config.data.tokenizer_kind = "wordpiece"
         config.data.tokenizer_vocab_size = config.model.vocab_size

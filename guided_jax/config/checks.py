@@ -13,7 +13,7 @@ import ml_collections
 from guided_jax import sharding
 from guided_jax.config.resolve import ConfigError, build_model_config, head_spec, resolve_config
 from guided_jax.data.tables import FinetuneError
-from guided_jax.data.text import DOCUMENT_MODES
+from guided_jax.data.text import DOCUMENT_MODES, FORMATS
 from guided_jax.data.tokenizer import KINDS, MLM_TARGETS
 from guided_jax.model.hf_config import WEIGHTS_FILE, architecture_differences, model_config_of
 
@@ -114,6 +114,8 @@ def check_resolved_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"data.documents must be one of {list(DOCUMENT_MODES)}, got {config.data.documents!r}"
         )
+    if config.data.format not in FORMATS:
+        raise ConfigError(f"data.format must be one of {list(FORMATS)}, got {config.data.format!r}")
     if config.data.mlm_targets not in MLM_TARGETS:
         raise ConfigError(
             f"data.mlm_targets must be one of {list(MLM_TARGETS)}, got {config.data.mlm_targets!r}"

@@ -94,6 +94,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Sources (train_files/eval_files): paths or globs (local or gs://), tfds:NAME[/CONFIG]:SPLIT
     # or cache:DIR; see guided_jax/sources.py.
     config.data.documents = "line"  # text files: one document per "line" or per "paragraph"
+    # "documents": text files split per data.documents, eval_fraction held out unless eval_files;
+    # "reference_text": each file read whole and tokenized with the reference's special-token
+    # rule, every block trained on, eval only on data.eval_files (its TextDataset)
+    config.data.format = "documents"
     config.data.text_field = "text"  # the text feature of a TFDS source
     config.data.tfds_data_dir = ""  # where TFDS sources are prepared; "" = TFDS's default
     config.data.cache_dir = ""  # tokenized blocks, reused by reruns; "" = WORKDIR/token_cache

@@ -180,6 +180,7 @@ ADDED_KEYS = {
     "train.epochs": 0.0,
     "train.per_device_batch_size": 0,
     "guidance.start_layer_groups": "all",
+    "data.format": "documents",
 }
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from etils import epath
 
 from guided_jax.data.default_corpus import default_corpus
-from guided_jax.data.text import CorpusError, read_text_file
+from guided_jax.data.text import REFERENCE_TEXT, WHOLE_FILE, CorpusError, read_text_file
 
 TFDS_PREFIX = "tfds:"
 # NAME[/CONFIG][:VERSION]:SPLIT, where SPLIT may be a TFDS slice such as train[:90%].
@@ -277,9 +277,12 @@ def parse_sources(value: str, key: str, data_config: Any) -> list[Source]:
     sources: list[Source] = []
     files: list[str] = []
 
+    reference = data_config.get("format", "documents") == REFERENCE_TEXT
+
     def flush_files() -> None:
         if files:
-            sources.append(TextFiles(tuple(files), data_config.documents))
+            mode = WHOLE_FILE if reference else data_config.documents
+            sources.append(TextFiles(tuple(files), mode))
             files.clear()
 
     for item in (part.strip() for part in value.split(",")):
@@ -307,6 +310,11 @@ def parse_sources(value: str, key: str, data_config: Any) -> list[Source]:
         else:
             files.extend(expand_glob(item, key))
     flush_files()
+    if reference and any(not isinstance(s, TextFiles) for s in sources):
+        raise CorpusError(
+            f"{key}: data.format={REFERENCE_TEXT!r} reads text files whole, as the reference "
+            f"does; {value!r} names other sources (use data.format='documents' for them)"
+        )
     if any(isinstance(s, CachedBlocks) for s in sources) and len(sources) > 1:
         raise CorpusError(f"{key}: a cache: source must be the only source, got {value!r}")
     return sources

@@ -34,18 +34,24 @@ def read_text_files(paths: Sequence[str | os.PathLike[str]], documents: str = "l
 
 
 DOCUMENT_MODES = ("line", "paragraph")
+# data.format: "documents" splits files by data.documents; "reference_text" reads each file
+# whole, blank lines and all, as the reference's TextDataset does (f.read(); only a byte-order
+# mark is removed), and tokenizes it with the reference's rule for special tokens.
+REFERENCE_TEXT = "reference_text"
+FORMATS = ("documents", REFERENCE_TEXT)
+WHOLE_FILE = "file"
 
 
 def read_text_file(path: str | os.PathLike[str], documents: str = "line") -> list[str]:
     """Read, validate and split one corpus file (a local path or a ``gs://`` URL) into its
     documents (see :func:`read_text_files`)."""
-    if documents not in DOCUMENT_MODES:
+    if documents not in (*DOCUMENT_MODES, WHOLE_FILE):
         raise ValueError(f"documents must be one of {list(DOCUMENT_MODES)}, got {documents!r}")
-    expected = (
-        "expected a UTF-8 text file with one document per line"
-        if documents == "line"
-        else "expected a UTF-8 text file with documents separated by blank lines"
-    )
+    expected = {
+        "line": "expected a UTF-8 text file with one document per line",
+        "paragraph": "expected a UTF-8 text file with documents separated by blank lines",
+        WHOLE_FILE: "expected a UTF-8 text file",
+    }[documents]
     path = epath.Path(path)
     try:
         if not path.exists():
@@ -70,6 +76,10 @@ def read_text_file(path: str | os.PathLike[str], documents: str = "line") -> lis
             f"offset {err.start} (line {line}); {expected}"
         ) from None
     text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not part of the text
+    if documents == WHOLE_FILE:
+        if not text.strip():
+            raise CorpusError(f"corpus file {str(path)!r} is empty or only whitespace; {expected}")
+        return [text]
     # Split on "\n" only: str.splitlines() would also break on form feeds and U+2028 etc.
     lines = [line.removesuffix("\r") for line in text.split("\n")]
     if documents == "line":

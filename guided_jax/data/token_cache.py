@@ -135,13 +135,17 @@ def build(
     total: int | None = None,
     description: str = "tokenize",
     document_starts: bool = False,
+    reference_text: bool = False,
 ) -> np.ndarray:
     """Tokenize ``documents`` and pack them into ``out_dir`` as the reference packs (see
     :mod:`guided_jax.data.packing`: one token stream, ``[bos] + chunk + [eos]`` blocks, the
     remainder dropped), streaming, with a progress bar; returns the blocks (memmap).
 
     Each document is followed by ``separator`` (the newline that reading removed).
-    ``document_starts`` also writes where documents start (:func:`load_starts` reads them)."""
+    ``document_starts`` also writes where documents start (:func:`load_starts` reads them).
+    ``reference_text``: documents are whole files, tokenized as the reference tokenizes them
+    (:meth:`Tokenizer.encode_reference_batch`)."""
+    encode = tokenizer.encode_reference_batch if reference_text else tokenizer.encode_batch
     packer = BlockPacker(block_size, tokenizer.bos_id, tokenizer.eos_id, starts=document_starts)
     out = Path(out_dir)
     if out.exists():
@@ -153,7 +157,7 @@ def build(
         tqdm(total=total, desc=description, unit="doc", dynamic_ncols=True) as bar,
     ):
         for texts in _chunks(documents, separator):
-            blocks, starts = packer.add(tokenizer.encode_batch(texts))
+            blocks, starts = packer.add(encode(texts))
             sink.write(blocks.tobytes())
             if flags is not None:
                 flags.write(starts.tobytes())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,22 @@ _BYTE_ALPHABET_SIZE = 256  # byte-level BPE always starts from all 256 byte symb
 Backend = ByteLevelBPETokenizer | BertWordPieceTokenizer
 
 
+def reference_pieces(text: str, specials: Sequence[str]) -> list[str]:
+    """``text`` cut around the ``specials`` written in it, as the reference's tokenizer cuts it
+    (transformers 2.x ``tokenize``/``split_on_token``): each stretch of text loses its trailing
+    whitespace, so " <unk>" gives no space token before ``<unk>``; empty stretches are dropped
+    (blank lines inside a stretch stay)."""
+    if not text.strip():
+        return []
+    alternatives = "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True))
+    pieces = []
+    for index, part in enumerate(re.split(f"({alternatives})", text)):
+        part = part if index % 2 else part.rstrip()
+        if part:
+            pieces.append(part)
+    return pieces
+
+
 class Tokenizer:
     """A loaded tokenizer of either kind plus the ids of its special tokens.
 
@@ -112,6 +129,22 @@ class Tokenizer:
             raise TypeError("encode_batch expects a sequence of texts, not a single string")
         encodings = self._backend.encode_batch(list(texts), add_special_tokens=False)
         return [encoding.ids for encoding in encodings]
+
+    def encode_reference_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text as the reference tokenizes a whole training file: special
+        tokens written in the text are cut out first (:func:`reference_pieces`), the pieces
+        between them encoded on their own."""
+        specials = list(ROLES[self.kind].values())
+        result = []
+        for text in texts:
+            pieces = reference_pieces(text, specials)
+            words = [p for p in pieces if p not in specials]
+            encoded = iter(self.encode_batch(words))
+            ids: list[int] = []
+            for piece in pieces:
+                ids += [self.token_to_id(piece)] if piece in specials else next(encoded)
+            result.append(ids)
+        return result
 
     def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids of ``text`` (no special tokens) and each token's ``(start, end)`` character

@@ -31,6 +31,7 @@ from guided_jax.config.resolve import (
 from guided_jax.data import sources, token_cache
 from guided_jax.data.packing import split_blocks
 from guided_jax.data.pipeline import batch_dataset
+from guided_jax.data.text import REFERENCE_TEXT
 from guided_jax.data.tokenizer import (
     Tokenizer,
     has_tokenizer_files,
@@ -66,6 +67,11 @@ def corpus_sources(config: ml_collections.ConfigDict, key: str) -> list[sources.
     the embedded default corpus, an empty eval value none."""
     found = sources.parse_sources(config.data[key], f"data.{key}", config.data)
     if not found and key == "train_files":
+        if config.data.format == REFERENCE_TEXT:
+            raise ConfigError(
+                f"data.format={REFERENCE_TEXT!r} reads text files whole, as the reference does; "
+                f"set data.train_files (the embedded default corpus is a set of documents)"
+            )
         return [sources.DefaultCorpus()]
     return found
 
@@ -113,6 +119,8 @@ class _Blocks:
     ) -> None:
         self.scratch: Path | None = None
         self.with_starts = bool(config.data.get("document_masks", False))
+        reference = config.data.get("format", "documents") == REFERENCE_TEXT
+        separator = "" if reference else "\n"  # whole files keep their own newlines
         self.starts: np.ndarray | None = None
         block_size = config.data.block_size
         if len(found) == 1 and isinstance(found[0], sources.CachedBlocks):
@@ -131,7 +139,7 @@ class _Blocks:
             tokenizer,
             sources.fingerprint(found),
             block_size,
-            separator="\n",
+            separator=separator,
             document_starts=self.with_starts,
         )
         self.final = cache_dir(config, workdir) / self.key
@@ -150,8 +158,10 @@ class _Blocks:
                 self.scratch / self.key,
                 {**meta, "what": what, "described": [s.describe() for s in found]},
                 total=sources.count_documents(found),
+                separator=separator,
                 description=f"tokenize {what}",
                 document_starts=self.with_starts,
+                reference_text=reference,
             )
             if self.with_starts:
                 self.starts = token_cache.load_starts(self.scratch / self.key)
@@ -302,9 +312,12 @@ def _count_steps(config: ml_collections.ConfigDict, blocks: int, *, say: bool) -
 def _split(
     config: ml_collections.ConfigDict, parts: list[np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(train, eval) blocks: a separate eval corpus, or the tail of the training blocks."""
+    """(train, eval) blocks: a separate eval corpus, or the tail of the training blocks (none
+    with data.format=reference_text: the reference trains on every block)."""
     if len(parts) == 2:
         train_blocks, eval_blocks = parts
+    elif config.data.get("format", "documents") == REFERENCE_TEXT:
+        train_blocks, eval_blocks = parts[0], parts[0][:0]
     else:
         train_blocks, eval_blocks = split_blocks(parts[0], config.data.eval_fraction)
     batch_dataset(train_blocks, config.train.batch_size, config.train.seed)

@@ -48,7 +48,7 @@ def test_reference_shapes(name, layers, width, heads, ffn):
     assert config.data.block_size == 512
     # the reference's --num_train_epochs 3 --per_device_train_batch_size=4, <unk> predicted
     assert (config.train.epochs, config.train.per_device_batch_size) == (3.0, 4)
-    assert config.data.mlm_targets == "reference"
+    assert (config.data.mlm_targets, config.data.format) == ("reference", "reference_text")
     assert config.guidance.heads == "0,1,1,4" and config.guidance.scale == 100.0
     assert (model.model_type, config.data.tokenizer_kind, config.model.from_dir) == (
         "roberta",
