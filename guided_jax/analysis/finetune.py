@@ -42,7 +42,7 @@ from sklearn import metrics as skm
 from tqdm import tqdm
 
 from guided_jax import weights
-from guided_jax.config.checks import check_finetune_config, parse_seeds
+from guided_jax.config.checks import check_finetune_config, check_local_dir, parse_seeds
 from guided_jax.data.tables import FinetuneError, Task, encode, load_task
 from guided_jax.model import EncoderForMLM, Params, build_model, model_params
 from guided_jax.train.optimizer import adamw, warmup_linear_decay
@@ -315,6 +315,7 @@ def run(
     """Fine-tunes the encoder in ``source`` (workdir or HuggingFace directory) once per seed
     and writes ``WORKDIR/results.json``; returns its contents. ``progress`` shows a bar per
     seed with the loss and the last validation score."""
+    check_local_dir(workdir, "--workdir")
     check_finetune_config(config)
     check_protocol(config)
     reference = config.protocol == "reference"

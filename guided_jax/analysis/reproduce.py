@@ -28,6 +28,7 @@ import ml_collections
 from matplotlib.figure import Figure
 
 from guided_jax.analysis import attention_maps, figures, finetune
+from guided_jax.config.checks import check_local_dir
 from guided_jax.train.loop import train_and_evaluate
 from guided_jax.train.metrics import read_metrics
 
@@ -61,6 +62,7 @@ def train_arms(
     devices: list[jax.Device] | None = None,
 ) -> None:
     """Trains (or resumes) both arms into ``WORKDIR/baseline`` and ``WORKDIR/ag``."""
+    check_local_dir(workdir, "--workdir")
     if not config.guidance.heads.strip():
         raise ValueError("guidance.heads is empty: the AG arm would have nothing to guide")
     for arm in ARMS:

@@ -4,6 +4,7 @@ the key and what was expected, before anything is written."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,19 @@ def check_resolved_config(config: ml_collections.ConfigDict) -> None:
                 f"guidance.heads uses registered patterns {list(spec.user_patterns)}, which "
                 f"model.attention={model.attention!r} cannot score; use 'dense' or 'flash'"
             )
+
+
+def check_local_dir(path: str | os.PathLike, flag: str) -> None:
+    """Runs write to a local or mounted filesystem: an object-storage URL (``gs://...``) is
+    refused before anything is written (``Path`` would turn it into a local folder
+    ``gs:/bucket``)."""
+    text = os.fspath(path)
+    if "://" in text:
+        raise ConfigError(
+            f"{flag} {text!r} is a URL; runs write to a local or mounted filesystem (object "
+            f"storage is not supported as a workdir yet): mount the bucket, e.g. with "
+            f"launch/tpu_vm.sh's gcsfuse mode, and give the mounted path"
+        )
 
 
 def check_schedule(config: ml_collections.ConfigDict) -> None:

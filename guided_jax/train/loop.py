@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from guided_jax import sharding
-from guided_jax.config.checks import check_config, parse_keep_steps
+from guided_jax.config.checks import check_config, check_local_dir, parse_keep_steps
 from guided_jax.config.resolve import ConfigError, with_global_batch
 from guided_jax.data.packing import eval_batches
 from guided_jax.data.pipeline import BlocksWithStarts, train_iterator
@@ -58,6 +58,7 @@ def train_and_evaluate(
 ) -> dict[str, float]:
     """Trains per ``config`` into ``workdir`` on a mesh over ``devices`` (default: every device
     of every process); returns the last logged metrics."""
+    check_local_dir(workdir, "--workdir")
     mesh = sharding.make_mesh(config.mesh, devices)  # before anything is written
     config = with_global_batch(config, sharding.batch_axes_size(mesh))
     check_config(config, mesh)

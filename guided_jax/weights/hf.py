@@ -26,6 +26,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from guided_jax.config.checks import check_local_dir
 from guided_jax.data.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from guided_jax.data.tokenizer import (
     MERGES_FILE,
@@ -251,6 +252,7 @@ def export(
 ) -> Path:
     """Writes ``config.json``, ``model.safetensors`` and the tokenizer files to ``out_dir``
     (``step``, the checkpoint's, is recorded in the weights' metadata)."""
+    check_local_dir(out_dir, "--out")
     config = model.config
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / WEIGHTS_FILE).is_file():

@@ -1,6 +1,7 @@
 """The command line, run as users run it (a fresh process per call)."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,6 +48,18 @@ def test_cli_reports_bad_corpus_without_traceback(tmp_path):
     assert "missing.txt" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_an_object_storage_workdir():
+    """Path("gs://b/run") would be a local folder gs:/b/run: refused before anything exists."""
+    url = "gs://guided-jax-test-bucket/run"
+    try:
+        result = _main("--config", "configs/tiny.py", "--workdir", url)
+        assert result.returncode == 1
+        assert f"guided_jax.main: error: --workdir {url!r} is a URL" in result.stderr
+        assert not (REPO / "gs:").exists()
+    finally:
+        shutil.rmtree(REPO / "gs:", ignore_errors=True)
 
 
 @pytest.mark.slow
