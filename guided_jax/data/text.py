@@ -77,6 +77,8 @@ def read_text_file(path: str | os.PathLike[str], documents: str = "line") -> lis
         ) from None
     text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not part of the text
     if documents == WHOLE_FILE:
+        # Python's text mode, as the reference opens the file: universal newlines
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
         if not text.strip():
             raise CorpusError(f"corpus file {str(path)!r} is empty or only whitespace; {expected}")
         return [text]

@@ -67,7 +67,7 @@ def corpus_sources(config: ml_collections.ConfigDict, key: str) -> list[sources.
     the embedded default corpus, an empty eval value none."""
     found = sources.parse_sources(config.data[key], f"data.{key}", config.data)
     if not found and key == "train_files":
-        if config.data.format == REFERENCE_TEXT:
+        if config.data.get("format", "documents") == REFERENCE_TEXT:
             raise ConfigError(
                 f"data.format={REFERENCE_TEXT!r} reads text files whole, as the reference does; "
                 f"set data.train_files (the embedded default corpus is a set of documents)"
@@ -247,11 +247,11 @@ def prepare(
     run) only reads WORKDIR and the cache."""
     workdir = Path(workdir)
     config, model_dir = resolve_config(config)
+    check_resolved_config(config)
+    check_workdir(config, workdir)
     note = vocab_resize_note(config, model_dir)
     if note and write:
         print(note)
-    check_resolved_config(config)
-    check_workdir(config, workdir)
     train_sources = corpus_sources(config, "train_files")
     eval_sources = corpus_sources(config, "eval_files")
     tokenizer, scratch = _tokenizer(config, workdir, train_sources)

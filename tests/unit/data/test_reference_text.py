@@ -61,6 +61,18 @@ def test_blocks_equal_the_reference_tokenization_of_the_fixture(tmp_path):
     assert len(inputs.eval_blocks) == 0  # every block is trained on: nothing held out
 
 
+def test_files_are_read_with_universal_newlines_as_python_text_mode_reads_them(tmp_path):
+    """The reference opens the file in text mode: CRLF and CR read as LF."""
+    sample = (FIXTURE / "sample.txt").read_text(encoding="utf-8")
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(sample.replace("\n", "\r\n").encode())
+    with open(crlf, encoding="utf-8") as handle:  # what the reference's TextDataset reads
+        assert handle.read() == sample
+    expected = json.loads((FIXTURE / "expected.json").read_text())
+    inputs = prepare(_config(crlf, expected["block_size"]), tmp_path / "run", write=False)
+    np.testing.assert_array_equal(inputs.train_blocks, np.asarray(expected["blocks"]))
+
+
 def test_eval_comes_from_eval_files_only(tmp_path):
     config = _config(FIXTURE / "sample.txt", 34)
     config.data.eval_files = str(FIXTURE / "sample.txt")
