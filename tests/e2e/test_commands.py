@@ -207,10 +207,11 @@ def test_diagnostics_draws_the_heads_of_a_run_trained_with_them(tiny_run, tmp_pa
 
 
 @pytest.mark.slow
-def test_benchmark_times_every_arm_and_appends_a_row(tmp_path):
+def test_benchmark_times_every_arm_and_appends_a_row(tmp_path, corpus_file):
     results = tmp_path / "RESULTS.md"
     args = ("--config", "configs/benchmark.py:tiny", "--steps", 1, "--warmup", 0, "--rounds", 1)
-    stdout = _ok(_run("benchmark", *args, "--nohf", "--results", results))
+    corpus = f"--config.data.train_files={corpus_file}"  # not the embedded corpus: seconds
+    stdout = _ok(_run("benchmark", *args, corpus, "--nohf", "--results", results))
     for pattern in (
         r"ours: step +[\d.]+ ms +\d+ tokens/s",
         r"ours_guided: step +[\d.]+ ms",

@@ -1,6 +1,7 @@
 """One command runs the reference's setup on a reference-style model directory: its config.json
 says 52,000 rows beside a smaller vocabulary (as the Oromo directories do), the training file is
-read whole, <unk> is an MLM target, and the steps come from 3 epochs at 4 examples per device."""
+read whole, <unk> is an MLM target, and the steps come from 3 epochs at 4 examples per device
+(here two devices: a global batch of 8)."""
 
 import json
 import math
@@ -56,18 +57,18 @@ def test_reference_preset_on_a_reference_directory(tmp_path):
             "--config.data.block_size=34",
         ],
         cwd=REPO,
-        env=cli_env(),
+        env=cli_env(devices=2),
         capture_output=True,
         text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = len(json.loads((FIXTURE / "vocab.json").read_text()))
     blocks = len(json.loads((FIXTURE / "expected.json").read_text())["blocks"])
-    steps = int(math.ceil(blocks / 4) * 3)  # 3 epochs, batch 4 on one device, no accumulation
+    steps = int(math.ceil(blocks / 8) * 3)  # 3 epochs, 4 per device on 2, no accumulation
     out = result.stdout
     assert f"model.vocab_size={rows}: the tokenizer's length, not the 52000 of" in out
     assert (
-        f"train.steps={steps}: 3 epochs of {blocks} training blocks at a global batch of 4" in out
+        f"train.steps={steps}: 3 epochs of {blocks} training blocks at a global batch of 8" in out
     )
     assert f"finished at step {steps}:" in out
     saved = json.loads((workdir / "config.json").read_text())
@@ -76,4 +77,5 @@ def test_reference_preset_on_a_reference_directory(tmp_path):
         "reference",
         "reference_text",
     )
-    assert saved["train"]["batch_size"] == 4
+    assert (saved["train"]["batch_size"], saved["train"]["per_device_batch_size"]) == (8, 4)
+    assert "over 2 devices" in out

@@ -1,17 +1,14 @@
-"""The reference's run length and batch: steps counted from epochs as its trainer counts them,
-and a per-device batch that becomes the global one on the run's devices."""
+"""The reference's run length: steps counted from epochs as its trainer counts them (a whole
+run with a per-device batch on two devices: tests/e2e/test_reference_run.py)."""
 
 import json
 import math
 
-import jax
 import pytest
 
 from guided_jax.config import ConfigError
 from guided_jax.config.resolve import steps_for_epochs
 from guided_jax.train.inputs import prepare
-from guided_jax.train.loop import train_and_evaluate
-from guided_jax.train.metrics import read_metrics
 
 
 def _reference_steps(blocks: int, per_step: int, accum: int, epochs: float) -> int:
@@ -53,19 +50,3 @@ def test_epochs_that_make_no_step_are_refused(tiny_config, tmp_path):
     with pytest.raises(ConfigError, match=r"train\.epochs=1e-06 over \d+ training blocks"):
         prepare(tiny_config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
-
-
-def test_per_device_batch_times_devices_and_accumulation_is_the_global_batch(tiny_config, tmp_path):
-    """--per_gpu_train_batch_size 2 on two devices with two micro-batches: 8 per step."""
-    tiny_config.train.update(per_device_batch_size=2, grad_accum_steps=2, epochs=0.3)
-    tiny_config.train.update(warmup_steps=0, log_every=1, eval_every=0, checkpoint_every=0)
-    workdir = tmp_path / "run"
-    train_and_evaluate(tiny_config, workdir, devices=jax.devices()[:2])
-    saved = json.loads((workdir / "config.json").read_text())["train"]
-    assert (saved["batch_size"], saved["per_device_batch_size"]) == (8, 2)
-    blocks = len(prepare(tiny_config, tmp_path / "count", write=False).train_blocks)
-    steps = _reference_steps(blocks, 8, 2, 0.3)
-    assert steps >= 2 and saved["steps"] == steps
-    assert [r["step"] for r in read_metrics(workdir) if "mlm_loss" in r] == list(
-        range(1, steps + 1)
-    )
