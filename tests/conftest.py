@@ -1,9 +1,11 @@
 """Test setup: CPU only, 8 fake devices, set before jax is imported anywhere."""
 
+import fcntl
 import os
+import shutil
 
 os.environ["JAX_PLATFORMS"] = "cpu"
-# Test files run two at a time on two cores: each XLA computation on one thread.
+# Test files run in parallel worker processes on two cores: each XLA computation on one thread.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + " --xla_force_host_platform_device_count=8 --xla_cpu_multi_thread_eigen=false"
@@ -89,21 +91,41 @@ def tiny_config(corpus_file: pathlib.Path):
     return config
 
 
+def shared_by_workers(tmp_path_factory, name: str, build) -> pathlib.Path:
+    """``build(directory)``'s result, made once per test session even when test files run in
+    several worker processes (the first worker builds it under a lock, the others wait and
+    read it): for the session's read-only runs, which cost a training run each."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the base directory every worker of this session shares
+    directory, done = root / f"shared_{name}", root / f"shared_{name}.done"
+    with open(root / f"shared_{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            build(directory)
+            done.touch()
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> pathlib.Path:
     """A finished configs/tiny.py run on one device with head diagnostics (the encoder and
-    metrics that analysis tests and commands read)."""
-    import jax
+    metrics that analysis tests and commands read; never written to)."""
 
-    from guided_jax.config import load_config
-    from guided_jax.train.loop import train_and_evaluate
+    def build(root: pathlib.Path) -> None:
+        import jax
 
-    root = tmp_path_factory.mktemp("tiny_run")
-    config = load_config(str(REPO / "configs" / "tiny.py"))
-    config.data.train_files = str(write_corpus(root / "corpus.txt"))
-    config.train.diagnostics = True
-    train_and_evaluate(config, root / "run", devices=jax.devices()[:1])
-    return root / "run"
+        from guided_jax.config import load_config
+        from guided_jax.train.loop import train_and_evaluate
+
+        config = load_config(str(REPO / "configs" / "tiny.py"))
+        config.data.train_files = str(write_corpus(root / "corpus.txt"))
+        config.train.diagnostics = True
+        train_and_evaluate(config, root / "run", devices=jax.devices()[:1])
+
+    return shared_by_workers(tmp_path_factory, "tiny_run", build) / "run"
 
 
 def small_model(**changes):
@@ -200,14 +222,19 @@ def assert_runs_match(reference, other, rtol=1e-5, step=STEPS):
 @pytest.fixture(scope="session")
 def run_corpus(tmp_path_factory) -> pathlib.Path:
     """The corpus of the runs compared across meshes and processes."""
-    return write_corpus(tmp_path_factory.mktemp("run_corpus") / "corpus.txt")
+    directory = shared_by_workers(
+        tmp_path_factory, "run_corpus", lambda root: write_corpus(root / "corpus.txt")
+    )
+    return directory / "corpus.txt"
 
 
 @pytest.fixture(scope="session")
 def sharded_run(run_corpus, tmp_path_factory) -> pathlib.Path:
-    """``run_config`` trained in this process on a data=2, fsdp=2, tensor=2 mesh of 8 devices."""
-    from guided_jax.train.loop import train_and_evaluate
+    """``run_config`` trained on a data=2, fsdp=2, tensor=2 mesh of 8 devices (never written to)."""
 
-    workdir = tmp_path_factory.mktemp("sharded") / "run"
-    train_and_evaluate(run_config(run_corpus, data=2, fsdp=2, tensor=2), workdir)
-    return workdir
+    def build(root: pathlib.Path) -> None:
+        from guided_jax.train.loop import train_and_evaluate
+
+        train_and_evaluate(run_config(run_corpus, data=2, fsdp=2, tensor=2), root / "run")
+
+    return shared_by_workers(tmp_path_factory, "sharded_run", build) / "run"
