@@ -47,18 +47,10 @@ from guided_jax.data.tables import FinetuneError, Task, encode, load_task
 from guided_jax.model import EncoderForMLM, Params, build_model, model_params
 from guided_jax.train.optimizer import adamw, warmup_linear_decay
 
-__all__ = [
-    "PROTOCOLS", "FinetuneError", "check_protocol", "format_results", "run", "scores",
-    "train_one_seed",
-]  # fmt: skip
+__all__ = ["FinetuneError", "format_results", "run", "scores", "train_one_seed"]
 
 # The metric that picks the best checkpoint (GLUE's headline metric of each task).
 SELECTION_METRIC = {"cola": "mcc", "stsb": "pearson"}
-
-# "selected": validate, stop early, score the best checkpoint; "reference": train on every row
-# for a fixed number of epochs and score the final parameters (configs/finetune.py:reference).
-PROTOCOLS = ("selected", "reference")
-
 
 # ----------------------------------------------------------------------------- model
 
@@ -125,25 +117,6 @@ def selection_metric(task: Task) -> str:
 
 
 # ----------------------------------------------------------------------------- protocol
-
-
-def check_protocol(config: ml_collections.ConfigDict) -> None:
-    """``protocol`` and the optimizer settings beside the values
-    :func:`~guided_jax.config.checks.check_finetune_config` checks."""
-    if config.protocol not in PROTOCOLS:
-        raise FinetuneError(
-            f"config protocol must be one of {list(PROTOCOLS)}, got {config.protocol!r}"
-        )
-    if config.protocol == "reference" and config.data.validation_file:
-        raise FinetuneError(
-            f"config data.validation_file must be empty with protocol='reference' (it trains "
-            f"on the whole train split and validates nothing), got "
-            f"{config.data.validation_file!r}"
-        )
-    if not config.adam_eps > 0:
-        raise FinetuneError(f"config adam_eps must be positive, got {config.adam_eps}")
-    if not config.grad_clip_norm >= 0:
-        raise FinetuneError(f"config grad_clip_norm must be >= 0, got {config.grad_clip_norm}")
 
 
 def steps_per_epoch(rows: int, batch_size: int, protocol: str) -> int:
@@ -317,7 +290,6 @@ def run(
     seed with the loss and the last validation score."""
     check_local_dir(workdir, "--workdir")
     check_finetune_config(config)
-    check_protocol(config)
     reference = config.protocol == "reference"
     seeds = parse_seeds(config.seeds)
     loaded = weights.load(source, step)

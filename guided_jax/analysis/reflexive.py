@@ -133,11 +133,10 @@ def encode(
     examples, split = [], []
     for sentence in sentences:
         text = " ".join(sentence.words)
-        if len(tokenizer.encode_offsets(text)[0]) != len(sentence.words):
+        if len(tokenizer.encode_batch([text])[0]) != len(sentence.words):
             continue
         clause = rng.sample(DISTRACTORS, k=1)[0]
-        clause_ids = tokenizer.encode_offsets(clause)[0]
-        ids = tokenizer.encode_offsets(clause + " " + text)[0]
+        clause_ids, ids = tokenizer.encode_batch([clause, clause + " " + text])
         if ids[: len(clause_ids)] != clause_ids or len(ids) != len(clause_ids) + len(
             sentence.words
         ):

@@ -13,7 +13,7 @@ import ml_collections
 
 from guided_jax import sharding
 from guided_jax.config.resolve import ConfigError, build_model_config, head_spec, resolve_config
-from guided_jax.data.tables import FinetuneError
+from guided_jax.data.tables import PROTOCOLS, FinetuneError
 from guided_jax.data.text import DOCUMENT_MODES, FORMATS
 from guided_jax.data.tokenizer import KINDS, MLM_TARGETS
 from guided_jax.model.hf_config import WEIGHTS_FILE, architecture_differences, model_config_of
@@ -234,6 +234,18 @@ def check_finetune_config(config: ml_collections.ConfigDict) -> None:
     # eval_every 0: each epoch; patience 0: never stop early.
     keys = ("eval_every", "patience", "weight_decay", "split_seed")
     _require_non_negative(config, *keys, error=error)
+    require_positive(config, "adam_eps", error=error)
+    _require_non_negative(config, "grad_clip_norm", error=error)
+    if config.protocol not in PROTOCOLS:
+        raise FinetuneError(
+            f"config protocol must be one of {list(PROTOCOLS)}, got {config.protocol!r}"
+        )
+    if config.protocol == "reference" and config.data.validation_file:
+        raise FinetuneError(
+            f"config data.validation_file must be empty with protocol='reference' (it trains "
+            f"on the whole train split and validates nothing), got "
+            f"{config.data.validation_file!r}"
+        )
     _require_fraction(config, "warmup_fraction", "classifier_dropout", error=error)
     fraction = config.data.validation_fraction
     if not 0.0 < fraction < 1.0:

@@ -32,7 +32,13 @@ import numpy as np
 from etils import epath
 
 from guided_jax.data.default_corpus import default_corpus
-from guided_jax.data.text import REFERENCE_TEXT, WHOLE_FILE, CorpusError, read_text_file
+from guided_jax.data.text import (
+    REFERENCE_TEXT,
+    WHOLE_FILE,
+    CorpusError,
+    read_text_file,
+    reads_whole_files,
+)
 
 TFDS_PREFIX = "tfds:"
 # NAME[/CONFIG][:VERSION]:SPLIT, where SPLIT may be a TFDS slice such as train[:90%].
@@ -277,7 +283,7 @@ def parse_sources(value: str, key: str, data_config: Any) -> list[Source]:
     sources: list[Source] = []
     files: list[str] = []
 
-    reference = data_config.get("format", "documents") == REFERENCE_TEXT
+    reference = reads_whole_files(data_config)
 
     def flush_files() -> None:
         if files:

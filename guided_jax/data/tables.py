@@ -312,6 +312,12 @@ def _as_split(table: _Table, label_ids: dict[str, int] | None, numeric: bool) ->
     return Split(table.texts, np.asarray([label_ids[c] for c in classes], np.int32))
 
 
+# Fine-tuning protocols (config.protocol): "selected" validates on held-out rows, stops early and
+# scores the best checkpoint; "reference" trains on every row for a fixed number of epochs and
+# scores the final parameters (configs/finetune.py:reference).
+PROTOCOLS = ("selected", "reference")
+
+
 def _hold_out(train: Split, config: ml_collections.ConfigDict) -> tuple[Split, Split]:
     """``(train, validation)``: a fixed random ``data.validation_fraction`` of ``train`` held
     out (the same for every fine-tuning seed); nothing with ``protocol="reference"``, which

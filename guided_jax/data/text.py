@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Sequence
+from typing import Any
 
 from etils import epath
 
@@ -40,6 +41,12 @@ DOCUMENT_MODES = ("line", "paragraph")
 REFERENCE_TEXT = "reference_text"
 FORMATS = ("documents", REFERENCE_TEXT)
 WHOLE_FILE = "file"
+
+
+def reads_whole_files(data_config: Any) -> bool:
+    """Whether a config's ``data`` section asks for the reference's token stream
+    (``data.format=reference_text``; configs written before the key read documents)."""
+    return data_config.get("format", "documents") == REFERENCE_TEXT
 
 
 def read_text_file(path: str | os.PathLike[str], documents: str = "line") -> list[str]:

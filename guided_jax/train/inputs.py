@@ -31,7 +31,7 @@ from guided_jax.config.resolve import (
 from guided_jax.data import sources, token_cache
 from guided_jax.data.packing import split_blocks
 from guided_jax.data.pipeline import batch_dataset
-from guided_jax.data.text import REFERENCE_TEXT
+from guided_jax.data.text import REFERENCE_TEXT, reads_whole_files
 from guided_jax.data.tokenizer import (
     Tokenizer,
     has_tokenizer_files,
@@ -67,7 +67,7 @@ def corpus_sources(config: ml_collections.ConfigDict, key: str) -> list[sources.
     the embedded default corpus, an empty eval value none."""
     found = sources.parse_sources(config.data[key], f"data.{key}", config.data)
     if not found and key == "train_files":
-        if config.data.get("format", "documents") == REFERENCE_TEXT:
+        if reads_whole_files(config.data):
             raise ConfigError(
                 f"data.format={REFERENCE_TEXT!r} reads text files whole, as the reference does; "
                 f"set data.train_files (the embedded default corpus is a set of documents)"
@@ -119,7 +119,7 @@ class _Blocks:
     ) -> None:
         self.scratch: Path | None = None
         self.with_starts = bool(config.data.get("document_masks", False))
-        reference = config.data.get("format", "documents") == REFERENCE_TEXT
+        reference = reads_whole_files(config.data)
         separator = "" if reference else "\n"  # whole files keep their own newlines
         self.starts: np.ndarray | None = None
         block_size = config.data.block_size
@@ -218,25 +218,6 @@ def _cached_source_blocks(path: str, tokenizer: Tokenizer, block_size: int) -> n
     return blocks
 
 
-def make_objective(
-    config: ml_collections.ConfigDict,
-    model: ModelConfig,
-    spec: Spec | None,
-    token_ids: tuple[int, ...],
-    tokenizer: Tokenizer,
-) -> Objective:
-    """The values of a resolved config that the compiled steps read."""
-    return Objective.from_config(
-        config,
-        vocab_size=tokenizer.vocab_size,
-        mask_id=tokenizer.mask_id,
-        special_ids=tokenizer.special_ids,
-        pad_id=model.pad_token_id,
-        spec=spec,
-        token_ids=token_ids,
-    )
-
-
 def prepare(
     config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, write: bool = True
 ) -> RunInputs:
@@ -286,7 +267,15 @@ def prepare(
     starts: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
     if config.data.get("document_masks", False):
         starts = _split(config, [b.starts for b in built])
-    objective = make_objective(config, model, spec, token_ids, tokenizer)
+    objective = Objective.from_config(
+        config,
+        vocab_size=tokenizer.vocab_size,
+        mask_id=tokenizer.mask_id,
+        special_ids=tokenizer.special_ids,
+        pad_id=model.pad_token_id,
+        spec=spec,
+        token_ids=token_ids,
+    )
     return RunInputs(
         config, model, spec, token_ids, tokenizer, train_blocks, eval_blocks, objective, *starts
     )
@@ -316,7 +305,7 @@ def _split(
     with data.format=reference_text: the reference trains on every block)."""
     if len(parts) == 2:
         train_blocks, eval_blocks = parts
-    elif config.data.get("format", "documents") == REFERENCE_TEXT:
+    elif reads_whole_files(config.data):
         train_blocks, eval_blocks = parts[0], parts[0][:0]
     else:
         train_blocks, eval_blocks = split_blocks(parts[0], config.data.eval_fraction)
