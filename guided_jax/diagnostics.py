@@ -8,8 +8,6 @@ Only parses flags; the work happens in :func:`guided_jax.analysis.head_history.p
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from absl import app, flags
 
 from guided_jax import cli
@@ -22,9 +20,10 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv: list[str]) -> None:
     from guided_jax.analysis.head_history import plot_history
+    from guided_jax.storage import as_path
     from guided_jax.train.metrics import read_metrics
 
-    workdir = Path(_WORKDIR.value)
+    workdir = as_path(_WORKDIR.value)
     with cli.command("diagnostics", argv):
         if not (workdir / "metrics.jsonl").is_file():
             raise FileNotFoundError(f"{str(workdir / 'metrics.jsonl')!r} does not exist")

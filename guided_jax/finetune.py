@@ -14,8 +14,6 @@ Only parses flags; the work happens in :func:`guided_jax.analysis.finetune.run`.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -34,11 +32,12 @@ flags.mark_flags_as_required(["config", "pretrained", "workdir"])
 
 def main(argv: list[str]) -> None:
     from guided_jax.analysis import finetune
+    from guided_jax.storage import as_path
 
     with cli.command("finetune", argv):
         results = finetune.run(_CONFIG.value, _PRETRAINED.value, _WORKDIR.value, step=_STEP.value)
     print(finetune.format_results(results))
-    print(f"wrote {Path(_WORKDIR.value) / 'results.json'}")
+    print(f"wrote {as_path(_WORKDIR.value) / 'results.json'}")
 
 
 if __name__ == "__main__":

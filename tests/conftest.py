@@ -238,3 +238,54 @@ def sharded_run(run_corpus, tmp_path_factory) -> pathlib.Path:
         train_and_evaluate(run_config(run_corpus, data=2, fsdp=2, tensor=2), root / "run")
 
     return shared_by_workers(tmp_path_factory, "sharded_run", build) / "run"
+
+
+INTERRUPTED_STEPS = 60
+
+
+def interrupted_run_args(corpus) -> list[str]:
+    """The CLI flags of the run that the kill -9 tests interrupt and resume (configs/tiny.py as
+    :func:`interrupted_run_config` sets it)."""
+    return [
+        "--config=configs/tiny.py",
+        f"--config.data.train_files={corpus}",
+        f"--config.train.steps={INTERRUPTED_STEPS}",
+        "--config.train.log_every=1",
+        "--config.train.eval_every=30",
+        "--config.train.checkpoint_every=20",
+    ]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(run_corpus, tmp_path_factory) -> pathlib.Path:
+    """The kill -9 tests' run (:func:`interrupted_run_args`) trained without a stop, on one
+    device (never written to)."""
+
+    def build(root: pathlib.Path) -> None:
+        import jax
+
+        from guided_jax.train.loop import train_and_evaluate
+
+        config = run_config(run_corpus)
+        config.train.update(steps=INTERRUPTED_STEPS, checkpoint_every=20, eval_every=30)
+        train_and_evaluate(config, root / "run", devices=jax.devices()[:1])
+
+    return shared_by_workers(tmp_path_factory, "uninterrupted_run", build) / "run"
+
+
+@pytest.fixture(scope="session")
+def gcs_root():
+    """``gs://`` URL of a bucket in a local Cloud Storage emulator (one per worker process,
+    started on first use; see gcs_emulator.py)."""
+    import gcs_emulator
+
+    with gcs_emulator.start() as url:
+        yield url
+
+
+@pytest.fixture
+def gcs_dir(gcs_root, request) -> str:
+    """A ``gs://`` prefix of the emulator's bucket that no other test uses."""
+    import uuid
+
+    return f"{gcs_root}/{request.node.name}-{uuid.uuid4().hex[:8]}"

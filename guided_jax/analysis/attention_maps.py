@@ -8,11 +8,11 @@ Uses matplotlib's object API (a ``Figure`` rendered by Agg), so no display is ne
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from matplotlib.figure import Figure
 
 from guided_jax import weights
@@ -21,6 +21,7 @@ from guided_jax.config.resolve import head_spec
 from guided_jax.data.tokenizer import Tokenizer
 from guided_jax.guidance import HeadSpec
 from guided_jax.model import EncoderForMLM
+from guided_jax.storage import as_path
 
 # Tick labels are drawn only for sentences this short; longer ones would be unreadable.
 _MAX_LABELLED_TOKENS = 24
@@ -70,7 +71,7 @@ def plot_attention_grid(
     *,
     title: str = "",
     head_names: list[str] | None = None,
-) -> Path:
+) -> epath.Path:
     """Draws ``maps`` ``[layers, heads, n, n]`` (rows: query tokens, columns: keys) as a grid
     of heat maps, one row per layer, and saves it as a PNG."""
     layers, heads, n, _ = maps.shape
@@ -103,7 +104,7 @@ def draw(
     step: int | None = None,
     max_tokens: int = 32,
     title: str | None = None,
-) -> Path:
+) -> epath.Path:
     """Loads ``source`` (a workdir's checkpoint ``step``, or a HuggingFace directory), draws its
     attention for ``text`` and returns the PNG's path (default ``SOURCE/attention_stepN.png``)."""
     loaded = weights.load(source, step)
@@ -114,7 +115,7 @@ def draw(
     return plot_attention_grid(
         maps,
         token_labels(loaded.tokenizer, ids),
-        out or Path(source) / name,
-        title=title if title is not None else f"{Path(source).name}{where}",
+        out or as_path(source) / name,
+        title=title if title is not None else f"{as_path(source).name}{where}",
         head_names=head_titles(loaded.run_config, maps.shape[1]),
     )

@@ -28,7 +28,6 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -42,9 +41,10 @@ from sklearn import metrics as skm
 from tqdm import tqdm
 
 from guided_jax import weights
-from guided_jax.config.checks import check_finetune_config, check_local_dir, parse_seeds
+from guided_jax.config.checks import check_finetune_config, parse_seeds
 from guided_jax.data.tables import FinetuneError, Task, encode, load_task
 from guided_jax.model import EncoderForMLM, Params, build_model, model_params
+from guided_jax.storage import as_path, check_location
 from guided_jax.train.optimizer import adamw, warmup_linear_decay
 
 __all__ = ["FinetuneError", "format_results", "run", "scores", "train_one_seed"]
@@ -288,7 +288,7 @@ def run(
     """Fine-tunes the encoder in ``source`` (workdir or HuggingFace directory) once per seed
     and writes ``WORKDIR/results.json``; returns its contents. ``progress`` shows a bar per
     seed with the loss and the last validation score."""
-    check_local_dir(workdir, "--workdir")
+    check_location(workdir, "--workdir")
     check_finetune_config(config)
     reference = config.protocol == "reference"
     seeds = parse_seeds(config.seeds)
@@ -331,7 +331,7 @@ def run(
         "metrics": {m: mean_std([r["eval"][m] for r in runs]) for m in metric_names},
         "runs": runs,
     }
-    out = Path(workdir)
+    out = as_path(workdir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 from matplotlib.figure import Figure
 
 from guided_jax.analysis import figures
@@ -35,7 +35,7 @@ def history(records: Sequence[dict], quantity: str) -> tuple[list[int], np.ndarr
 
 def plot_history(
     records: Sequence[dict], path: str | os.PathLike, *, panels: int = 6, title: str = ""
-) -> Path:
+) -> epath.Path:
     """Layers x heads heat maps of ``mass`` (top row) and ``entropy`` (bottom row) at up to
     ``panels`` logged steps spread over the run, saved as a PNG."""
     steps, mass = history(records, "mass")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Protocol
 
 import jax
@@ -28,6 +27,7 @@ from guided_jax import weights
 from guided_jax.analysis import anaphora, reflexive
 from guided_jax.data.tokenizer import Tokenizer
 from guided_jax.model import EncoderForMLM
+from guided_jax.storage import as_path
 
 
 class Probed(Protocol):
@@ -250,7 +250,7 @@ def run(
     results, sets = [], []
     for source in [workdir] + ([compare] if compare else []):
         loaded = weights.load(source, step)
-        where = f"{Path(source).name}" + ("" if loaded.step is None else f"@{loaded.step}")
+        where = f"{as_path(source).name}" + ("" if loaded.step is None else f"@{loaded.step}")
         if protocol == "extended":
             results.append(probe(loaded.model, loaded.tokenizer, examples, name=where))
             continue
@@ -278,5 +278,5 @@ def run(
                 "read": sets[0].read,
                 "kept": [{"line": line, "clause": clause} for line, clause in sets[0].draws],
             }
-        Path(json_path).write_text(json.dumps(payload, indent=2) + "\n")
+        as_path(json_path).write_text(json.dumps(payload, indent=2) + "\n")
     return results[0], results[1] if compare else None, report

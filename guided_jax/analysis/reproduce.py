@@ -20,15 +20,15 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 from matplotlib.figure import Figure
 
 from guided_jax.analysis import attention_maps, figures, finetune
-from guided_jax.config.checks import check_local_dir
+from guided_jax.storage import as_path, check_location
 from guided_jax.train.loop import train_and_evaluate
 from guided_jax.train.metrics import read_metrics
 
@@ -62,12 +62,12 @@ def train_arms(
     devices: list[jax.Device] | None = None,
 ) -> None:
     """Trains (or resumes) both arms into ``WORKDIR/baseline`` and ``WORKDIR/ag``."""
-    check_local_dir(workdir, "--workdir")
+    check_location(workdir, "--workdir")
     if not config.guidance.heads.strip():
         raise ValueError("guidance.heads is empty: the AG arm would have nothing to guide")
     for arm in ARMS:
-        print(f"--- {LABELS[arm]}: {Path(workdir) / arm}")
-        train_and_evaluate(arm_config(config, arm), Path(workdir) / arm, devices=devices)
+        print(f"--- {LABELS[arm]}: {as_path(workdir) / arm}")
+        train_and_evaluate(arm_config(config, arm), as_path(workdir) / arm, devices=devices)
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -92,7 +92,7 @@ def summarize_arm(workdir: str | os.PathLike) -> ArmSummary:
     trains = [r for r in records if r.get("mlm_loss") is not None]
     if not evals or not trains:
         raise ValueError(
-            f"{Path(workdir) / 'metrics.jsonl'} has no eval_mlm_loss or mlm_loss records; the "
+            f"{as_path(workdir) / 'metrics.jsonl'} has no eval_mlm_loss or mlm_loss records; the "
             f"report needs train.eval_every > 0 and a held-out split"
         )
     return ArmSummary(
@@ -112,7 +112,7 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
 
 def summarize(workdir: str | os.PathLike) -> dict[str, Any]:
     """Both arms' numbers and the steps AG needs to reach the baseline's final eval loss."""
-    arms = {arm: summarize_arm(Path(workdir) / arm) for arm in ARMS}
+    arms = {arm: summarize_arm(as_path(workdir) / arm) for arm in ARMS}
     target = arms["baseline"].final_eval_mlm_loss
     reach = steps_to_reach(arms["ag"].eval_curve, target)
     return {
@@ -130,7 +130,7 @@ def _figure() -> tuple[Figure, Any]:
     return figure, figure.subplots()
 
 
-def plot_mlm_loss(workdir: Path, path: Path) -> Path:
+def plot_mlm_loss(workdir: epath.Path, path: epath.Path) -> epath.Path:
     """Train (lines) and eval (markers) MLM loss of both arms against the step."""
     figure, ax = _figure()
     for arm, color in zip(ARMS, ("tab:gray", "tab:blue"), strict=True):
@@ -148,7 +148,7 @@ def plot_mlm_loss(workdir: Path, path: Path) -> Path:
     return figures.save(figure, path)
 
 
-def plot_ag_loss(workdir: Path, path: Path) -> Path:
+def plot_ag_loss(workdir: epath.Path, path: epath.Path) -> epath.Path:
     """The AG arm's training AG loss, and both arms' AG loss at eval (log scale)."""
     figure, ax = _figure()
     ag_records = read_metrics(workdir / "ag")
@@ -168,7 +168,7 @@ def plot_ag_loss(workdir: Path, path: Path) -> Path:
     return figures.save(figure, path)
 
 
-def plot_attention(workdir: Path, text: str, total_steps: int) -> dict[str, dict[str, str]]:
+def plot_attention(workdir: epath.Path, text: str, total_steps: int) -> dict[str, dict[str, str]]:
     """Attention grids of both arms at each snapshot: ``{arm: {"0%": file, ...}}``."""
     files: dict[str, dict[str, str]] = {}
     for arm in ARMS:
@@ -214,9 +214,9 @@ def write_report(
     text: str = DEFAULT_TEXT,
     finetune: dict[str, Any] | None = None,
     command: str | None = None,
-) -> Path:
+) -> epath.Path:
     """Reads both arms' metrics and writes ``report.md``, ``report.json`` and the PNGs."""
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     summary = summarize(workdir)
     arms = summary["arms"]
     total = config.train.steps
@@ -291,8 +291,8 @@ def finetune_arms(
     """Fine-tunes each arm's final checkpoint on the same task with the same seeds."""
     results: dict[str, Any] = {}
     for arm in ARMS:
-        out = Path(workdir) / f"finetune_{arm}"
-        results[arm] = finetune.run(finetune_config, Path(workdir) / arm, out)
+        out = as_path(workdir) / f"finetune_{arm}"
+        results[arm] = finetune.run(finetune_config, as_path(workdir) / arm, out)
     results["task"] = results["ag"]["task"]
     results["seeds"] = len(results["ag"]["runs"])
     return results
@@ -306,7 +306,7 @@ def reproduce(
     finetune_config: ml_collections.ConfigDict | None = None,
     devices: list[jax.Device] | None = None,
     command: str | None = None,
-) -> Path:
+) -> epath.Path:
     """Trains both arms, fine-tunes them if a task is given, and writes the report."""
     train_arms(config, workdir, devices=devices)
     finetune = finetune_arms(workdir, finetune_config) if finetune_config is not None else None

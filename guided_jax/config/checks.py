@@ -4,8 +4,6 @@ the key and what was expected, before anything is written."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -17,6 +15,7 @@ from guided_jax.data.tables import PROTOCOLS, FinetuneError
 from guided_jax.data.text import DOCUMENT_MODES, FORMATS
 from guided_jax.data.tokenizer import KINDS, MLM_TARGETS
 from guided_jax.model.hf_config import WEIGHTS_FILE, architecture_differences, model_config_of
+from guided_jax.storage import as_path
 
 
 def _value(config: ml_collections.ConfigDict, key: str) -> Any:
@@ -141,19 +140,6 @@ def check_resolved_config(config: ml_collections.ConfigDict) -> None:
             )
 
 
-def check_local_dir(path: str | os.PathLike, flag: str) -> None:
-    """Runs write to a local or mounted filesystem: an object-storage URL (``gs://...``) is
-    refused before anything is written (``Path`` would turn it into a local folder
-    ``gs:/bucket``)."""
-    text = os.fspath(path)
-    if "://" in text:
-        raise ConfigError(
-            f"{flag} {text!r} is a URL; runs write to a local or mounted filesystem (object "
-            f"storage is not supported as a workdir yet): mount the bucket, e.g. with "
-            f"launch/tpu_vm.sh's gcsfuse mode, and give the mounted path"
-        )
-
-
 def check_schedule(config: ml_collections.ConfigDict) -> None:
     """Warm-up must fit in the run's steps."""
     require_positive(config, "train.steps")
@@ -198,9 +184,9 @@ def check_init_from(config: ml_collections.ConfigDict) -> None:
         weights = model_config_of(directory)
     except ValueError as error:
         raise ConfigError(f"train.init_from: {error}") from None
-    if not (Path(directory) / WEIGHTS_FILE).is_file():
+    if not (as_path(directory) / WEIGHTS_FILE).is_file():
         raise ConfigError(
-            f"train.init_from: {str(Path(directory) / WEIGHTS_FILE)!r} does not exist"
+            f"train.init_from: {str(as_path(directory) / WEIGHTS_FILE)!r} does not exist"
         )
     resolved, _ = resolve_config(config)
     vocab = weights.vocab_size if resolved.model.vocab_size == -1 else None

@@ -5,7 +5,7 @@ workdir belongs to one config."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 from typing import Any
 
 import ml_collections
@@ -14,6 +14,7 @@ from guided_jax.data.tokenizer import Tokenizer, detect_kind, load_tokenizer
 from guided_jax.guidance import Spec, parse_spec
 from guided_jax.model import ModelConfig
 from guided_jax.model.hf_config import DEFAULT_PAD_IDS, ModelDir, read_model_dir
+from guided_jax.storage import as_path
 
 
 class ConfigError(ValueError):
@@ -184,9 +185,9 @@ ADDED_KEYS = {
 }
 
 
-def check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
+def check_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
     """A workdir belongs to one config: resuming it with another would mix two runs."""
-    saved = workdir / "config.json"
+    saved = as_path(workdir) / "config.json"
     if not saved.exists():
         return
     previous = json.loads(saved.read_text())

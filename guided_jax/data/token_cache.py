@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from guided_jax import storage
 from guided_jax.data.packing import BlockPacker
 from guided_jax.data.text import CorpusError
 from guided_jax.data.tokenizer import Tokenizer
@@ -76,16 +77,40 @@ def cache_key(
     return hashlib.sha256(text.encode()).hexdigest()[:24], parts
 
 
+def _local_entry(path: str | os.PathLike[str]) -> Path | None:
+    """The entry at ``path`` on the local filesystem, or None when there is no complete one: a
+    local entry itself; for ``gs://`` a local copy, downloaded again when its meta.json is not
+    the bucket's (every process of a run reads the entry that process 0 built)."""
+    if not storage.is_remote(path):
+        local = Path(path)
+        return local if (local / META_FILE).is_file() else None
+    meta_file = storage.as_path(path) / META_FILE
+    if not meta_file.exists():
+        return None
+    local = storage.local_copy_dir(path)
+    copied = local / META_FILE
+    if not (copied.is_file() and copied.read_text() == meta_file.read_text()):
+        storage.local_copy(path)
+    return local
+
+
+def _entry(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any], tuple[int, int]] | None:
+    """``(local directory, meta, (num_blocks, block_size))`` of a complete entry, or None."""
+    local = _local_entry(path)
+    if local is None:
+        return None
+    meta = json.loads((local / META_FILE).read_text())
+    return local, meta, (int(meta["num_blocks"]), int(meta["block_size"]))
+
+
 def load(path: str | os.PathLike[str]) -> np.ndarray | None:
     """The blocks of a complete entry at ``path`` (read-only memmap), or None if there is none."""
-    path = Path(path)
-    meta_file = path / META_FILE
-    if not meta_file.is_file():
+    entry = _entry(path)
+    if entry is None:
         return None
-    meta = json.loads(meta_file.read_text())
-    shape = (int(meta["num_blocks"]), int(meta["block_size"]))
-    blocks_file = path / BLOCKS_FILE
-    if blocks_file.stat().st_size != shape[0] * shape[1] * 4:
+    local, _, shape = entry
+    blocks_file = local / BLOCKS_FILE
+    if not blocks_file.is_file() or blocks_file.stat().st_size != shape[0] * shape[1] * 4:
         raise CorpusError(
             f"token cache {str(path)!r} is damaged ({BLOCKS_FILE} does not hold {shape[0]} "
             f"blocks of {shape[1]}); delete that directory to rebuild it"
@@ -96,15 +121,11 @@ def load(path: str | os.PathLike[str]) -> np.ndarray | None:
 def load_starts(path: str | os.PathLike[str]) -> np.ndarray | None:
     """The document-start flags of a complete entry (read-only uint8 memmap, the blocks'
     shape), or None if the entry was built without them."""
-    path = Path(path)
-    meta_file = path / META_FILE
-    if not meta_file.is_file():
+    entry = _entry(path)
+    if entry is None or not entry[1].get("document_starts"):
         return None
-    meta = json.loads(meta_file.read_text())
-    if not meta.get("document_starts"):
-        return None
-    shape = (int(meta["num_blocks"]), int(meta["block_size"]))
-    starts_file = path / STARTS_FILE
+    local, _, shape = entry
+    starts_file = local / STARTS_FILE
     if not starts_file.is_file() or starts_file.stat().st_size != shape[0] * shape[1]:
         raise CorpusError(
             f"token cache {str(path)!r} is damaged ({STARTS_FILE} does not hold {shape[0]} "
@@ -115,13 +136,32 @@ def load_starts(path: str | os.PathLike[str]) -> np.ndarray | None:
 
 def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     """``meta.json`` of an entry; a clear error if ``path`` is not one."""
-    meta_file = Path(path) / META_FILE
+    meta_file = storage.as_path(path) / META_FILE
     if not meta_file.is_file():
         raise CorpusError(
             f"{str(path)!r} is not a token cache (no {META_FILE}); expected a directory under "
             "data.cache_dir written by an earlier run"
         )
     return json.loads(meta_file.read_text())
+
+
+def publish(built: Path, final: str | os.PathLike[str]) -> None:
+    """Moves the complete local entry ``built`` to ``final``, unless an equal entry (the same
+    key) got there first. On ``gs://`` it is uploaded with meta.json last, and ``built``
+    becomes the local copy that :func:`load` reads."""
+    if load(final) is not None:
+        shutil.rmtree(built, ignore_errors=True)
+        return
+    if storage.is_remote(final):
+        storage.copy_tree(built, final, last=META_FILE)
+        local = storage.local_copy_dir(final)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        storage.replace_dir(built, local)
+        return
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(final, ignore_errors=True)
+    shutil.move(built, final)
 
 
 def build(

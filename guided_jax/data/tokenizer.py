@@ -22,6 +22,8 @@ from typing import Any
 
 from tokenizers import AddedToken, BertWordPieceTokenizer, ByteLevelBPETokenizer
 
+from guided_jax import storage
+
 __all__ = [
     "KINDS",
     "SPECIAL_TOKENS",
@@ -204,7 +206,7 @@ class Tokenizer:
 
 def has_tokenizer_files(directory: str | os.PathLike[str]) -> bool:
     """Whether ``directory`` holds a vocabulary file of either kind."""
-    directory = Path(directory)
+    directory = storage.as_path(directory)
     return any((directory / name).is_file() for name in (WORDPIECE_VOCAB_FILE, VOCAB_FILE))
 
 
@@ -240,7 +242,7 @@ def detect_kind(directory: str | os.PathLike[str]) -> str:
     """``"bpe"`` or ``"wordpiece"``: from ``tokenizer_config.json``'s ``tokenizer_class`` when
     it names one of them, otherwise from which files are there. Errors name the directory and
     the files it lacks."""
-    directory = Path(directory)
+    directory = storage.as_path(directory)
     _check_directory(directory)
     declared = _CLASS_KINDS.get(str(_read_tokenizer_config(directory).get("tokenizer_class")))
     present = {
@@ -280,8 +282,9 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
 
     The files are checked first so that a wrong path or an incomplete vocabulary is reported
     clearly instead of as a library error (or, worse, special tokens split into pieces).
+    A ``gs://`` directory is read from a local copy (the tokenizer's ``directory``).
     """
-    directory = Path(directory)
+    directory = storage.local_copy(directory)
     kind = detect_kind(directory)
     if kind == "wordpiece":
         return _load_wordpiece(directory)

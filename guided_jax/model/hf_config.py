@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from typing import Any
+
+from etils import epath
 
 from guided_jax.data.tokenizer import Tokenizer, has_tokenizer_files, read_json_object
 from guided_jax.model.config import ModelConfig
+from guided_jax.storage import as_path
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"  # beside config.json in a HuggingFace directory
@@ -99,12 +101,12 @@ class ModelDir:
     """What a model directory says: the ``model`` config values and the ids to check against
     its tokenizer."""
 
-    path: Path
+    path: epath.Path
     model: dict[str, Any]  # model config keys (model_type, sizes, eps, dropout, ...)
     pad_token_id: int
 
     @property
-    def config_file(self) -> Path:
+    def config_file(self) -> epath.Path:
         return self.path / CONFIG_FILE
 
     @property
@@ -114,7 +116,7 @@ class ModelDir:
 
 def read_model_dir(directory: str | os.PathLike[str]) -> ModelDir:
     """Reads and checks ``directory/config.json``; raises ModelDirError naming what is wrong."""
-    path = Path(directory)
+    path = as_path(directory)
     if not path.is_dir():
         what = "does not exist" if not path.exists() else "is not a directory"
         raise ModelDirError(f"model.from_dir: {str(path)!r} {what}")
@@ -127,7 +129,7 @@ def read_model_dir(directory: str | os.PathLike[str]) -> ModelDir:
     return ModelDir(path, *_map(read_json_object(file, ModelDirError), file))
 
 
-def _map(values: dict[str, Any], file: Path) -> tuple[dict[str, Any], int]:
+def _map(values: dict[str, Any], file: epath.Path) -> tuple[dict[str, Any], int]:
     where = f"in {str(file)!r}"
     unknown = sorted(set(values) - KNOWN_KEYS)
     if unknown:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
+from etils import epath
 
 from guided_jax.config.checks import check_resolved_config, check_schedule
 from guided_jax.config.resolve import (
@@ -40,6 +41,7 @@ from guided_jax.data.tokenizer import (
 )
 from guided_jax.guidance import Spec
 from guided_jax.model import ModelConfig
+from guided_jax.storage import as_path, copy_tree, is_remote
 from guided_jax.train.objective import Objective
 
 
@@ -77,7 +79,7 @@ def corpus_sources(config: ml_collections.ConfigDict, key: str) -> list[sources.
 
 
 def _tokenizer(
-    config: ml_collections.ConfigDict, workdir: Path, train_sources: list[sources.Source]
+    config: ml_collections.ConfigDict, workdir: epath.Path, train_sources: list[sources.Source]
 ) -> tuple[Tokenizer, str | None]:
     """The configured tokenizer, the one of a previous run in WORKDIR, or a new one trained on
     (a sample of ``data.tokenizer_max_documents`` documents of) the training sources into a
@@ -100,9 +102,10 @@ def _tokenizer(
     return train_tokenizer(texts, config.data.tokenizer_vocab_size, scratch, kind=kind), scratch
 
 
-def cache_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path:
-    """Where token cache entries live: ``data.cache_dir``, by default ``WORKDIR/token_cache``."""
-    return Path(config.data.cache_dir) if config.data.cache_dir else workdir / "token_cache"
+def cache_dir(config: ml_collections.ConfigDict, workdir: epath.Path) -> epath.Path:
+    """Where token cache entries live: ``data.cache_dir``, by default ``WORKDIR/token_cache``
+    (local or ``gs://``)."""
+    return as_path(config.data.cache_dir) if config.data.cache_dir else workdir / "token_cache"
 
 
 class _Blocks:
@@ -112,7 +115,7 @@ class _Blocks:
     def __init__(
         self,
         config: ml_collections.ConfigDict,
-        workdir: Path,
+        workdir: epath.Path,
         tokenizer: Tokenizer,
         found: list[sources.Source],
         what: str,
@@ -148,7 +151,8 @@ class _Blocks:
             self.blocks = blocks
             self.starts = self._load_starts()
             return
-        parent = self.final.parent if self.final.parent.is_dir() else None
+        local_parent = not is_remote(self.final) and self.final.parent.is_dir()
+        parent = self.final.parent if local_parent else None
         self.scratch = Path(tempfile.mkdtemp(prefix="guided_jax_tokens_", dir=parent))
         try:
             self.blocks = token_cache.build(
@@ -172,11 +176,9 @@ class _Blocks:
     def keep(self) -> np.ndarray:
         """Moves a freshly built entry into the cache and returns its blocks from there."""
         if self.scratch is not None:
-            self.final.parent.mkdir(parents=True, exist_ok=True)
-            if token_cache.load(self.final) is None:
-                shutil.rmtree(self.final, ignore_errors=True)
-                shutil.move(self.scratch / self.key, self.final)
-            self.discard()
+            token_cache.publish(self.scratch / self.key, self.final)
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
             loaded = token_cache.load(self.final)
             assert loaded is not None
             self.blocks = loaded
@@ -226,7 +228,7 @@ def prepare(
     The corpus is tokenized once into the token cache (:func:`cache_dir`); a rerun finds it
     there and reads nothing else. ``write=False`` (every process but the first of a multi-host
     run) only reads WORKDIR and the cache."""
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     config, model_dir = resolve_config(config)
     check_resolved_config(config)
     check_workdir(config, workdir)
@@ -253,7 +255,7 @@ def prepare(
         if write:
             workdir.mkdir(parents=True, exist_ok=True)
             if scratch is not None:
-                shutil.copytree(scratch, workdir / "tokenizer", dirs_exist_ok=True)
+                copy_tree(scratch, workdir / "tokenizer")
                 tokenizer = load_tokenizer(workdir / "tokenizer")
             for part in built:
                 part.keep()

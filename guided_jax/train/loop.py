@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import os
 import signal
-import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -30,14 +28,16 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from guided_jax import sharding
-from guided_jax.config.checks import check_config, check_local_dir, parse_keep_steps
+from guided_jax.config.checks import check_config, parse_keep_steps
 from guided_jax.config.resolve import ConfigError, with_global_batch
 from guided_jax.data.packing import eval_batches
 from guided_jax.data.pipeline import BlocksWithStarts, train_iterator
 from guided_jax.model.params import place_params
+from guided_jax.storage import check_location
 from guided_jax.train.checkpoints import checkpoint_manager, restore_latest, save
 from guided_jax.train.inputs import RunInputs, prepare
 from guided_jax.train.metrics import MetricsLog, check_finite
+from guided_jax.train.run_lock import Held, one_run_per_workdir
 from guided_jax.train.step import (
     TrainProgram,
     TrainState,
@@ -58,13 +58,14 @@ def train_and_evaluate(
 ) -> dict[str, float]:
     """Trains per ``config`` into ``workdir`` on a mesh over ``devices`` (default: every device
     of every process); returns the last logged metrics."""
-    check_local_dir(workdir, "--workdir")
+    check_location(workdir, "--workdir")
     mesh = sharding.make_mesh(config.mesh, devices)  # before anything is written
     config = with_global_batch(config, sharding.batch_axes_size(mesh))
     check_config(config, mesh)
     inputs = _prepare(config, workdir)
-    with _one_run_per_workdir(workdir), jax.set_mesh(mesh):
-        return _train_loop(inputs, mesh, workdir)
+    chief = jax.process_index() == 0
+    with one_run_per_workdir(workdir, chief=chief) as held, jax.set_mesh(mesh):
+        return _train_loop(inputs, mesh, workdir, held)
 
 
 def _prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunInputs:
@@ -94,29 +95,6 @@ def _check_data_position(saved: dict[str, Any], expected: dict[str, int]) -> Non
             f"the checkpoint at step {expected['next_batch']} was trained on other data "
             f"({'; '.join(diffs)}); the corpus or batching changed since, use a new --workdir"
         )
-
-
-@contextlib.contextmanager
-def _one_run_per_workdir(workdir: str | os.PathLike) -> Iterator[None]:
-    """A second run on the same workdir would interleave metrics and race for checkpoints:
-    process 0 holds an exclusive lock on ``WORKDIR/.lock`` while training (released by the
-    kernel whenever the process ends, so a killed run never leaves it behind)."""
-    if jax.process_index() != 0:
-        yield
-        return
-    with open(os.path.join(workdir, ".lock"), "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            raise ConfigError(
-                f"workdir {workdir} is in use by another run ({lock.read().strip() or 'pid ?'}); "
-                f"wait for it to end or use another --workdir"
-            ) from None
-        lock.truncate(0)
-        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        lock.flush()
-        yield
 
 
 def _eval_batches(inputs: RunInputs) -> list[np.ndarray]:
@@ -194,7 +172,7 @@ def _restore_or_init(
     return state, batches
 
 
-def _train_loop(inputs: RunInputs, mesh: jax.sharding.Mesh, workdir: str | os.PathLike):
+def _train_loop(inputs: RunInputs, mesh: jax.sharding.Mesh, workdir: str | os.PathLike, held: Held):
     cfg = inputs.config
     is_chief = jax.process_index() == 0
     eval_sets = _eval_batches(inputs)
@@ -269,6 +247,7 @@ def _train_loop(inputs: RunInputs, mesh: jax.sharding.Mesh, workdir: str | os.Pa
                 log.defer(done, metrics if log_due else None, extra)
             if cadence.checkpoint(done, stopping):
                 check_finite(sharding.to_host(metrics), done)
+                held.check()  # the workdir is still this run's
                 log.flush()  # on disk before the state that resumes after it
                 save(manager, done, state, _data_position(inputs, done), batches)
             log.bar.update(1)

@@ -1,5 +1,6 @@
 """Metrics of a run: ``WORKDIR/metrics.jsonl`` (one object per logged step), TensorBoard event
-files under ``WORKDIR/tensorboard``, and the one-step-late log that feeds them from the loop."""
+files under ``WORKDIR/tensorboard``, and the one-step-late log that feeds them from the loop.
+Both go to a ``gs://`` workdir too (tensorboardX writes event files there itself)."""
 
 from __future__ import annotations
 
@@ -9,31 +10,38 @@ import math
 import os
 import time
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from guided_jax import sharding
+from guided_jax.storage import as_path, is_remote
 
 
 class MetricsWriter:
-    """Appends records to both outputs. On resume it drops records past the restored step,
-    which the resumed run writes again (TensorBoard is told to purge them too)."""
+    """Adds records to both outputs. On resume it drops records past the restored step,
+    which the resumed run writes again (TensorBoard is told to purge them too).
+
+    A local metrics.jsonl is appended to; an object (``gs://``) cannot be, so there the writer
+    keeps the lines and rewrites the whole object with each record."""
 
     def __init__(self, workdir: str | os.PathLike, *, resume_step: int = 0, enabled: bool = True):
-        self.path = Path(workdir) / "metrics.jsonl"
+        self.path = as_path(workdir) / "metrics.jsonl"
         self.enabled = enabled
         self._events: SummaryWriter | None = None
+        self._lines: list[str] | None = [] if is_remote(workdir) else None
         if not enabled:
             return
         restarting = self.path.exists()  # a previous attempt of this run wrote records
         if restarting:
             kept = [r for r in _parse(self.path.read_text()) if r["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            lines = [json.dumps(r) + "\n" for r in kept]
+            self.path.write_text("".join(lines))
+            if self._lines is not None:
+                self._lines = lines
         self._events = SummaryWriter(  # one file per process start: names carry the pid
-            str(Path(workdir) / "tensorboard"),
+            str(as_path(workdir) / "tensorboard"),
             purge_step=resume_step + 1 if restarting else None,
             filename_suffix=f".{os.getpid()}",
         )
@@ -45,8 +53,13 @@ class MetricsWriter:
             k: (None if isinstance(v, float) and not math.isfinite(v) else v)
             for k, v in record.items()
         }
-        with self.path.open("a") as f:
-            f.write(json.dumps(clean) + "\n")
+        line = json.dumps(clean) + "\n"
+        if self._lines is None:
+            with self.path.open("a") as f:
+                f.write(line)
+        else:
+            self._lines.append(line)
+            self.path.write_text("".join(self._lines))
         for key, value in record.items():
             if key != "step" and self._events is not None:
                 self._events.add_scalar(key, value, global_step=int(record["step"]))
@@ -79,7 +92,7 @@ def _parse(text: str) -> list[dict]:
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
     """All records of a run, in order."""
-    return _parse((Path(workdir) / "metrics.jsonl").read_text())
+    return _parse((as_path(workdir) / "metrics.jsonl").read_text())
 
 
 def summary(last: Mapping[str, float]) -> str:

@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import safetensors
 import safetensors.numpy
+from etils import epath
 
-from guided_jax.config.checks import check_local_dir
 from guided_jax.data.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from guided_jax.data.tokenizer import (
     MERGES_FILE,
@@ -45,6 +43,7 @@ from guided_jax.model.hf_config import (
     hf_config,
     model_config_of,
 )
+from guided_jax.storage import as_path, check_location, is_remote
 
 TOKENIZER_FILES = (VOCAB_FILE, MERGES_FILE, WORDPIECE_VOCAB_FILE, TOKENIZER_CONFIG_FILE)
 # model_type -> (prefix of encoder weights, MLM head's dense, its LayerNorm, its bias)
@@ -249,12 +248,12 @@ def _describe(config: ModelConfig) -> str:
 
 def export(
     model: EncoderForMLM, tokenizer: Tokenizer, out_dir: str | os.PathLike, step: int | None = None
-) -> Path:
+) -> epath.Path:
     """Writes ``config.json``, ``model.safetensors`` and the tokenizer files to ``out_dir``
     (``step``, the checkpoint's, is recorded in the weights' metadata)."""
-    check_local_dir(out_dir, "--out")
+    check_location(out_dir, "--out")
     config = model.config
-    out = Path(out_dir)
+    out = as_path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / WEIGHTS_FILE).is_file():
         raise InteropError(
             f"{str(out)!r} exists and is not a model directory; choose an empty or new --out"
@@ -264,22 +263,23 @@ def export(
     metadata = {"format": "pt"}  # what transformers expects of a safetensors checkpoint
     if step is not None:
         metadata["guided_jax_step"] = str(step)
-    safetensors.numpy.save_file(tensors, str(out / WEIGHTS_FILE), metadata=metadata)
+    (out / WEIGHTS_FILE).write_bytes(safetensors.numpy.save(tensors, metadata=metadata))
     (out / CONFIG_FILE).write_text(json.dumps(hf_config(config, tokenizer), indent=2) + "\n")
     source = tokenizer.directory
     if source is None:
         raise InteropError("the tokenizer was not loaded from a directory; nothing to copy")
     for name in TOKENIZER_FILES:
-        if (source / name).is_file() and (source / name).resolve() != (out / name).resolve():
-            shutil.copyfile(source / name, out / name)
+        file, target = source / name, out / name
+        if file.is_file() and (is_remote(target) or file.resolve() != target.resolve()):
+            target.write_bytes(file.read_bytes())
     return out
 
 
 def read_safetensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
     """Every tensor of ``DIR/model.safetensors`` (float32)."""
-    path = Path(directory) / WEIGHTS_FILE
+    path = as_path(directory) / WEIGHTS_FILE
     if not path.is_file():
-        other = [p.name for p in Path(directory).glob("*.bin")]
+        other = [p.name for p in as_path(directory).glob("*.bin")]
         hint = (
             f"; it holds {other}: load it with transformers and save_pretrained(..., "
             f"safe_serialization=True) to convert"
@@ -288,8 +288,11 @@ def read_safetensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
         )
         raise InteropError(f"{str(path)!r} does not exist{hint}")
     try:
-        with safetensors.safe_open(str(path), framework="np") as f:
-            return {k: np.asarray(f.get_tensor(k), dtype=np.float32) for k in f.keys()}  # noqa: SIM118
+        if not is_remote(path):
+            with safetensors.safe_open(str(path), framework="np") as f:
+                return {k: np.asarray(f.get_tensor(k), dtype=np.float32) for k in f.keys()}  # noqa: SIM118
+        tensors = safetensors.numpy.load(path.read_bytes())
+        return {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
     except (safetensors.SafetensorError, TypeError) as error:
         raise InteropError(f"cannot read {str(path)!r}: {error}") from None
 
@@ -298,7 +301,7 @@ def read_hf_dir(directory: str | os.PathLike) -> tuple[ModelConfig, Params, Toke
     """A HuggingFace MLM directory's architecture, weights and tokenizer."""
     config = model_config_of(directory)
     params = from_hf_tensors(
-        read_safetensors(directory), config, str(Path(directory) / WEIGHTS_FILE)
+        read_safetensors(directory), config, str(as_path(directory) / WEIGHTS_FILE)
     )
     if not has_tokenizer_files(directory):
         raise InteropError(
@@ -316,4 +319,4 @@ def load_init_params(directory: str | os.PathLike, run: ModelConfig) -> Params:
             f"train.init_from: the weights in {str(directory)!r} do not fit the run's model "
             f"({'; '.join(differences)})"
         )
-    return from_hf_tensors(read_safetensors(directory), run, str(Path(directory) / WEIGHTS_FILE))
+    return from_hf_tensors(read_safetensors(directory), run, str(as_path(directory) / WEIGHTS_FILE))

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 
 import ml_collections
+from etils import epath
 
 from guided_jax.data.tokenizer import Tokenizer
 from guided_jax.model import EncoderForMLM, ModelConfig, build_model
+from guided_jax.storage import as_path
 from guided_jax.weights.hf import read_hf_dir
 from guided_jax.weights.workdir import is_workdir, load_params, run_architecture
 
@@ -21,7 +22,7 @@ class Pretrained:
 
     model: EncoderForMLM
     tokenizer: Tokenizer
-    source: Path
+    source: epath.Path
     step: int | None  # the checkpoint's step; None for a HuggingFace directory
     run_config: ml_collections.ConfigDict | None  # the pretraining run's config (workdirs)
 
@@ -34,7 +35,7 @@ def load(source: str | os.PathLike, step: int | None = None) -> Pretrained:
     """The encoder in ``source``: a pretraining workdir (checkpoint ``step``, default the
     newest; 0 = the seeded initialisation) or a HuggingFace directory (config.json +
     model.safetensors + tokenizer files, as :func:`guided_jax.weights.hf.export` writes)."""
-    path = Path(source)
+    path = as_path(source)
     if not path.is_dir():
         raise FileNotFoundError(f"{str(path)!r} is not a directory (a workdir or a model dir)")
     if is_workdir(path):

@@ -1,5 +1,5 @@
-"""A pretraining workdir on disk: the run's resolved ``config.json``, its tokenizer and the
-orbax checkpoints of the whole train state under ``checkpoints/<step>/``.
+"""A pretraining workdir (a local directory or ``gs://``): the run's resolved ``config.json``,
+its tokenizer and the orbax checkpoints of the whole train state under ``checkpoints/<step>/``.
 
 Training writes the checkpoints (:mod:`guided_jax.train.checkpoints`, through
 :func:`checkpoint_dir`); here only the parameters are read back, onto one device whatever mesh
@@ -11,27 +11,29 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from guided_jax.config.resolve import build_model_config
 from guided_jax.data.tokenizer import Tokenizer, load_tokenizer
 from guided_jax.model import ModelConfig, Params, init_params
+from guided_jax.storage import as_path, is_remote
 
 
 def is_workdir(path: str | os.PathLike) -> bool:
     """Whether ``path`` looks like a pretraining workdir (vs. a HuggingFace directory)."""
-    return (Path(path) / "checkpoints").is_dir() or (Path(path) / "metrics.jsonl").is_file()
+    path = as_path(path)
+    return (path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file()
 
 
 def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     """The resolved config a run recorded in ``WORKDIR/config.json``."""
-    path = Path(workdir) / "config.json"
+    path = as_path(workdir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(
             f"{str(path)!r} does not exist: {str(workdir)!r} is not a pretraining workdir "
@@ -42,7 +44,7 @@ def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 
 def run_tokenizer(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> Tokenizer:
     """The run's tokenizer: ``data.tokenizer_dir`` if it named one, else ``WORKDIR/tokenizer``."""
-    directory = config.data.tokenizer_dir or Path(workdir) / "tokenizer"
+    directory = config.data.tokenizer_dir or as_path(workdir) / "tokenizer"
     return load_tokenizer(directory)
 
 
@@ -55,9 +57,10 @@ def run_architecture(
     return config, tokenizer, build_model_config(config, tokenizer.vocab_size, tokenizer.pad_id)
 
 
-def checkpoint_dir(workdir: str | os.PathLike) -> Path:
-    """Where a run's orbax checkpoints live: ``WORKDIR/checkpoints/<step>/``."""
-    return Path(workdir).absolute() / "checkpoints"
+def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+    """Where a run's orbax checkpoints live: ``WORKDIR/checkpoints/<step>/`` (absolute)."""
+    path = as_path(workdir)
+    return (path if is_remote(path) else path.absolute()) / "checkpoints"
 
 
 def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:

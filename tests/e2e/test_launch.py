@@ -25,7 +25,8 @@ SCRIPTS = sorted(LAUNCH.glob("*.sh"))
 
 # Settings the launchers read from the environment: unset, so the caller's shell cannot leak in.
 SETTINGS = {
-    *("TPU_NAME", "ZONE", "ACCELERATOR_TYPE", "RUNTIME_VERSION", "PROJECT", "BUCKET", "MOUNT"),
+    *("TPU_NAME", "ZONE", "ACCELERATOR_TYPE", "RUNTIME_VERSION", "PROJECT", "BUCKET", "STORAGE"),
+    "MOUNT",
     *("WORKDIR", "WORKER", "NODES", "GPUS_PER_NODE", "MODE", "TIME", "PARTITION", "ACCOUNT"),
     *("CPUS_PER_TASK", "JOB_NAME", "PYTHON"),
 }
@@ -129,7 +130,7 @@ def test_tpu_create_spot_slice_from_environment_and_flags():
         "--accelerator-type=v5litepod-16",
         "--version=v2-alpha-tpuv5-lite",  # the runtime follows the TPU generation
         "--spot",
-        "--scopes=https://www.googleapis.com/auth/cloud-platform",  # gcsfuse may write
+        "--scopes=https://www.googleapis.com/auth/cloud-platform",  # the workers write the bucket
     }
 
 
@@ -160,15 +161,26 @@ def test_tpu_setup_copies_the_checkout_and_installs_on_all_workers():
         line for line in (REPO / "requirements.txt").read_text().splitlines()
         if line.startswith("jax>")
     )  # fmt: skip
-    assert contains(tokens, ["install", "-q", "-e", "./guided_jax", "jax[tpu]" + jax[3:]])
+    # the gcs extra (gcsfs) for gs:// text sources and workdirs
+    assert contains(tokens, ["install", "-q", "-e", "./guided_jax[gcs]", "jax[tpu]" + jax[3:]])
     assert "gcsfuse" not in tokens
 
 
+@pytest.mark.parametrize("storage", [{}, {"STORAGE": "gs"}], ids=["default", "gs"])
+def test_tpu_setup_in_bucket_mode_installs_and_mounts_nothing(storage):
+    *_, ssh = dry_run(TPU_VM, "setup", BUCKET="bkt", **storage)
+    command = remote_command(ssh)
+    assert "gcsfuse" not in command and "mountpoint" not in command and "/mnt/gcs" not in command
+    assert contains(shlex.split(command), ["install", "-q", "-e", "./guided_jax[gcs]"])
+
+
 def test_tpu_setup_mounts_the_bucket():
-    *_, ssh = dry_run(TPU_VM, "setup", BUCKET="bkt", MOUNT="/mnt/shared")
+    *_, ssh = dry_run(TPU_VM, "setup", "--storage", "mount", BUCKET="bkt", MOUNT="/mnt/shared")
     command = remote_command(ssh)
     assert "apt-get -o DPkg::Lock::Timeout=600 -yq install gcsfuse" in command
-    assert contains(shlex.split(command), ["--rename-dir-limit=1000000", "bkt", "/mnt/shared;"])
+    tokens = shlex.split(command)
+    assert contains(tokens, ["--rename-dir-limit=1000000", "bkt", "/mnt/shared;"])
+    assert contains(tokens, ["install", "-q", "-e", "./guided_jax[gcs]"])
 
 
 def test_tpu_train_runs_the_distributed_command_on_every_worker():
@@ -193,11 +205,55 @@ def test_tpu_train_detached_in_the_bucket():
                     "--config.train.steps=10", BUCKET="bkt")  # fmt: skip
     command = remote_command(ssh)
     tokens = shlex.split(command)
-    assert command.startswith("{ mountpoint -q /mnt/gcs || {")  # remounts after a reboot
+    assert command.startswith("cd guided_jax && { nohup")  # no mount: orbax writes gs:// itself
+    assert "gcsfuse" not in command and "mountpoint" not in command
     assert contains(tokens, ["nohup", ".venv/bin/python", "-m", "guided_jax.main"])
-    assert contains(tokens, ["--workdir", "/mnt/gcs/runs/ag", "--distributed"])
+    assert contains(tokens, ["--workdir", "gs://bkt/runs/ag", "--distributed"])
     assert contains(tokens, ["--config.train.steps=10", ">", "train.log"])
     assert contains(tokens, ["echo", "$!", ">", "train.pid;"])
+
+
+def test_tpu_train_detached_on_the_mounted_bucket():
+    [ssh] = dry_run(TPU_VM, "train", "--detach", "--name=ag", "configs/default.py",
+                    BUCKET="bkt", STORAGE="mount")  # fmt: skip
+    command = remote_command(ssh)
+    tokens = shlex.split(command)
+    assert command.startswith("{ mountpoint -q /mnt/gcs || {")  # remounts after a reboot
+    assert contains(tokens, ["--rename-dir-limit=1000000", "bkt", "/mnt/gcs;"])
+    assert contains(tokens, ["nohup", ".venv/bin/python", "-m", "guided_jax.main"])
+    assert contains(tokens, ["--workdir", "/mnt/gcs/runs/ag", "--distributed"])
+
+
+@pytest.mark.parametrize(
+    ("storage", "workdir"), [("gs", "gs://other/runs/r12"), ("mount", "/nfs/runs/r12")]
+)
+def test_tpu_train_explicit_workdir_wins(storage, workdir):
+    [ssh] = dry_run(TPU_VM, "train", "--workdir", workdir, "configs/default.py",
+                    BUCKET="bkt", STORAGE=storage)  # fmt: skip
+    tokens = shlex.split(remote_command(ssh))
+    assert contains(tokens, ["--workdir", workdir, "--distributed"])
+    assert tokens.count("--workdir") == 1
+
+
+@pytest.mark.parametrize("storage", ["gs", "mount"])
+def test_tpu_train_without_bucket_or_workdir_is_refused(storage):
+    result = launch(TPU_VM, "train", "configs/default.py", STORAGE=storage)
+    assert result.returncode == 2 and not result.stdout
+    assert "train needs WORKDIR" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "value"),
+    [
+        (["setup"], {"STORAGE": "fuse"}, "fuse"),
+        (["train", "--storage", "nfs", "configs/default.py"], {"BUCKET": "bkt"}, "nfs"),
+        (["create", "--storage="], {}, ""),
+    ],
+)
+def test_tpu_unknown_storage_is_refused(args, env, value):
+    result = launch(TPU_VM, *args, **env)
+    assert result.returncode == 2 and not result.stdout
+    assert f"unknown STORAGE '{value}' (gs or mount)" in result.stderr
 
 
 FAKE_PYTHON = """#!/usr/bin/env bash
@@ -279,6 +335,7 @@ def test_tpu_status_and_delete():
         ["create", "--detach"],
         ["create", "--spot", "--preemptible"],
         ["setup", "--zone"],
+        ["setup", "--storage"],
         ["delete", "--force"],
     ],
 )

@@ -11,8 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, cli_env, final_params, run_config
-from guided_jax.train.loop import train_and_evaluate
+from conftest import INTERRUPTED_STEPS, REPO, cli_env, final_params, interrupted_run_args
 from guided_jax.train.metrics import read_metrics
 
 
@@ -50,16 +49,17 @@ def test_cli_reports_bad_corpus_without_traceback(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_cli_refuses_an_object_storage_workdir():
-    """Path("gs://b/run") would be a local folder gs:/b/run: refused before anything exists."""
-    url = "gs://guided-jax-test-bucket/run"
+def test_cli_refuses_a_workdir_url_it_cannot_write():
+    """Path("s3://b/run") would be a local folder s3:/b/run: refused before anything exists."""
+    url = "s3://guided-jax-test-bucket/run"
     try:
         result = _main("--config", "configs/tiny.py", "--workdir", url)
         assert result.returncode == 1
-        assert f"guided_jax.main: error: --workdir {url!r} is a URL" in result.stderr
-        assert not (REPO / "gs:").exists()
+        expected = "expected a local path or a Cloud Storage URL gs://bucket/path"
+        assert f"guided_jax.main: error: --workdir {url!r}: {expected}" in result.stderr
+        assert not (REPO / "s3:").exists()
     finally:
-        shutil.rmtree(REPO / "gs:", ignore_errors=True)
+        shutil.rmtree(REPO / "s3:", ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -98,28 +98,18 @@ def test_sigterm_saves_a_checkpoint_before_exiting(corpus_file, tmp_path):
     assert max(steps) <= saved[0]
 
 
-@pytest.mark.slow
-def test_kill_9_then_rerun_equals_an_uninterrupted_run(corpus_file, tmp_path):
-    """Nothing is lost but the steps since the last checkpoint, and those are redone exactly."""
-    steps = 60
-    config = run_config(corpus_file)
-    config.train.update(steps=steps, checkpoint_every=20, eval_every=30)
-    reference = tmp_path / "reference"
-    train_and_evaluate(config, reference, devices=jax.devices()[:1])
+def without_timing(workdir) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in read_metrics(workdir)]
 
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_equals_an_uninterrupted_run(run_corpus, uninterrupted_run, tmp_path):
+    """Nothing is lost but the steps since the last checkpoint, and those are redone exactly."""
     workdir = tmp_path / "run"
     args = [
-        sys.executable,
-        "-m",
-        "guided_jax.main",
-        "--config=configs/tiny.py",
-        f"--workdir={workdir}",
-        f"--config.data.train_files={corpus_file}",
-        f"--config.train.steps={steps}",
-        "--config.train.log_every=1",
-        "--config.train.eval_every=30",
-        "--config.train.checkpoint_every=20",
-    ]
+        sys.executable, "-m", "guided_jax.main", f"--workdir={workdir}",
+        *interrupted_run_args(run_corpus),
+    ]  # fmt: skip
     process = subprocess.Popen(
         args, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -131,18 +121,15 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(corpus_file, tmp_path):
     process.kill()
     assert process.wait(timeout=60) == -signal.SIGKILL
     logged = metrics.read_text().count("\n")
-    assert logged < steps, "the kill came too late to interrupt anything"
+    assert logged < INTERRUPTED_STEPS, "the kill came too late to interrupt anything"
 
     rerun = subprocess.run(args, cwd=REPO, env=cli_env(), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert rerun.stdout.strip().splitlines()[-1].startswith(f"finished at step {steps}: ag_loss=")
-    without_timing = [
-        [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in read_metrics(run)]
-        for run in (workdir, reference)
-    ]
-    assert without_timing[0] == without_timing[1]
+    last = rerun.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"finished at step {INTERRUPTED_STEPS}: ag_loss=")
+    assert without_timing(workdir) == without_timing(uninterrupted_run)
     jax.tree.map(
         np.testing.assert_array_equal,
-        final_params(workdir, step=steps, with_key_bias=True),
-        final_params(reference, step=steps, with_key_bias=True),
+        final_params(workdir, step=INTERRUPTED_STEPS, with_key_bias=True),
+        final_params(uninterrupted_run, step=INTERRUPTED_STEPS, with_key_bias=True),
     )

@@ -392,20 +392,21 @@ def test_a_workdir_belongs_to_one_config(tmp_path: Path) -> None:
         check_workdir(_changed(TINY, {"data.document_masks": True}), tmp_path)
 
 
-def test_object_storage_outputs_are_refused_before_anything_is_written(
+def test_outputs_at_unsupported_urls_are_refused_before_anything_is_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from guided_jax.analysis import finetune, reproduce
+    from guided_jax.storage import StorageError
     from guided_jax.weights.hf import export
 
     monkeypatch.chdir(tmp_path)
-    url = "gs://bucket/run"
+    url = "s3://bucket/run"
     calls = [
         ("--workdir", lambda: reproduce.train_arms(TINY, url)),
         ("--workdir", lambda: finetune.run(TINY, "runs/pretrained", url)),
         ("--out", lambda: export(None, None, url)),
     ]
     for flag, call in calls:
-        with pytest.raises(ConfigError, match=rf"^{flag} 'gs://bucket/run' is a URL"):
+        with pytest.raises(StorageError, match=rf"^{flag} 's3://bucket/run': expected a local"):
             call()
     assert list(tmp_path.iterdir()) == []
