@@ -6,9 +6,11 @@
 #   export TPU_NAME=ag ZONE=us-central2-b ACCELERATOR_TYPE=v4-32 BUCKET=my-bucket
 #   bash launch/tpu_vm.sh create --spot   # or --preemptible, or neither
 #   bash launch/tpu_vm.sh setup           # this checkout (less .git, venvs, runs) to ~/guided_jax,
-#                                         # a Python >= 3.11 venv, pip install -e . 'jax[tpu]'
+#                                         # a Python >= 3.11 venv and in it
+#                                         # pip install -e '.[gcs]' 'jax[tpu]'
 #   bash launch/tpu_vm.sh train --detach configs/reference.py:roberta_12 \
-#       --config.data.train_files=/mnt/gcs/data/train.txt --config.mesh.fsdp=4
+#       --config.data.train_files=gs://my-bucket/data/train.txt --config.mesh.fsdp=4
+#                                         # workdir gs://my-bucket/runs/ag
 #   bash launch/tpu_vm.sh logs            # the end of ~/guided_jax/train.log on worker WORKER (0)
 #   bash launch/tpu_vm.sh status          # the TPU's state and health
 #   bash launch/tpu_vm.sh stop            # SIGTERM: every process saves a checkpoint and exits
@@ -22,12 +24,18 @@
 #   ACCELERATOR_TYPE --type      v4-32 (v5litepod-16, v5p-32, v6e-16, ...)
 #   RUNTIME_VERSION  --version   the JAX base image of the TPU generation (see runtime_for)
 #   PROJECT          --project   gcloud's default project
-#   BUCKET           --bucket    none; setup and train mount gs://BUCKET at MOUNT on every worker
-#   MOUNT                        /mnt/gcs
-#   WORKDIR          --workdir   MOUNT/runs/TPU_NAME with BUCKET, else required for train
-# The workdir must be the same shared directory on every worker (the gcsfuse mount, or an
-# NFS/Filestore path): all processes write the checkpoints, process 0 the metrics. Rerunning
-# train resumes from the last checkpoint, also on a new TPU after a spot preemption.
+#   BUCKET           --bucket    none; the bucket of the default workdir (create: write scope)
+#   STORAGE          --storage   gs: the workdir is in the bucket, written directly (no mount);
+#                                mount: setup and train mount gs://BUCKET at MOUNT with gcsfuse
+#   MOUNT                        /mnt/gcs (STORAGE=mount)
+#   WORKDIR          --workdir   with BUCKET gs://BUCKET/runs/TPU_NAME (gs) or MOUNT/runs/TPU_NAME
+#                                (mount), else required for train
+# Every worker must see the same workdir. A gs:// workdir needs no mount: orbax and gcsfs write to
+# the bucket directly (setup installs the package's gcs extra in both modes); otherwise it is a
+# shared directory (the gcsfuse mount, or an NFS/Filestore path). All processes write the
+# checkpoints, process 0 the metrics; on gs:// process 0 also holds the lease WORKDIR/lease.json,
+# which refuses a second run in the same workdir. Rerunning train resumes from the last
+# checkpoint, also on a new TPU after a spot preemption.
 #
 # DRY_RUN=1 prints every command (one a line) instead of running it.
 set -euo pipefail
@@ -41,7 +49,10 @@ usage: tpu_vm.sh create [--spot | --preemptible] [OPTIONS]
        tpu_vm.sh train  [--detach] [--workdir DIR] [OPTIONS] CONFIG [--config.key=value ...]
        tpu_vm.sh logs | stop | status | delete [OPTIONS]
 OPTIONS: --name NAME --zone ZONE --type ACCELERATOR_TYPE --version RUNTIME_VERSION
-         --project PROJECT --bucket BUCKET   (or the environment variables of the same names)
+         --project PROJECT --bucket BUCKET --storage gs|mount
+         (or the environment variables of the same names)
+STORAGE gs (the default): the workdir is gs://BUCKET/runs/NAME, written without a mount;
+        mount: gcsfuse mounts the bucket at MOUNT on every worker, the workdir MOUNT/runs/NAME
 EOF
   exit "${1:-2}"
 }
@@ -79,6 +90,7 @@ accelerator=${ACCELERATOR_TYPE:-v4-32}
 version=${RUNTIME_VERSION:-}
 project=${PROJECT:-}
 bucket=${BUCKET:-}
+storage=${STORAGE:-gs}
 mount=${MOUNT:-/mnt/gcs}
 workdir=${WORKDIR:-}
 provisioning=
@@ -106,7 +118,7 @@ while [[ $# -gt 0 && $1 == --* ]]; do
       option=${option%%=*}
       shift
       ;;
-    --name | --zone | --type | --version | --project | --bucket | --workdir)
+    --name | --zone | --type | --version | --project | --bucket | --storage | --workdir)
       [[ $# -ge 2 ]] || die "$option needs a value"
       value=$2
       shift 2
@@ -120,6 +132,7 @@ while [[ $# -gt 0 && $1 == --* ]]; do
     --version) version=$value ;;
     --project) project=$value ;;
     --bucket) bucket=$value ;;
+    --storage) storage=$value ;;
     --workdir)
       [[ $command == train ]] || die "--workdir is for train"
       workdir=$value
@@ -127,14 +140,22 @@ while [[ $# -gt 0 && $1 == --* ]]; do
     *) die "unknown option '$option'" ;;
   esac
 done
+case $storage in
+  gs | mount) ;;
+  *) die "unknown STORAGE '$storage' (gs or mount)" ;;
+esac
 
 if [[ $command == train ]]; then
   [[ $# -ge 1 ]] || die "train needs a CONFIG"
   config=$1
   shift
   if [[ -z $workdir ]]; then
-    [[ -n $bucket ]] || die "train needs WORKDIR (a directory every worker shares) or BUCKET"
-    workdir=$mount/runs/$name
+    [[ -n $bucket ]] || die "train needs WORKDIR (gs://... or a shared directory) or BUCKET"
+    if [[ $storage == gs ]]; then
+      workdir=gs://$bucket/runs/$name
+    else
+      workdir=$mount/runs/$name
+    fi
   fi
 elif [[ $# -gt 0 ]]; then
   die "unexpected arguments: $*"
@@ -155,7 +176,7 @@ remote_dir=guided_jax
 remote_python=$remote_dir/.venv/bin/python
 
 mount_bucket=
-if [[ -n $bucket ]]; then
+if [[ $storage == mount && -n $bucket ]]; then
   # Directory renames (orbax commits a checkpoint by renaming its temporary directory) need
   # --rename-dir-limit on buckets without hierarchical namespace.
   m=$(printf '%q' "$mount")
@@ -191,8 +212,10 @@ case $command in
     script+="; then $apt update && $apt install python3.11 python3.11-venv && py=python3.11; fi"
     script+="; [ -x $remote_python ] || \"\$py\" -m venv $remote_dir/.venv"
     script+="; $remote_python -m pip install -q -U pip"
-    script+="; $remote_python -m pip install -q -e ./$remote_dir $(printf '%q' "$jax_tpu")"
-    if [[ -n $bucket ]]; then
+    # The gcs extra (gcsfs) reads gs:// text sources and writes gs:// workdirs, in both modes.
+    script+="; $remote_python -m pip install -q -e './${remote_dir}[gcs]'"
+    script+=" $(printf '%q' "$jax_tpu")"
+    if [[ -n $mount_bucket ]]; then
       keyring=/usr/share/keyrings/cloud.google.asc
       # shellcheck disable=SC2016  # $(lsb_release -cs) expands on the worker
       repo_line='https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -cs) main'
