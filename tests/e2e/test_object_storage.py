@@ -19,6 +19,7 @@ from conftest import INTERRUPTED_STEPS, REPO, cli_env, interrupted_run_args, wri
 from guided_jax import weights
 from guided_jax.train.metrics import read_metrics
 from guided_jax.weights.hf import export
+from guided_jax.weights.workdir import checkpoint_steps
 
 pytestmark = pytest.mark.slow
 
@@ -34,6 +35,13 @@ def _run(name: str, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
+def _saved(workdir: str) -> list[int]:
+    """The run's complete checkpoints (none while the directory does not exist)."""
+    if not epath.Path(workdir, "checkpoints").exists():
+        return []
+    return checkpoint_steps(workdir)
+
+
 def _without_timing(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in records]
 
@@ -46,9 +54,8 @@ def test_a_gs_workdir_resumes_after_kill_9_and_serves_the_other_commands(
     first = subprocess.Popen(
         train, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    metrics, checkpoint = epath.Path(workdir, "metrics.jsonl"), epath.Path(workdir, "checkpoints")
     deadline = time.monotonic() + 300
-    while not (checkpoint.exists() and metrics.exists() and len(read_metrics(workdir)) >= 25):
+    while not _saved(workdir):  # the resume starts from step 20 at least
         assert first.poll() is None and time.monotonic() < deadline, "run ended before the kill"
         time.sleep(0.2)
     first.send_signal(signal.SIGSTOP)  # alive, holding the lease, frozen mid-run
@@ -62,7 +69,8 @@ def test_a_gs_workdir_resumes_after_kill_9_and_serves_the_other_commands(
     finally:
         first.kill()
     assert first.wait(timeout=60) == -signal.SIGKILL
-    assert len(read_metrics(workdir)) < INTERRUPTED_STEPS, "the kill came too late"
+    logged, saved = len(read_metrics(workdir)), _saved(workdir)
+    assert logged < INTERRUPTED_STEPS, f"the kill came too late: {logged} steps logged, {saved}"
 
     rerun = subprocess.run(train, cwd=REPO, env=cli_env(), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -106,3 +114,29 @@ def test_a_gs_workdir_resumes_after_kill_9_and_serves_the_other_commands(
     assert f"wrote {results}/results.json" in result.stdout
     written = json.loads(epath.Path(results, "results.json").read_text())
     assert written["pretrained"] == workdir and written["pretrained_step"] == INTERRUPTED_STEPS
+
+
+def test_sigterm_saves_to_a_gs_workdir_and_releases_it(gcs_dir, run_corpus):
+    workdir = f"{gcs_dir}/run"
+    process = subprocess.Popen(
+        _command(
+            "main", "--config", "configs/tiny.py", "--workdir", workdir,
+            f"--config.data.train_files={run_corpus}", "--config.train.steps=100000",
+            "--config.train.log_every=1", "--config.train.checkpoint_every=0",
+        ),
+        cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    metrics = epath.Path(workdir, "metrics.jsonl")
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(read_metrics(workdir)) >= 3):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.2)
+    assert epath.Path(workdir, "lease.json").exists()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert "stopped by signal 15 at step" in stderr and "rerun the same command" in stderr
+    saved = [int(p.name) for p in epath.Path(workdir, "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and saved[0] >= 3
+    assert max(r["step"] for r in read_metrics(workdir)) <= saved[0]
+    assert not epath.Path(workdir, "lease.json").exists()

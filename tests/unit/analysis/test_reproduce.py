@@ -5,10 +5,12 @@ import json
 
 import jax
 import pytest
+from etils import epath
 
 from conftest import REPO, write_corpus, write_keyword_csv
 from guided_jax.analysis import reproduce
 from guided_jax.config import load_config
+from guided_jax.storage import copy_tree
 from guided_jax.train.metrics import read_metrics
 from guided_jax.weights.workdir import checkpoint_steps
 
@@ -57,7 +59,7 @@ def _table(report: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.slow
-def test_reproduce_writes_a_report_whose_numbers_come_from_the_metrics(tmp_path):
+def test_reproduce_writes_a_report_whose_numbers_come_from_the_metrics(tmp_path, gcs_dir):
     workdir = tmp_path / "compare"
     config = _config(write_corpus(tmp_path / "corpus.txt"))
     reproduce.train_arms(config, workdir, devices=jax.devices()[:1])
@@ -122,3 +124,18 @@ def test_reproduce_writes_a_report_whose_numbers_come_from_the_metrics(tmp_path)
     for name in pictures:
         assert (workdir / name).read_bytes().startswith(PNG), name
         assert f"({name})" in report
+
+    # The same arms in a gs:// workdir give the same report, written there.
+    for arm in reproduce.ARMS:
+        copy_tree(workdir / arm, f"{gcs_dir}/{arm}")
+    tuned = {
+        a: json.loads((workdir / f"finetune_{a}" / "results.json").read_text())
+        for a in reproduce.ARMS
+    }
+    tuned.update(task=tuned["ag"]["task"], seeds=2)
+    remote = reproduce.write_report(gcs_dir, config, finetune=tuned)
+    assert str(remote) == f"{gcs_dir}/report.md"
+    assert remote.read_text() == report
+    assert json.loads(epath.Path(gcs_dir, "report.json").read_text()) == summary
+    for name in pictures:
+        assert epath.Path(gcs_dir, name).read_bytes().startswith(PNG), name
