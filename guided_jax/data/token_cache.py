@@ -11,6 +11,9 @@ others are read without it.
 The key hashes the tokenizer's files, the sources' fingerprint (file sizes and times, TFDS
 name, version and split), the block size and the document separator: a rerun of the same
 config finds its blocks and skips tokenization; any change builds a new entry.
+
+An entry on ``gs://`` (a ``gs://`` workdir or ``data.cache_dir``) is built locally and uploaded
+with meta.json last; every process maps a local copy of it (:func:`guided_jax.storage.local_copy`).
 """
 
 from __future__ import annotations
