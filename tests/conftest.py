@@ -199,6 +199,13 @@ def final_params(workdir, *, step=STEPS, with_key_bias=False):
     return params
 
 
+def records_without_timing(workdir) -> list[dict]:
+    """A run's metrics records without ``tokens_per_sec`` (the one value timing changes)."""
+    from guided_jax.train.metrics import read_metrics
+
+    return [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in read_metrics(workdir)]
+
+
 def assert_runs_match(reference, other, rtol=1e-5, step=STEPS):
     """Same logged metrics (but timing) and the same final parameters, to ``rtol``."""
     import jax

@@ -87,12 +87,13 @@ def _local_entry(path: str | os.PathLike[str]) -> Path | None:
     if not storage.is_remote(path):
         local = Path(path)
         return local if (local / META_FILE).is_file() else None
-    meta_file = storage.as_path(path) / META_FILE
-    if not meta_file.exists():
+    try:
+        meta = (storage.as_path(path) / META_FILE).read_text()
+    except FileNotFoundError:
         return None
     local = storage.local_copy_dir(path)
     copied = local / META_FILE
-    if not (copied.is_file() and copied.read_text() == meta_file.read_text()):
+    if not (copied.is_file() and copied.read_text() == meta):
         storage.local_copy(path)
     return local
 

@@ -71,8 +71,8 @@ def _file_lock(workdir: str | os.PathLike) -> Iterator[None]:
         yield
 
 
-def _owner(pid: int | None = None, host: str | None = None) -> str:
-    return f"pid {pid or os.getpid()} on {host or socket.gethostname()}"
+def _owner() -> str:
+    return f"pid {os.getpid()} on {socket.gethostname()}"
 
 
 def _process_ended(pid: int) -> bool:
@@ -107,7 +107,6 @@ class ObjectLease(Held):
         self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
         self.token = uuid.uuid4().hex
         self.lost_to: str | None = None  # the owner that took the lease over, if one did
-        self._generation = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="guided_jax-lease", daemon=True)
 
@@ -131,7 +130,6 @@ class ObjectLease(Held):
         self._blob.upload_from_string(
             self._record(acquired), content_type="application/json", if_generation_match=generation
         )
-        self._generation = int(self._blob.generation)
 
     def _read(self) -> tuple[dict[str, Any] | None, int]:
         """The current record and its generation; ``(None, 0)`` when there is none."""

@@ -11,8 +11,14 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import INTERRUPTED_STEPS, REPO, cli_env, final_params, interrupted_run_args
-from guided_jax.train.metrics import read_metrics
+from conftest import (
+    INTERRUPTED_STEPS,
+    REPO,
+    cli_env,
+    final_params,
+    interrupted_run_args,
+    records_without_timing,
+)
 
 
 def _main(*args: str) -> subprocess.CompletedProcess:
@@ -98,10 +104,6 @@ def test_sigterm_saves_a_checkpoint_before_exiting(corpus_file, tmp_path):
     assert max(steps) <= saved[0]
 
 
-def without_timing(workdir) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in read_metrics(workdir)]
-
-
 @pytest.mark.slow
 def test_kill_9_then_rerun_equals_an_uninterrupted_run(run_corpus, uninterrupted_run, tmp_path):
     """Nothing is lost but the steps since the last checkpoint, and those are redone exactly."""
@@ -127,7 +129,7 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(run_corpus, uninterrupted
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     last = rerun.stdout.strip().splitlines()[-1]
     assert last.startswith(f"finished at step {INTERRUPTED_STEPS}: ag_loss=")
-    assert without_timing(workdir) == without_timing(uninterrupted_run)
+    assert records_without_timing(workdir) == records_without_timing(uninterrupted_run)
     jax.tree.map(
         np.testing.assert_array_equal,
         final_params(workdir, step=INTERRUPTED_STEPS, with_key_bias=True),

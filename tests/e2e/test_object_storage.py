@@ -15,7 +15,14 @@ import pytest
 import safetensors.numpy
 from etils import epath
 
-from conftest import INTERRUPTED_STEPS, REPO, cli_env, interrupted_run_args, write_keyword_csv
+from conftest import (
+    INTERRUPTED_STEPS,
+    REPO,
+    cli_env,
+    interrupted_run_args,
+    records_without_timing,
+    write_keyword_csv,
+)
 from guided_jax import weights
 from guided_jax.train.metrics import read_metrics
 from guided_jax.weights.hf import export
@@ -29,10 +36,9 @@ def _command(name: str, *args: str) -> list[str]:
 
 
 def _run(name: str, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(
+    return subprocess.run(
         _command(name, *args), cwd=REPO, env=cli_env(), capture_output=True, text=True
     )
-    return result
 
 
 def _saved(workdir: str) -> list[int]:
@@ -40,10 +46,6 @@ def _saved(workdir: str) -> list[int]:
     if not epath.Path(workdir, "checkpoints").exists():
         return []
     return checkpoint_steps(workdir)
-
-
-def _without_timing(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in records]
 
 
 def test_a_gs_workdir_resumes_after_kill_9_and_serves_the_other_commands(
@@ -79,9 +81,7 @@ def test_a_gs_workdir_resumes_after_kill_9_and_serves_the_other_commands(
     )
     last = rerun.stdout.strip().splitlines()[-1]
     assert last.startswith(f"finished at step {INTERRUPTED_STEPS}: ag_loss=")
-    assert _without_timing(read_metrics(workdir)) == _without_timing(
-        read_metrics(uninterrupted_run)
-    )
+    assert records_without_timing(workdir) == records_without_timing(uninterrupted_run)
     assert not epath.Path(workdir, "lease.json").exists(), "the finished run kept its lease"
 
     # hf_interop reads the gs:// workdir and writes to gs://: the weights are the uninterrupted
