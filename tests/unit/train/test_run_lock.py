@@ -20,7 +20,21 @@ from guided_jax.train.run_lock import LEASE_FILE, ObjectLease, one_run_per_workd
 
 
 def _lease(workdir: str) -> dict:
-    return json.loads(epath.Path(workdir, LEASE_FILE).read_text())
+    """The lease's record, read as the code reads it: one download pinned to the generation
+    just looked up (a read through a filesystem layer learns the size of one version and may
+    fetch the bytes of the next, which the heartbeat writes every few milliseconds here)."""
+    from google.api_core.exceptions import NotFound, PreconditionFailed
+    from google.cloud import storage as gcs
+
+    bucket, _, prefix = workdir[len("gs://") :].partition("/")
+    blob = gcs.Client().bucket(bucket).blob(f"{prefix}/{LEASE_FILE}")
+    for _ in range(20):  # the heartbeat may replace the object between the two requests
+        try:
+            blob.reload()
+            return json.loads(blob.download_as_bytes(if_generation_match=blob.generation))
+        except (NotFound, PreconditionFailed):
+            time.sleep(0.01)
+    raise AssertionError(f"{workdir}/{LEASE_FILE} could not be read at a stable generation")
 
 
 def _write_lease(workdir: str, **record) -> None:
