@@ -37,6 +37,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -45,10 +46,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
+from jax.sharding import PartitionSpec as P
 
 from guided_jax.guidance import HeadSpec
 from guided_jax.kernels.dropout import hash_keep_scale, hash_threshold, hashed_keep, row_hashes
 from guided_jax.kernels.targets import DIAGONAL, FIRST, NONE, TOKEN, USER, HeadPatterns, key_bias
+from guided_jax.sharding import BATCH_AXES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -494,9 +497,11 @@ def _heads(spec: HeadSpec | None, num_heads: int) -> tuple[tuple[int, int, int],
     return tuple(zip(patterns.kind, patterns.offset, patterns.token_group, strict=True))
 
 
-def _run(tiling: Tiling, q, k, v, key_mask, token_masks, dropout_key, *, heads, rate,
+def _run(tiling: Tiling, q, k, v, key_mask, token_masks, hashes, *, heads, threshold, scale,
          after_dropout):  # fmt: skip
-    """The kernels with ``tiling``: ``[B, n, H, d]`` in and out, per-head sums ``[H]``."""
+    """The kernels with ``tiling`` on the arrays one device holds: ``[B, n, H, d]`` in and out,
+    ``heads`` the static patterns of these ``H`` heads, ``hashes`` their rows' dropout hashes
+    ``[B, H, n]`` (None: no dropout); returns the values and the per-head sums ``[H]``."""
     batch, n, num_heads, _ = q.shape
     block = max(tiling.block_q, tiling.block_k)
     padded = pl.cdiv(n, block) * block
@@ -509,15 +514,60 @@ def _run(tiling: Tiling, q, k, v, key_mask, token_masks, dropout_key, *, heads, 
     if has_tokens:  # [T, B, n] -> [B, T, 1, padded]
         tokens = jnp.swapaxes(token_masks.astype(jnp.float32), 0, 1)[:, :, None, :]
         tokens = jnp.pad(tokens, ((0, 0), (0, 0), (0, 0), (0, padded - n)))
-    hashes = None
-    threshold = hash_threshold(rate) if dropout_key is not None else 0
-    if threshold:
-        hashes = row_hashes(dropout_key, batch, num_heads, padded)[..., None]
+    if threshold:  # padded rows' hashes are never seen: their outputs and cotangents are cut
+        hashes = jnp.pad(hashes, ((0, 0), (0, 0), (0, padded - n)))[..., None]
         hashes = jnp.broadcast_to(hashes, (batch, num_heads, padded, tiling.lanes))
-    scale = hash_keep_scale(rate) if threshold else 1.0
     static = _Static(heads, has_tokens, threshold, scale, after_dropout, tiling, n)
     out, head_sums = _attention(static, q, k, v, bias, tokens, hashes)
     return jnp.swapaxes(out[:, :, :n], 1, 2), head_sums
+
+
+def _on_each_device(local: Callable, heads, q, k, v, key_mask, token_masks, hashes):
+    """Runs ``local(heads, ...)`` under ``jax.shard_map`` over the context mesh, because XLA
+    cannot partition a Pallas call (Mosaic refuses one on several chips; a Triton call would be
+    gathered whole onto each GPU).
+
+    Examples split over the batch axes (``data x fsdp``) and heads over ``tensor``, wherever
+    they divide (otherwise that axis computes redundantly). A device guides its own heads: its
+    ``tensor`` index picks the static patterns of its slice of ``heads`` (one traced branch per
+    distinct slice), and its per-head sums come back as one row per batch shard, in the global
+    head order, summed here. The dropout hashes are computed for the global batch and heads
+    before the split, so every device drops what one device would. Nothing inside
+    communicates, so the gradient of the replicated axes is shard_map's own (its outputs'
+    cotangents divided over the replicas, its inputs' summed)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return local(heads, q, k, v, key_mask, token_masks, hashes)
+    batch, _, num_heads, _ = q.shape
+    batch_size = math.prod(mesh.shape.get(axis, 1) for axis in BATCH_AXES)
+    split_batch = batch_size > 1 and batch % batch_size == 0
+    tensor = mesh.shape.get("tensor", 1)
+    split_heads = tensor > 1 and num_heads % tensor == 0
+    rows = tuple(a for a in BATCH_AXES if a in mesh.shape) if split_batch else None
+    cols = "tensor" if split_heads else None
+    per_device = num_heads // tensor if split_heads else num_heads
+    slices = [heads[i * per_device : (i + 1) * per_device] for i in range(num_heads // per_device)]
+    distinct = list(dict.fromkeys(slices))
+
+    def body(q, k, v, key_mask, token_masks, hashes):
+        def branch(index: int) -> Callable:
+            return lambda *args: local(distinct[index], *args)
+
+        args = (q, k, v, key_mask, token_masks, hashes)
+        if len(distinct) == 1:
+            out, sums = branch(0)(*args)
+        else:  # this device's slice of heads, as an index into the distinct slices
+            which = jnp.asarray([distinct.index(s) for s in slices], jnp.int32)
+            index = which[jax.lax.axis_index("tensor")]
+            out, sums = jax.lax.switch(index, [branch(i) for i in range(len(distinct))], *args)
+        return out, sums[None]
+
+    seq = P(rows, None, cols, None)
+    in_specs = (seq, seq, seq, P(rows, None), P(None, rows, None), P(rows, cols, None))
+    out, sums = jax.shard_map(
+        body, in_specs=in_specs, out_specs=(seq, P(rows, cols)), check_vma=False
+    )(q, k, v, key_mask, token_masks, hashes)
+    return out, jnp.sum(sums, axis=0)
 
 
 def pallas_attention(
@@ -547,24 +597,31 @@ def pallas_attention(
             "data.document_masks=false or use model.attention='flash'"
         )
     heads = _heads(spec, q.shape[2])
-    if any(kind == TOKEN for kind, _, _ in heads) and token_masks is None:
+    has_tokens = any(kind == TOKEN for kind, _, _ in heads)
+    if has_tokens and token_masks is None:
         raise ValueError("guided token-set heads need token_masks")
-    run = functools.partial(
-        _run,
-        heads=heads,
-        rate=float(dropout_rate) if dropout_key is not None else 0.0,
-        after_dropout=after_dropout,
-    )
-    args = (q, k, v, key_mask, token_masks, dropout_key)
+    threshold = hash_threshold(float(dropout_rate)) if dropout_key is not None else 0
+    batch, n, num_heads, _ = q.shape
+    hashes = row_hashes(dropout_key, batch, num_heads, n) if threshold else None
+    if not has_tokens:
+        token_masks = None
     if tiling is None and _TRACED_FOR.get() is not None:
         tiling = default_tiling(_TRACED_FOR.get(), q.dtype)
-    if tiling is not None:
-        out, head_sums = run(tiling, *args)
-    else:
-        out, head_sums = jax.lax.platform_dependent(
+    options = dict(
+        threshold=threshold,
+        scale=hash_keep_scale(float(dropout_rate)) if threshold else 1.0,
+        after_dropout=after_dropout,
+    )
+
+    def local(heads, *args):
+        if tiling is not None:
+            return _run(tiling, *args, heads=heads, **options)
+        return jax.lax.platform_dependent(
             *args,
-            tpu=functools.partial(run, default_tiling("tpu", q.dtype)),
-            cuda=functools.partial(run, default_tiling("cuda", q.dtype)),
-            default=functools.partial(run, default_tiling("cpu", q.dtype)),
+            tpu=functools.partial(_run, default_tiling("tpu", q.dtype), heads=heads, **options),
+            cuda=functools.partial(_run, default_tiling("cuda", q.dtype), heads=heads, **options),
+            default=functools.partial(_run, default_tiling("cpu", q.dtype), heads=heads, **options),
         )
+
+    out, head_sums = _on_each_device(local, heads, q, k, v, key_mask, token_masks, hashes)
     return out, (head_sums if spec is not None else None)

@@ -11,7 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from kernel_checks import SPEC, assert_kernels_agree, dense_reference, kernel_inputs, kernel_losses
+from jax.sharding import AxisType
+from kernel_checks import (
+    SPEC,
+    assert_kernels_agree,
+    dense_reference,
+    kernel_inputs,
+    kernel_losses,
+    objective,
+)
 
 from guided_jax.guidance import Guide, HeadSpec
 from guided_jax.kernels.dropout import attention_keep_mask, hash_keep_scale, hash_threshold
@@ -156,3 +164,42 @@ def test_registered_patterns_and_document_masks_are_refused() -> None:
     segments = jnp.ones(key_mask.shape, jnp.int32)
     with pytest.raises(ValueError, match=r"no per-document attention masks.*'flash'"):
         pallas_attention(q, k, v, key_mask, spec=SPEC, token_masks=masks, segment_ids=segments)
+
+
+@pytest.mark.parametrize(
+    "mesh_shape, layout",
+    [((2, 2, 2), "gpu"), ((1, 2, 4), "tpu"), ((8, 1, 1), "gpu")],
+    ids=["data2-fsdp2-tensor2", "fsdp2-tensor4-tpu-layout", "data8"],
+)
+def test_pallas_on_a_mesh_equals_one_device(mesh_shape, layout):
+    """XLA cannot partition a Pallas call, so the kernels run under shard_map: examples split
+    over data x fsdp, heads over tensor, each device guiding its own heads with its own dropout
+    hashes. Values, per-group losses and gradients equal the one-device run's, for a spec whose
+    groups span the tensor shards (the first tensor shard holds self, next, prev and first; the
+    next one first, the token head and an unguided head) and the reference's dropout."""
+    q, k, v, key_mask, masks = kernel_inputs(40, padded=True, seed=3)
+    # Eight examples, so that every batch shard holds its own.
+    q, k, v = (jnp.concatenate([x, 0.5 * x, -x, 2.0 * x] * 2) for x in (q, k, v))
+    key_mask = jnp.concatenate([key_mask] * 8)
+    masks = jnp.concatenate([masks] * 8, axis=1)
+    options = dict(tiling=TILINGS[layout], dropout_rate=0.2, dropout_key=jax.random.key(4))
+
+    def kernels(q, k, v):
+        return _pallas(q, k, v, key_mask, masks, **options)
+
+    run = jax.jit(
+        lambda q, k, v: (kernels(q, k, v), jax.grad(objective(kernels), argnums=(0, 1, 2))(q, k, v))
+    )
+    (want_out, want_losses), want_grads = run(q, k, v)
+    mesh = jax.make_mesh(mesh_shape, ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    with jax.set_mesh(mesh):
+        (got_out, got_losses), got_grads = run(q, k, v)
+        text = run.lower(q, k, v).as_text()
+    assert "shard_map" in text or "sdy.manual_computation" in text
+    np.testing.assert_allclose(got_out, want_out, atol=1e-6)
+    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-6)
+    for name, got, want in zip("qkv", got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-6, err_msg=f"d{name}")
+    # dropout is on and differs between examples and heads, so no shard could pass by luck
+    undropped = jax.jit(lambda q, k, v: _pallas(q, k, v, key_mask, masks, tiling=TILINGS[layout]))
+    assert not np.allclose(undropped(q, k, v)[0], want_out, atol=1e-3)
