@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import contextlib
+import glob
+import importlib.util
+import os
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -23,7 +26,22 @@ def command(name: str, argv: Sequence[str], *, positional: bool = False) -> Iter
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    _skip_an_absent_tpu()
     try:
         yield
     except INPUT_ERRORS as error:
         sys.exit(f"guided_jax.{name}: error: {error}")
+
+
+def _skip_an_absent_tpu() -> None:
+    """With libtpu installed (the ``tpu`` and ``test`` extras, for compiling for TPU slices) on
+    a host without a TPU, jax's first start would have libtpu probe for one and print its
+    failures; such a host starts only the CPU backend (a GPU host, or an explicit
+    ``JAX_PLATFORMS``, is left to jax)."""
+    if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+        return
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*") or glob.glob("/dev/nvidia[0-9]*"):
+        return
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")

@@ -45,7 +45,6 @@ from guided_jax.train.step import (
     build_train_program,
     evaluate,
     make_diagnostics_step,
-    make_eval_step,
 )
 from guided_jax.weights.hf import load_init_params
 
@@ -190,9 +189,7 @@ def _train_loop(inputs: RunInputs, mesh: jax.sharding.Mesh, workdir: str | os.Pa
 
     train_step, graphdef = program.train_step, program.graphdef
     replicated = NamedSharding(mesh, P())
-    eval_step = jax.jit(
-        make_eval_step(inputs.objective, graphdef, cfg.train.seed), out_shardings=replicated
-    )
+    eval_step = program.eval_step
     diagnostics_step = None  # heads' attention statistics, on log steps only
     if cfg.train.diagnostics:
         batch_spec = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=program.batch_sharding)

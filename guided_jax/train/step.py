@@ -110,9 +110,10 @@ def make_train_step(
 def make_eval_step(objective: Objective, graphdef: nnx.GraphDef, seed: int):
     """``(params, batch, index) -> (nll_sum, count, ag_loss)`` with fixed masks per index and no
     dropout, so evals of one run compare like for like; AG is measured even for the baseline."""
-    eval_key = jax.random.fold_in(jax.random.key(seed), 2**31 - 1)
 
     def eval_step(params: nnx.State, batch: jax.Array, index: jax.Array):
+        # traced, not computed eagerly: the mesh may be a TPU slice this host only compiles for
+        eval_key = jax.random.fold_in(jax.random.key(seed), 2**31 - 1)
         model = nnx.merge(graphdef, params)
         mlm, groups, count = mlm_forward(
             objective,
@@ -177,6 +178,7 @@ class TrainProgram(NamedTuple):
     batch_sharding: NamedSharding
     init_state: Callable[[], TrainState]  # jitted: creates the state directly sharded
     train_step: Any  # compiled (state, batch) -> (state, metrics); the state is donated
+    eval_step: Any  # jitted (params, batch, index) -> (nll_sum, count, ag_loss)
 
 
 def step_functions(
@@ -196,27 +198,51 @@ def step_functions(
     return graphdef, init_state, step
 
 
-def build_train_program(inputs: RunInputs, mesh: jax.sharding.Mesh) -> TrainProgram:
-    """Shapes and shardings first, then the jitted init and the compiled step: no array of
-    the model is created before its place on the mesh is known. Call under ``jax.set_mesh``."""
-    cfg = inputs.config
+class PlacedSteps(NamedTuple):
+    """A run's train and eval steps laid out on a mesh, jitted but not yet lowered: what a run
+    compiles for its own devices and :mod:`guided_jax.train.lowering` for a TPU slice."""
+
+    graphdef: nnx.GraphDef
+    abstract_state: TrainState  # ShapeDtypeStructs that carry their shardings
+    state_shardings: Any
+    batch: jax.ShapeDtypeStruct  # a training (and eval) batch, with its sharding
+    init_state: Callable[[], TrainState]
+    train_step: Any  # jitted (state, batch) -> (state, metrics); the state is donated
+    eval_step: Any  # jitted (params, batch, index) -> (nll_sum, count, ag_loss)
+
+
+def place_steps(
+    model: ModelConfig, objective: Objective, cfg: ml_collections.ConfigDict, mesh: Any
+) -> PlacedSteps:
+    """Shapes and shardings first, then the jitted steps: no array of the model is created
+    before its place on the mesh is known. Call under ``jax.set_mesh(mesh)``."""
     rules = sharding.parse_rules(cfg.mesh.rules)
     check_mesh_fits(cfg, mesh)
-    graphdef, init_state, step = step_functions(inputs.model, inputs.objective, cfg.train)
+    graphdef, init_state, step = step_functions(model, objective, cfg.train)
     abstract = jax.eval_shape(init_state)
     state_shardings = sharding.tree_shardings(abstract, mesh, rules)
     abstract = sharding.with_shardings(abstract, state_shardings)
     batch_sharding = sharding.batch_sharding(mesh, cfg.train.batch_size)
     batch = jax.ShapeDtypeStruct(batch_shape(cfg), jnp.int32, sharding=batch_sharding)
-    train_step = (
-        jax.jit(
-            step,
-            in_shardings=(state_shardings, batch_sharding),
-            out_shardings=(state_shardings, NamedSharding(mesh, P())),
-            donate_argnums=0,
-        )
-        .lower(abstract, batch)
-        .compile()
+    replicated = NamedSharding(mesh, P())
+    train_step = jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
     )
-    init = jax.jit(init_state, out_shardings=state_shardings)
-    return TrainProgram(graphdef, abstract, state_shardings, batch_sharding, init, train_step)
+    eval_step = jax.jit(
+        make_eval_step(objective, graphdef, cfg.train.seed), out_shardings=replicated
+    )
+    return PlacedSteps(graphdef, abstract, state_shardings, batch, init_state, train_step,
+                       eval_step)  # fmt: skip
+
+
+def build_train_program(inputs: RunInputs, mesh: jax.sharding.Mesh) -> TrainProgram:
+    """The run's compiled step and its jitted init on ``mesh`` (see :func:`place_steps`).
+    Call under ``jax.set_mesh``."""
+    placed = place_steps(inputs.model, inputs.objective, inputs.config, mesh)
+    train_step = placed.train_step.lower(placed.abstract_state, placed.batch).compile()
+    init = jax.jit(placed.init_state, out_shardings=placed.state_shardings)
+    return TrainProgram(placed.graphdef, placed.abstract_state, placed.state_shardings,
+                        placed.batch.sharding, init, train_step, placed.eval_step)  # fmt: skip
