@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -380,7 +381,7 @@ def topology_devices(topology: str) -> list[Any]:
             )
     except (RuntimeError, ValueError, OSError) as error:
         hint = ""
-        if "libtpu" in str(error).lower() or "not found" in str(error).lower():
+        if importlib.util.find_spec("libtpu") is None and not os.environ.get("TPU_LIBRARY_PATH"):
             hint = f'; compiling for a TPU needs libtpu: pip install "jax[tpu]=={jax.__version__}"'
         raise ValueError(f"--topology {name}: {str(error).splitlines()[0]}{hint}") from None
 
