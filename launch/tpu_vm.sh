@@ -2,6 +2,7 @@
 # Train on a Cloud TPU VM slice (one host or a pod slice of many): create the TPU, copy this
 # checkout to every worker and install it, start the same training command on all workers with
 # --distributed (JAX finds the other hosts itself), watch it, stop it, delete the TPU.
+# Before it starts the workers, train compiles the run's steps for the slice here (see below).
 #
 #   export TPU_NAME=ag ZONE=us-central2-b ACCELERATOR_TYPE=v4-32 BUCKET=my-bucket
 #   bash launch/tpu_vm.sh create --spot   # or --preemptible, or neither
@@ -18,6 +19,13 @@
 #
 # train without --detach runs in the foreground and shows the output of every worker.
 #
+# train first runs, on this machine and in this checkout (as the workers run it in theirs),
+#   python -m guided_jax.lower --config CONFIG --topology ACCELERATOR_TYPE [--config.key=value ...]
+# with the training command's overrides: it compiles the train and eval steps for the slice with
+# libtpu (no TPU needed; pip install "jax[tpu]==<this python's jax version>"), and a run that
+# does not fit the chips' memory, or that the compiler refuses, stops here with its message and
+# exit status 1, before any worker starts. --no-compile-check skips it.
+#
 # Settings come from the environment or from the flags named beside them:
 #   TPU_NAME         --name      guided-jax
 #   ZONE             --zone      us-central2-b
@@ -30,6 +38,7 @@
 #   MOUNT                        /mnt/gcs (STORAGE=mount)
 #   WORKDIR          --workdir   with BUCKET gs://BUCKET/runs/TPU_NAME (gs) or MOUNT/runs/TPU_NAME
 #                                (mount), else required for train
+#   PYTHON                       python: the local python of train's compile check
 # Every worker must see the same workdir. A gs:// workdir needs no mount: orbax and gcsfs write to
 # the bucket directly (setup installs the package's gcs extra in both modes); otherwise it is a
 # shared directory (the gcsfuse mount, or an NFS/Filestore path). All processes write the
@@ -46,13 +55,17 @@ usage() { # exit status 0 (help, on stdout) or 2 (a usage error, on stderr)
   cat >&"$out" <<'EOF'
 usage: tpu_vm.sh create [--spot | --preemptible] [OPTIONS]
        tpu_vm.sh setup  [OPTIONS]
-       tpu_vm.sh train  [--detach] [--workdir DIR] [OPTIONS] CONFIG [--config.key=value ...]
+       tpu_vm.sh train  [--detach] [--no-compile-check] [--workdir DIR] [OPTIONS] CONFIG
+                        [--config.key=value ...]
        tpu_vm.sh logs | stop | status | delete [OPTIONS]
 OPTIONS: --name NAME --zone ZONE --type ACCELERATOR_TYPE --version RUNTIME_VERSION
          --project PROJECT --bucket BUCKET --storage gs|mount
          (or the environment variables of the same names)
 STORAGE gs (the default): the workdir is gs://BUCKET/runs/NAME, written without a mount;
         mount: gcsfuse mounts the bucket at MOUNT on every worker, the workdir MOUNT/runs/NAME
+train first compiles the run for the slice here (python -m guided_jax.lower --topology TYPE,
+        with libtpu: pip install "jax[tpu]==<jax version>") and stops if it does not fit;
+        --no-compile-check skips that
 EOF
   exit "${1:-2}"
 }
@@ -95,6 +108,7 @@ mount=${MOUNT:-/mnt/gcs}
 workdir=${WORKDIR:-}
 provisioning=
 detach=0
+compile_check=1
 
 while [[ $# -gt 0 && $1 == --* ]]; do
   option=$1
@@ -110,6 +124,12 @@ while [[ $# -gt 0 && $1 == --* ]]; do
     --detach)
       [[ $command == train ]] || die "--detach is for train"
       detach=1
+      shift
+      continue
+      ;;
+    --no-compile-check)
+      [[ $command == train ]] || die "--no-compile-check is for train"
+      compile_check=0
       shift
       continue
       ;;
@@ -171,6 +191,37 @@ on_workers() {
   run "${tpu[@]}" ssh "$name" "${where[@]}" --worker="${2:-all}" --command="$1"
 }
 
+# Compiles the run's train and eval steps for the slice on this machine, in this checkout, with
+# the training command's overrides ($@): a run that does not fit stops here, before any worker
+# starts. Needs libtpu in PYTHON (a dry run prints the command without looking for it).
+check_compiles() {
+  local python=${PYTHON:-python} repo jax
+  repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  if [[ ${DRY_RUN:-0} != 1 ]]; then
+    # Where jax looks for libtpu: TPU_LIBRARY_PATH, else the libtpu package. Prints jax's
+    # version where there is none.
+    jax=$(cd "$repo" && "$python" -c 'import importlib.metadata as m, importlib.util as u, os
+p = os.environ.get("TPU_LIBRARY_PATH", "")
+if not os.path.isfile(p) and u.find_spec("libtpu") is None:
+    print(m.version("jax"))' 2>/dev/null) || {
+      echo "tpu_vm.sh: the compile check needs jax and this package in '$python' (set PYTHON" \
+        "to the python they are installed in), or pass --no-compile-check to skip it" >&2
+      exit 1
+    }
+    if [[ -n $jax ]]; then
+      echo "tpu_vm.sh: the compile check for $accelerator needs libtpu in '$python':" \
+        "pip install \"jax[tpu]==$jax\" (Linux), or pass --no-compile-check to skip it" >&2
+      exit 1
+    fi
+  fi
+  if ! (cd "$repo" && run "$python" -m guided_jax.lower --config "$config" \
+    --topology "$accelerator" "$@"); then
+    echo "tpu_vm.sh: the compile check failed for $accelerator (above), no worker was started:" \
+      "change the run, or pass --no-compile-check to start it anyway" >&2
+    exit 1
+  fi
+}
+
 # Remote paths are relative to the home directory of each worker.
 remote_dir=guided_jax
 remote_python=$remote_dir/.venv/bin/python
@@ -230,6 +281,7 @@ case $command in
     ;;
 
   train)
+    [[ $compile_check == 0 ]] || check_compiles "$@"
     args=(-m guided_jax.main --config "$config" --workdir "$workdir" --distributed "$@")
     train=".venv/bin/python $(printf '%q ' "${args[@]}")"
     if [[ $detach == 1 ]]; then

@@ -1,6 +1,7 @@
 """Launch scripts parse, pass shellcheck and print the commands they would run.
 
-Nothing here calls gcloud, sbatch or srun: every script runs with DRY_RUN=1.
+Nothing here calls gcloud, sbatch or srun: the scripts run with DRY_RUN=1, or, for tpu_vm.sh
+train's local compile check, with stand-ins for python and gcloud on PATH.
 """
 
 import contextlib
@@ -39,11 +40,14 @@ def shellcheck_binary() -> str | None:
     return str(beside) if beside.exists() else shutil.which("shellcheck")
 
 
-def launch(script: pathlib.Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+def launch(
+    script: pathlib.Path, *args: str, cwd: pathlib.Path | None = None, **env: str
+) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k not in SETTINGS and not k.startswith("SLURM")}
     return subprocess.run(
         ["bash", str(script), *args],
         env={**base, "DRY_RUN": "1", **env},
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=30,
@@ -55,6 +59,15 @@ def dry_run(script: pathlib.Path, *args: str, **env: str) -> list[list[str]]:
     result = launch(script, *args, **env)
     assert result.returncode == 0, result.stderr
     return [shlex.split(line) for line in result.stdout.splitlines()]
+
+
+def train_dry_run(*args: str, **env: str) -> tuple[list[str], list[str]]:
+    """The two commands of a `tpu_vm.sh train` dry run: the local compile check, then the ssh
+    that starts the workers."""
+    check, ssh = dry_run(TPU_VM, "train", *args, **env)
+    assert check[:3] == ["python", "-m", "guided_jax.lower"], check
+    assert ssh[:5] == [*GCLOUD_TPU, "ssh"], ssh
+    return check, ssh
 
 
 def remote_command(argv: list[str]) -> str:
@@ -190,8 +203,8 @@ def test_tpu_train_runs_the_distributed_command_on_every_worker():
         "--config.mesh.tensor=2",
         "--config.guidance.heads=next:1, prev:1",  # survives both shells
     ]
-    [ssh] = dry_run(TPU_VM, "train", "configs/reference.py:roberta_12", *extra,
-                    WORKDIR="/nfs/runs/r12")  # fmt: skip
+    _, ssh = train_dry_run("configs/reference.py:roberta_12", *extra,
+                          WORKDIR="/nfs/runs/r12")  # fmt: skip
     assert ssh[:6] == [*GCLOUD_TPU, "ssh", "guided-jax"] and "--worker=all" in ssh
     assert shlex.split(remote_command(ssh)) == [
         "cd", "guided_jax", "&&", ".venv/bin/python", "-m", "guided_jax.main",
@@ -201,8 +214,8 @@ def test_tpu_train_runs_the_distributed_command_on_every_worker():
 
 
 def test_tpu_train_detached_in_the_bucket():
-    [ssh] = dry_run(TPU_VM, "train", "--detach", "--name=ag", "configs/default.py",
-                    "--config.train.steps=10", BUCKET="bkt")  # fmt: skip
+    _, ssh = train_dry_run("--detach", "--name=ag", "configs/default.py",
+                          "--config.train.steps=10", BUCKET="bkt")  # fmt: skip
     command = remote_command(ssh)
     tokens = shlex.split(command)
     assert command.startswith("cd guided_jax && { nohup")  # no mount: orbax writes gs:// itself
@@ -214,8 +227,8 @@ def test_tpu_train_detached_in_the_bucket():
 
 
 def test_tpu_train_detached_on_the_mounted_bucket():
-    [ssh] = dry_run(TPU_VM, "train", "--detach", "--name=ag", "configs/default.py",
-                    BUCKET="bkt", STORAGE="mount")  # fmt: skip
+    _, ssh = train_dry_run("--detach", "--name=ag", "configs/default.py",
+                          BUCKET="bkt", STORAGE="mount")  # fmt: skip
     command = remote_command(ssh)
     tokens = shlex.split(command)
     assert command.startswith("{ mountpoint -q /mnt/gcs || {")  # remounts after a reboot
@@ -228,11 +241,116 @@ def test_tpu_train_detached_on_the_mounted_bucket():
     ("storage", "workdir"), [("gs", "gs://other/runs/r12"), ("mount", "/nfs/runs/r12")]
 )
 def test_tpu_train_explicit_workdir_wins(storage, workdir):
-    [ssh] = dry_run(TPU_VM, "train", "--workdir", workdir, "configs/default.py",
-                    BUCKET="bkt", STORAGE=storage)  # fmt: skip
+    _, ssh = train_dry_run("--workdir", workdir, "configs/default.py",
+                          BUCKET="bkt", STORAGE=storage)  # fmt: skip
     tokens = shlex.split(remote_command(ssh))
     assert contains(tokens, ["--workdir", workdir, "--distributed"])
     assert tokens.count("--workdir") == 1
+
+
+def test_tpu_train_compiles_for_the_slice_before_the_workers_start():
+    """The check runs here first, for the slice's accelerator type, with the training
+    command's config and overrides (quoted the same way)."""
+    extra = ["--config.mesh.fsdp=4", "--config.guidance.heads=next:1, prev:1"]
+    check, ssh = train_dry_run("configs/reference.py:roberta_12", *extra,
+                               ACCELERATOR_TYPE="v5litepod-16", WORKDIR="/w")  # fmt: skip
+    assert check == [
+        "python", "-m", "guided_jax.lower", "--config", "configs/reference.py:roberta_12",
+        "--topology", "v5litepod-16", *extra,
+    ]  # fmt: skip
+    assert shlex.split(remote_command(ssh))[-2:] == extra
+
+
+def test_tpu_train_compile_check_follows_type_flag_and_python():
+    check, _ = train_dry_run("--type", "v6e-8", "--detach", "configs/tiny.py", WORKDIR="/w",
+                             ACCELERATOR_TYPE="v4-32", PYTHON="python")  # fmt: skip
+    assert check == [
+        "python", "-m", "guided_jax.lower", "--config", "configs/tiny.py", "--topology", "v6e-8",
+    ]  # fmt: skip
+    result = launch(TPU_VM, "train", "configs/tiny.py", WORKDIR="/w", PYTHON="/opt/py/bin/python3")
+    assert result.stdout.splitlines()[0].startswith("/opt/py/bin/python3 -m guided_jax.lower ")
+
+
+@pytest.mark.parametrize(
+    "flags", [["--no-compile-check", "--detach"], ["--detach", "--no-compile-check"]]
+)
+def test_tpu_train_no_compile_check_starts_the_workers_only(flags):
+    [ssh] = dry_run(TPU_VM, "train", *flags, "configs/default.py", "--config.mesh.fsdp=4",
+                    WORKDIR="/w")  # fmt: skip
+    assert ssh[:6] == [*GCLOUD_TPU, "ssh", "guided-jax"]
+    assert "--no-compile-check" not in remote_command(ssh)
+
+
+# Stand-ins on PATH for a run without DRY_RUN: both append their command line to LOG; python
+# answers the libtpu probe (`-c ...`: jax's version where there is no libtpu) and fails
+# guided_jax.lower where FAKE_LOWER_FAILS is set.
+FAKE_LOCAL_PYTHON = """#!/usr/bin/env bash
+if [ "$1" = -c ]; then
+  [ -z "${FAKE_NO_LIBTPU:-}" ] || echo 0.10.2
+  exit 0
+fi
+echo "python $PWD $*" >> "$LOG"
+if [ -n "${FAKE_LOWER_FAILS:-}" ]; then
+  echo "guided_jax.lower: error: the train step needs 21.3 GiB per chip, the chip has 16.0" >&2
+  exit 1
+fi
+echo "compiled topology=v5e:4x4 chips=16 attention=dense per_chip_gib=1.20 of 16.0 fits"
+"""
+FAKE_GCLOUD = """#!/usr/bin/env bash
+echo "gcloud $1 $2 $3 $4 $5" >> "$LOG"
+"""
+
+
+def local_train(
+    tmp_path: pathlib.Path, *args: str, **env: str
+) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """`tpu_vm.sh train` run for real (no DRY_RUN) from tmp_path with the stand-ins: its result
+    and the commands they saw, in order."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in [("python", FAKE_LOCAL_PYTHON), ("gcloud", FAKE_GCLOUD)]:
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    log.unlink(missing_ok=True)
+    result = launch(
+        TPU_VM, "train", *args, cwd=tmp_path, DRY_RUN="0", LOG=str(log), WORKDIR="/w",
+        ACCELERATOR_TYPE="v5litepod-16", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **env,
+    )  # fmt: skip
+    return result, log.read_text().splitlines() if log.exists() else []
+
+
+def test_tpu_train_runs_the_compile_check_in_the_checkout_then_the_workers(tmp_path):
+    result, calls = local_train(tmp_path, "configs/tiny.py", "--config.mesh.fsdp=4")
+    assert result.returncode == 0, result.stderr
+    assert "compiled topology=v5e:4x4 chips=16" in result.stdout
+    assert calls == [  # from this checkout, as the workers run it from theirs
+        f"python {REPO} -m guided_jax.lower --config configs/tiny.py --topology v5litepod-16"
+        " --config.mesh.fsdp=4",
+        "gcloud compute tpus tpu-vm ssh guided-jax",
+    ]
+
+
+def test_tpu_train_stops_before_the_workers_when_the_check_fails(tmp_path):
+    result, calls = local_train(tmp_path, "configs/tiny.py", FAKE_LOWER_FAILS="1")
+    assert result.returncode == 1
+    assert [call.split()[0] for call in calls] == ["python"]  # no gcloud: no worker started
+    assert "needs 21.3 GiB per chip" in result.stderr  # the check's own message
+    assert "compile check failed for v5litepod-16" in result.stderr
+    assert "--no-compile-check" in result.stderr and "usage" not in result.stderr
+
+
+def test_tpu_train_without_libtpu_says_how_to_install_it(tmp_path):
+    result, calls = local_train(tmp_path, "configs/tiny.py", FAKE_NO_LIBTPU="1")
+    assert result.returncode == 1 and calls == []
+    assert 'pip install "jax[tpu]==0.10.2"' in result.stderr
+    assert "--no-compile-check" in result.stderr
+
+
+def test_tpu_train_no_compile_check_runs_no_python(tmp_path):
+    result, calls = local_train(tmp_path, "--no-compile-check", "configs/tiny.py",
+                                FAKE_LOWER_FAILS="1", FAKE_NO_LIBTPU="1")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert calls == ["gcloud compute tpus tpu-vm ssh guided-jax"]
 
 
 @pytest.mark.parametrize("storage", ["gs", "mount"])
@@ -275,13 +393,13 @@ def test_tpu_remote_train_and_stop_run_in_a_shell(tmp_path):
     expected = ["-m", "guided_jax.main", "--config", "configs/default.py", "--workdir", "/w"]
     expected += ["--distributed", *extra]
 
-    [ssh] = dry_run(TPU_VM, "train", "configs/default.py", *extra, WORKDIR="/w")
+    _, ssh = train_dry_run("configs/default.py", *extra, WORKDIR="/w")
     subprocess.run(["bash", "-c", remote_command(ssh)], cwd=home, check=True, timeout=30)
     assert (home / "guided_jax" / "args").read_text().splitlines() == expected
 
     (home / "guided_jax" / "args").unlink()
     (home / "guided_jax" / "keep-running").touch()
-    [ssh] = dry_run(TPU_VM, "train", "--detach", "configs/default.py", *extra, WORKDIR="/w")
+    _, ssh = train_dry_run("--detach", "configs/default.py", *extra, WORKDIR="/w")
     subprocess.run(["bash", "-c", remote_command(ssh)], cwd=home, check=True, timeout=30)
     pidfile, signals = home / "guided_jax" / "train.pid", home / "guided_jax" / "signals"
     pid = int(pidfile.read_text())
@@ -333,6 +451,7 @@ def test_tpu_status_and_delete():
         ["train", "configs/default.py"],  # no WORKDIR and no BUCKET
         ["status", "extra"],
         ["create", "--detach"],
+        ["setup", "--no-compile-check"],
         ["create", "--spot", "--preemptible"],
         ["setup", "--zone"],
         ["setup", "--storage"],
