@@ -7,7 +7,12 @@ evaluates the validation split every ``eval_every`` steps (default: each epoch),
 parameters and stops after ``patience`` evaluations without improvement. The best parameters are
 scored on the eval split (accuracy, macro-F1 and MCC, or Pearson and Spearman for regression);
 ``WORKDIR/results.json`` holds every seed and the mean ± std. That is the ``selected``
-protocol (``config.protocol``, the default). The ``reference`` protocol
+protocol (``config.protocol``, the default). It first picks the learning rate as papers report
+GLUE: every candidate of ``learning_rates`` is trained with the first seed and scored on
+validation only (the eval split is never used to choose); the best rate then runs with every
+seed. A run whose best validation is its last one was still improving when training ended:
+it is flagged ``cut_short``, with the warning :data:`CUT_SHORT` in the output and in
+``results.json``. The ``reference`` protocol
 (``configs/finetune.py:reference``) is the reference implementation's HuggingFace ``run_glue.py``:
 every training row (the last batch of an epoch partial), a fixed number of epochs, no
 validation and no early stopping, and the final parameters scored on the eval split.
@@ -41,7 +46,7 @@ from sklearn import metrics as skm
 from tqdm import tqdm
 
 from guided_jax import weights
-from guided_jax.config.checks import check_finetune_config, parse_seeds
+from guided_jax.config.checks import check_finetune_config, learning_rates, parse_seeds
 from guided_jax.data.tables import FinetuneError, Task, encode, load_task
 from guided_jax.model import EncoderForMLM, Params, build_model, model_params
 from guided_jax.storage import as_path, check_location
@@ -51,6 +56,8 @@ __all__ = ["FinetuneError", "format_results", "run", "scores", "train_one_seed"]
 
 # The metric that picks the best checkpoint (GLUE's headline metric of each task).
 SELECTION_METRIC = {"cola": "mcc", "stsb": "pearson"}
+# Why a score may not be trusted: validation still improved at the final evaluation.
+CUT_SHORT = "best step = last step: raise epochs or learning_rate"
 
 # ----------------------------------------------------------------------------- model
 
@@ -158,15 +165,22 @@ def train_one_seed(
     encoded: dict[str, tuple[np.ndarray, np.ndarray]],
     progress: tqdm | None = None,
     *,
+    learning_rate: float | None = None,
+    score_eval: bool = True,
     return_model: bool = False,
 ) -> dict[str, Any]:
     """Fine-tunes from the pretrained ``params`` of an encoder of ``encoder_config`` with
-    ``seed``. Protocol ``selected``: returns the best validation step and scores and the eval
-    scores of the best parameters; ``reference``: the eval scores of the final parameters
-    (``encoded`` needs no validation split). ``progress`` (a bar over the steps) shows the loss
-    and the last validation. ``return_model`` adds the model as it is after the last step,
-    whichever parameters were scored (``"final_model"``, not JSON), for checks."""
+    ``seed`` at ``learning_rate`` (default: the config's only rate). Protocol ``selected``:
+    returns the best validation step and scores, whether that was the last step
+    (``cut_short``), and the eval scores of the best parameters; with ``score_eval=False`` no
+    eval score is computed, and ``"score_eval"`` (not JSON) computes it on request, once the
+    rate is chosen. ``reference``: the eval scores of the final parameters (``encoded`` needs
+    no validation split). ``progress`` (a bar over the steps) shows the loss and the last
+    validation. ``return_model`` adds the model as it is after the last step, whichever
+    parameters were scored (``"final_model"``, not JSON), for checks."""
     reference = config.protocol == "reference"
+    if learning_rate is None:
+        (learning_rate,) = learning_rates(config)
     encoder = build_model(encoder_config, params)
     model = SequenceClassifier(encoder, task.num_outputs, config.classifier_dropout, nnx.Rngs(seed))
     graphdef, state = nnx.split(model)
@@ -174,9 +188,7 @@ def train_one_seed(
     per_epoch = steps_per_epoch(len(task.train), batch_size, config.protocol)
     total = per_epoch * config.epochs
     eval_every = config.eval_every or per_epoch
-    schedule = warmup_linear_decay(
-        config.learning_rate, round(config.warmup_fraction * total), total
-    )
+    schedule = warmup_linear_decay(learning_rate, round(config.warmup_fraction * total), total)
     tx = adamw(
         schedule,
         clip_norm=config.grad_clip_norm,
@@ -259,12 +271,18 @@ def train_one_seed(
     else:
         result = {
             "seed": seed,
+            "learning_rate": learning_rate,
             "best_step": best["step"],
             "steps": step,
+            "cut_short": best["step"] == step,
             "validation": best["validation"],
-            "eval": evaluate(best["state"], "eval"),
             "history": history,
         }
+        best_state = best["state"]
+        if score_eval:
+            result["eval"] = evaluate(best_state, "eval")
+        else:
+            result["score_eval"] = lambda: evaluate(best_state, "eval")
     if return_model:
         result["final_model"] = nnx.merge(graphdef, state)
     return result
@@ -304,20 +322,37 @@ def run(
             f"{len(task.train)} training examples are fewer than batch_size={config.batch_size}"
         )
     params = model_params(loaded.model)
-    runs = []
-    steps = steps_per_epoch(len(task.train), config.batch_size, config.protocol) * config.epochs
-    for seed in seeds:
+    per_epoch = steps_per_epoch(len(task.train), config.batch_size, config.protocol)
+
+    def one_run(seed: int, rate: float, **options: Any) -> dict[str, Any]:
         with tqdm(
-            total=steps, desc=f"fine-tune seed {seed}", unit="step", disable=not progress,
-            dynamic_ncols=True, leave=False,
+            total=per_epoch * config.epochs, desc=f"fine-tune seed {seed} lr {rate:g}",
+            unit="step", disable=not progress, dynamic_ncols=True, leave=False,
         ) as bar:  # fmt: skip
-            result = train_one_seed(config, task, loaded.config, params, seed, encoded, bar)
-        runs.append(result)
+            return train_one_seed(
+                config, task, loaded.config, params, seed, encoded, bar, learning_rate=rate,
+                **options,
+            )  # fmt: skip
+
+    rates = learning_rates(config)
+    selection = None
+    if len(rates) > 1:
+        selection, first = _select_rate(
+            task, rates, lambda rate: one_run(seeds[0], rate, score_eval=False)
+        )
+        runs = [first]
+        print(_format_selection(selection))
+    else:
+        runs = []
+    chosen = rates[0] if selection is None else selection["chosen"]
+    runs += [one_run(seed, chosen) for seed in seeds[len(runs) :]]
+    for result in runs:
         shown = " ".join(f"{k}={v:.4f}" for k, v in result["eval"].items())
         scored = (
             f"final step {result['steps']}" if reference else f"best step {result['best_step']}"
         )
-        print(f"seed {seed}: {scored}, eval {shown}")
+        short = f"; warning: {CUT_SHORT}" if result.get("cut_short") else ""
+        print(f"seed {result['seed']}: {scored}, eval {shown}{short}")
     metric_names = list(runs[0]["eval"])
     results = {
         "task": config.task if config.task != "table" else task.name,
@@ -328,13 +363,66 @@ def run(
         "sizes": {name: len(getattr(task, name)) for name in ("train", "validation", "eval")},
         "dropped_rows": dict(task.dropped),
         "selection_metric": None if reference else selection_metric(task),
+        "learning_rate": chosen,
+        "learning_rate_selection": selection,
+        "steps_per_epoch": per_epoch,
         "metrics": {m: mean_std([r["eval"][m] for r in runs]) for m in metric_names},
+        "cut_short": any(r.get("cut_short", False) for r in runs),
+        "warnings": [
+            f"seed {r['seed']} (learning rate {r['learning_rate']:g}): {CUT_SHORT}"
+            for r in runs
+            if r.get("cut_short")
+        ],
         "runs": runs,
     }
     out = as_path(workdir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _select_rate(
+    task: Task, rates: Sequence[float], train_first_seed: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Trains ``train_first_seed(rate)`` for every rate (validation only) and keeps the rate
+    of the best validation score (the first of equal ones); returns the selection record and
+    the chosen rate's run, its best parameters now scored on the eval split."""
+    metric = selection_metric(task)
+    trials = [train_first_seed(rate) for rate in rates]
+    best = max(range(len(rates)), key=lambda i: (trials[i]["validation"][metric], -i))
+    chosen = trials[best]
+    chosen["eval"] = chosen.pop("score_eval")()
+    for trial in trials:
+        trial.pop("score_eval", None)  # frees the other rates' parameters
+    record = {
+        "seed": chosen["seed"],
+        "metric": metric,
+        "chosen": rates[best],
+        "candidates": [
+            {
+                "learning_rate": rate,
+                "validation": trial["validation"][metric],
+                "best_step": trial["best_step"],
+                "cut_short": trial["cut_short"],
+            }
+            for rate, trial in zip(rates, trials, strict=True)
+        ],
+    }
+    return record, chosen
+
+
+def _format_selection(selection: dict[str, Any]) -> str:
+    """Every candidate rate's validation score, and the chosen one."""
+    lines = [
+        f"learning rate, chosen on validation {selection['metric']} (seed {selection['seed']}):"
+    ]
+    for candidate in selection["candidates"]:
+        mark = " <- chosen" if candidate["learning_rate"] == selection["chosen"] else ""
+        short = f" ({CUT_SHORT})" if candidate["cut_short"] else ""
+        lines.append(
+            f"  {candidate['learning_rate']:>8g}: {candidate['validation']:.4f}{mark}{short}"
+        )
+    return "\n".join(lines)
 
 
 def format_results(results: dict[str, Any]) -> str:
@@ -349,4 +437,7 @@ def format_results(results: dict[str, Any]) -> str:
     ]
     for name, m in results["metrics"].items():
         lines.append(f"  {name:>9}: {m['mean']:.4f} ± {m['std']:.4f}")
+    if results.get("learning_rate_selection"):
+        lines.insert(0, _format_selection(results["learning_rate_selection"]))
+    lines.extend(f"warning: {w}" for w in results.get("warnings", []))
     return "\n".join(lines)

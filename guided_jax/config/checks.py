@@ -211,10 +211,42 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def learning_rates(config: ml_collections.ConfigDict) -> list[float]:
+    """The fine-tuning learning rates: the ``selected`` protocol's candidates
+    (``learning_rates``, comma-separated; one value is used as it is), or the ``reference``
+    protocol's fixed ``learning_rate``. Each protocol takes its own key only, so a rate set
+    under the other name is an error rather than silently unused."""
+    if config.get("protocol") == "reference":
+        if "learning_rates" in config:
+            raise FinetuneError(
+                "config learning_rates: protocol='reference' trains at its fixed learning_rate "
+                "(candidates are for protocol='selected')"
+            )
+        require_positive(config, "learning_rate", error=FinetuneError)
+        return [float(config.learning_rate)]
+    if "learning_rate" in config:
+        raise FinetuneError(
+            f"config learning_rate: protocol='selected' picks its rate on validation from "
+            f"learning_rates; give one value to use it alone "
+            f"(--config.learning_rates={config.learning_rate})"
+        )
+    text = str(config.get("learning_rates", ""))
+    try:
+        rates = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        rates = []
+    if not rates or any(not 0.0 < r < float("inf") for r in rates) or len(set(rates)) != len(rates):
+        raise FinetuneError(
+            f"config learning_rates must be comma-separated positive rates, each once "
+            f"(e.g. 1e-5,3e-5,1e-4,3e-4), got {text!r}"
+        )
+    return rates
+
+
 def check_finetune_config(config: ml_collections.ConfigDict) -> None:
     """The values of a fine-tuning config (``configs/finetune.py``)."""
     error = FinetuneError
-    require_positive(config, "batch_size", "epochs", "learning_rate", "max_length", error=error)
+    require_positive(config, "batch_size", "epochs", "max_length", error=error)
     if config.max_length < 3:
         raise FinetuneError(f"max_length must be at least 3, got {config.max_length}")
     # eval_every 0: each epoch; patience 0: never stop early.
@@ -232,6 +264,7 @@ def check_finetune_config(config: ml_collections.ConfigDict) -> None:
             f"on the whole train split and validates nothing), got "
             f"{config.data.validation_file!r}"
         )
+    learning_rates(config)
     _require_fraction(config, "warmup_fraction", "classifier_dropout", error=error)
     fraction = config.data.validation_fraction
     if not 0.0 < fraction < 1.0:

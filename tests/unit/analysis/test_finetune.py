@@ -82,7 +82,7 @@ def _one_seed_inputs(encoder, *, regression: bool, train_rows: int = 32, **overr
     texts (so a validation score is also the eval score of the same parameters)."""
     config = _config()
     config.update(
-        batch_size=8, epochs=2, max_length=16, learning_rate=3e-3, eval_every=1, patience=0
+        batch_size=8, epochs=2, max_length=16, learning_rates="3e-3", eval_every=1, patience=0
     )
     config.update(overrides)
     config.regression = regression
@@ -180,7 +180,7 @@ def test_early_stopping_stops_at_the_right_validation(
 def test_flat_validation_stops_after_patience_evaluations(encoder):
     # A learning rate far below float32 resolution leaves every prediction as it was.
     config, task, encoded = _one_seed_inputs(
-        encoder, regression=False, learning_rate=1e-30, patience=2
+        encoder, regression=False, learning_rates="1e-30", patience=2
     )
     params = model_params(encoder.model)
     result = finetune.train_one_seed(config, task, encoder.config, params, 0, encoded)
@@ -220,10 +220,12 @@ def test_reference_preset_has_the_reference_values_and_the_default_is_unchanged(
     assert reference.data.validation_file == ""
     selected = _config()
     assert selected.protocol == "selected"
-    assert {key: selected[key] for key in REFERENCE_RUN_GLUE} == {
-        "learning_rate": 2e-5, "epochs": 3, "batch_size": 16, "max_length": 128,
-        "warmup_fraction": 0.06, "weight_decay": 0.01, "adam_eps": 1e-8, "grad_clip_norm": 1.0,
-        "seeds": "1,2,3", "classifier_dropout": 0.1,
+    assert "learning_rates" not in reference and "learning_rate" not in selected
+    selected_keys = [k if k != "learning_rate" else "learning_rates" for k in REFERENCE_RUN_GLUE]
+    assert {key: selected[key] for key in selected_keys} == {
+        "learning_rates": "1e-5,3e-5,1e-4,3e-4,1e-3", "epochs": 3, "batch_size": 16,
+        "max_length": 128, "warmup_fraction": 0.06, "weight_decay": 0.01, "adam_eps": 1e-8,
+        "grad_clip_norm": 1.0, "seeds": "1,2,3", "classifier_dropout": 0.1,
     }  # fmt: skip
     with pytest.raises(ValueError, match=r"expected one of \['selected', 'reference'\]"):
         load_config(f"{REPO / 'configs' / 'finetune.py'}:best")
@@ -341,7 +343,7 @@ def test_learns_a_keyword_task_clearly_above_chance(tiny_run, tmp_path):
     assert not (tmp_path / "refused").exists()
 
     config.data.drop_empty_labels = True
-    config.update(seeds="1,2", learning_rate=0.001, epochs=4, max_length=16)
+    config.update(seeds="1,2", learning_rates="1e-3", epochs=4, max_length=16)
     results = finetune.run(config, tiny_run, tmp_path / "ft", progress=False)
     assert json.loads((tmp_path / "ft" / "results.json").read_text()) == results
     assert results["labels"] == ["no", "yes"] and results["pretrained_step"] == 6
@@ -378,7 +380,7 @@ def test_regression_task_trains(tiny_run, tmp_path):
         train_file=str(_scores_csv(tmp_path / "train.csv", 320, 0)),
         eval_file=str(_scores_csv(tmp_path / "eval.csv", 48, 1)),
     )
-    config.update(regression=True, seeds="3", epochs=3, learning_rate=0.002, max_length=16)
+    config.update(regression=True, seeds="3", epochs=3, learning_rates="2e-3", max_length=16)
     config.update(eval_every=5, patience=0)
     results = finetune.run(config, tiny_run, tmp_path / "ft", progress=False)
     assert results["labels"] == [] and results["selection_metric"] == "pearson"
@@ -454,7 +456,7 @@ NAMES_NO_FILE = {"fraction", "too few", "no eval file", "task"} | {n for n in ER
 CONFIG_ERRORS = {
     "batch_size": ({"batch_size": 0}, "config batch_size must be positive, got 0"),
     "epochs": ({"epochs": -1}, "config epochs must be positive"),
-    "learning_rate": ({"learning_rate": 0.0}, "config learning_rate must be positive"),
+    "learning_rates": ({"learning_rates": "0"}, "config learning_rates must be comma-separated"),
     "max_length positive": ({"max_length": 0}, "config max_length must be positive"),
     "max_length": ({"max_length": 2}, "max_length must be at least 3, got 2"),
     "eval_every": ({"eval_every": -1}, "eval_every must be >= 0"),
@@ -540,3 +542,130 @@ def test_fewer_examples_than_a_batch_are_refused(tiny_run, tmp_path):
     with pytest.raises(FinetuneError, match="18 training examples are fewer than batch_size=32"):
         finetune.run(config, tiny_run, tmp_path / "ft", progress=False)
     assert not (tmp_path / "ft").exists()
+
+
+# ----------------------------------------------------------------------------- learning rates
+
+
+def test_the_rate_is_chosen_on_validation_with_the_first_seed_then_run_with_every_seed(
+    tiny_run, tmp_path, monkeypatch, capsys
+):
+    """Each candidate trains with the first seed and is scored on validation only; the best
+    (the first of equal scores) runs with every seed, its first-seed run reused. Eval scores
+    are set to reverse the validation order, so a choice made on them would differ."""
+    validation = {1e-5: 0.6, 3e-5: 0.9, 1e-4: 0.9, 3e-4: 0.7, 1e-3: 0.5}
+    eval_score = {rate: 1.0 - v for rate, v in validation.items()}
+    calls, scored = [], []
+
+    def train_one_seed(config, task, encoder_config, params, seed, encoded, bar=None, *,
+                       learning_rate, score_eval=True):  # fmt: skip
+        calls.append((seed, learning_rate, score_eval))
+        result = {
+            "seed": seed, "learning_rate": learning_rate, "best_step": 3, "steps": 5,
+            "cut_short": False, "validation": {"accuracy": validation[learning_rate]},
+            "history": [],
+        }  # fmt: skip
+
+        def score():
+            scored.append((seed, learning_rate))
+            return {"accuracy": eval_score[learning_rate] + seed / 100}
+
+        if score_eval:
+            result["eval"] = score()
+        else:
+            result["score_eval"] = score
+        return result
+
+    monkeypatch.setattr(finetune, "train_one_seed", train_one_seed)
+    train_csv = write_keyword_csv(tmp_path / "train.csv", 40, 0)
+    config = _config(train_file=str(train_csv), eval_file=str(train_csv))
+    config.update(seeds="4,5,6", max_length=16)
+    results = finetune.run(config, tiny_run, tmp_path / "ft", progress=False)
+
+    rates = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]
+    assert calls == [(4, r, False) for r in rates] + [(5, 3e-5, True), (6, 3e-5, True)]
+    assert scored == [(4, 3e-5), (5, 3e-5), (6, 3e-5)]  # no other rate ever reached eval
+    assert results["learning_rate"] == 3e-5
+    selection = results["learning_rate_selection"]
+    assert (selection["seed"], selection["metric"], selection["chosen"]) == (4, "accuracy", 3e-5)
+    assert [(c["learning_rate"], c["validation"]) for c in selection["candidates"]] == [
+        (r, validation[r]) for r in rates
+    ]
+    assert [r["eval"]["accuracy"] for r in results["runs"]] == pytest.approx([0.14, 0.15, 0.16])
+    assert json.loads((tmp_path / "ft" / "results.json").read_text()) == results
+    printed = capsys.readouterr().out
+    table = finetune.format_results(results)
+    for text in (printed, table):
+        assert "learning rate, chosen on validation accuracy (seed 4):" in text
+        assert "     3e-05: 0.9000 <- chosen" in text and "    0.0003: 0.7000\n" in text
+
+
+@pytest.mark.parametrize(
+    ("patience", "trajectory", "cut_short"),
+    [
+        (0, [0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], True),  # still rising at the end
+        (0, [0.0, 0.2, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3], False),  # peaked, then worse
+        (2, [0.0, 0.5, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9], False),  # a plateau stops it early
+        (0, [0.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.2], True),  # late gain at the last step
+    ],
+    ids=["rising", "peaked", "plateau", "last-step-gain"],
+)
+def test_a_run_whose_best_validation_is_its_last_is_cut_short(
+    encoder, monkeypatch, patience, trajectory, cut_short
+):
+    config, task, encoded = _one_seed_inputs(encoder, regression=False, patience=patience)
+    _scripted(monkeypatch, task, "accuracy", trajectory)
+    params = model_params(encoder.model)
+    result = finetune.train_one_seed(config, task, encoder.config, params, 0, encoded)
+    assert result["cut_short"] is cut_short
+    assert result["cut_short"] is (result["best_step"] == result["steps"] == 8)
+
+
+def test_cut_short_runs_are_warned_about_in_the_output_and_results(
+    tiny_run, tmp_path, monkeypatch, capsys
+):
+    def train_one_seed(config, task, encoder_config, params, seed, encoded, bar=None, *,
+                       learning_rate, score_eval=True):  # fmt: skip
+        return {
+            "seed": seed, "learning_rate": learning_rate, "best_step": 5, "steps": 5,
+            "cut_short": seed == 2, "validation": {"accuracy": 0.8},
+            "eval": {"accuracy": 0.7}, "history": [],
+        }  # fmt: skip
+
+    monkeypatch.setattr(finetune, "train_one_seed", train_one_seed)
+    train_csv = write_keyword_csv(tmp_path / "train.csv", 40, 0)
+    config = _config(train_file=str(train_csv), eval_file=str(train_csv))
+    config.update(seeds="1,2", max_length=16, learning_rates="1e-4")
+    results = finetune.run(config, tiny_run, tmp_path / "ft", progress=False)
+    warning = "seed 2 (learning rate 0.0001): best step = last step: raise epochs or learning_rate"
+    assert results["cut_short"] is True and results["warnings"] == [warning]
+    assert results["learning_rate_selection"] is None and results["learning_rate"] == 1e-4
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "seed 1: best step 5, eval accuracy=0.7000"
+    assert lines[1] == (
+        "seed 2: best step 5, eval accuracy=0.7000; warning: best step = last step: raise "
+        "epochs or learning_rate"
+    )
+    assert finetune.format_results(results).splitlines()[-1] == f"warning: {warning}"
+
+
+@pytest.mark.slow
+def test_the_default_rate_selection_is_within_a_point_of_the_best_rate(tiny_run, tmp_path):
+    """The default protocol against a manual sweep of its candidates (every rate with every
+    seed, scored on eval): the rate it picks on validation scores within 1 point of the best."""
+    train_csv = write_keyword_csv(tmp_path / "train.csv", 320, 0)
+    eval_csv = write_keyword_csv(tmp_path / "eval.csv", 100, 1)
+    config = _config(train_file=str(train_csv), eval_file=str(eval_csv))
+    config.update(seeds="1,2", max_length=16, epochs=4)
+    default = finetune.run(config, tiny_run, tmp_path / "default", progress=False)
+    sweep = {}
+    for rate in [float(r) for r in config.learning_rates.split(",")]:
+        config.learning_rates = str(rate)
+        one = finetune.run(config, tiny_run, tmp_path / f"lr{rate:g}", progress=False)
+        sweep[rate] = one["metrics"]["accuracy"]["mean"]
+    best = max(sweep.values())
+    assert max(sweep.values()) - min(sweep.values()) > 0.05, sweep  # the rate matters here
+    print(f"manual sweep (eval accuracy, mean of 2 seeds): {sweep}; chosen on validation: "
+          f"{default['learning_rate']:g}")  # fmt: skip
+    assert default["metrics"]["accuracy"]["mean"] >= best - 0.01, (default["learning_rate"], sweep)
+    assert default["metrics"]["accuracy"]["mean"] == pytest.approx(sweep[default["learning_rate"]])

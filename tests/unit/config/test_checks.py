@@ -305,7 +305,25 @@ def test_init_from_must_name_weights_of_the_runs_architecture(tmp_path: Path) ->
 FINETUNE_CHECKS = [
     ("batch_size", {"batch_size": 0}, r"^config batch_size must be positive, got 0$"),
     ("epochs", {"epochs": 0}, r"^config epochs must be positive, got 0$"),
-    ("learning_rate", {"learning_rate": 0.0}, r"^config learning_rate must be positive, got 0\.0$"),
+    (
+        "learning_rates_zero",
+        {"learning_rates": "1e-4,0"},
+        r"^config learning_rates must be comma-separated positive rates, each once .*'1e-4,0'$",
+    ),
+    ("learning_rates_text", {"learning_rates": "fast"}, r"learning_rates must be .*got 'fast'$"),
+    ("learning_rates_repeated", {"learning_rates": "1e-4,1e-4"}, r"each once"),
+    ("learning_rates_empty", {"learning_rates": ""}, r"learning_rates must be .*got ''$"),
+    (
+        "learning_rate_in_selected",
+        {"learning_rate": 1e-4},
+        r"^config learning_rate: protocol='selected' picks its rate on validation from "
+        r"learning_rates; .*--config\.learning_rates=0\.0001\)$",
+    ),
+    (
+        "learning_rates_in_reference",
+        {"protocol": "reference", "learning_rates": "1e-4"},
+        r"^config learning_rates: protocol='reference' trains at its fixed learning_rate",
+    ),
     ("max_length", {"max_length": -1}, r"^config max_length must be positive, got -1$"),
     ("max_length_short", {"max_length": 2}, r"max_length must be at least 3, got 2"),
     ("eval_every", {"eval_every": -1}, r"^config eval_every must be >= 0, got -1$"),
