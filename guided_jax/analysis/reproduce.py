@@ -27,7 +27,8 @@ import ml_collections
 from etils import epath
 from matplotlib.figure import Figure
 
-from guided_jax.analysis import attention_maps, figures, finetune
+from guided_jax.analysis import attention_maps, figures
+from guided_jax.analysis import finetune as finetune_module
 from guided_jax.storage import as_path, check_location
 from guided_jax.train.loop import train_and_evaluate
 from guided_jax.train.metrics import read_metrics
@@ -194,17 +195,62 @@ def _number(value: float | None, digits: int = 4) -> str:
 
 
 def _downstream_rows(finetune: dict[str, Any] | None) -> list[str]:
+    """Each arm's chosen rate and mean ± std per metric, and the paired difference AG -
+    baseline per seed (the same seeds in both arms); marked when either arm was cut short."""
     if not finetune:
         return []
-    rows = []
-    metrics = finetune["baseline"]["metrics"]
-    for metric in metrics:
-        cells = []
-        for arm in ARMS:
-            m = finetune[arm]["metrics"][metric]
-            cells.append(f"{_number(m['mean'])} ± {_number(m['std'])}")
-        rows.append(f"| {finetune['task']}: eval {metric} (mean ± std) | {cells[0]} | {cells[1]} |")
+    task, results = finetune["task"], [finetune[arm] for arm in ARMS]
+    doubt = " (not conclusive: cut short)" if _cut_short(finetune) else ""
+    rates = [_rate(r) for r in results]
+    rows = [f"| {task}: learning rate, chosen on validation per arm | {rates[0]} | {rates[1]} |"]
+    for metric in results[0]["metrics"]:
+        cells = [f"{_number(m['mean'])} ± {_number(m['std'])}"
+                 for m in (r["metrics"][metric] for r in results)]  # fmt: skip
+        rows.append(f"| {task}: eval {metric} (mean ± std){doubt} | {cells[0]} | {cells[1]} |")
+        paired = paired_difference(results[0], results[1], metric)
+        rows.append(
+            f"| {task}: eval {metric}, AG - baseline paired by seed (mean ± std over "
+            f"{len(paired['values'])}){doubt} | | {_number(paired['mean'])} ± "
+            f"{_number(paired['std'])} |"
+        )
     return rows
+
+
+def _rate(results: dict[str, Any]) -> str:
+    rate = results.get("learning_rate")
+    return "—" if rate is None else f"{rate:g}"
+
+
+def paired_difference(baseline: dict[str, Any], ag: dict[str, Any], metric: str) -> dict[str, Any]:
+    """AG - baseline eval ``metric`` seed by seed, with their mean and sample std."""
+    scores = [{r["seed"]: r["eval"][metric] for r in arm["runs"]} for arm in (baseline, ag)]
+    if scores[0].keys() != scores[1].keys():
+        raise ValueError(f"the arms were fine-tuned with other seeds: {[list(s) for s in scores]}")
+    return finetune_module.mean_std([scores[1][seed] - scores[0][seed] for seed in scores[0]])
+
+
+def _cut_short(finetune: dict[str, Any]) -> list[str]:
+    """Each arm's warnings of fine-tuning cut short."""
+    return [f"{arm}: {w}" for arm in ARMS for w in finetune[arm].get("warnings", [])]
+
+
+def plot_validation_curves(finetune: dict[str, Any], path: epath.Path) -> epath.Path:
+    """Each arm's validation score per epoch, one line per seed (selected protocol)."""
+    figure = Figure(figsize=(8.0, 3.4), layout="constrained")
+    axes = figure.subplots(1, len(ARMS), sharey=True)
+    for ax, arm in zip(axes, ARMS, strict=True):
+        results = finetune[arm]
+        metric = results.get("selection_metric") or "loss"
+        per_epoch = results.get("steps_per_epoch") or 1
+        for run in results["runs"]:
+            points = [(h["step"] / per_epoch, h[metric]) for h in run["history"] if metric in h]
+            if points:
+                ax.plot(*zip(*points, strict=True), "o-", ms=3, label=f"seed {run['seed']}")
+        ax.set_title(f"{LABELS[arm]}, lr {_rate(results)}", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"validation {metric}")
+        ax.legend(fontsize=7)
+    return figures.save(figure, path, title=f"Fine-tuning on {finetune['task']}: validation")
 
 
 def write_report(
@@ -271,16 +317,32 @@ def write_report(
         "",
     ]
     if finetune:
+        curves = plot_validation_curves(finetune, workdir / "finetune_validation.png").name
         lines += [
-            f"Fine-tuning ({finetune['task']}): {finetune['seeds']} seeds each, scores on the "
-            f"eval split; per-seed results in `finetune_baseline/` and `finetune_ag/`.",
+            f"Fine-tuning ({finetune['task']}): {finetune['seeds']} seeds each, the same seeds "
+            f"and learning-rate candidates for both arms, each arm's rate chosen on its own "
+            f"validation; scores on the eval split; per-seed results in `finetune_baseline/` "
+            f"and `finetune_ag/`.",
+            "",
+            f"![fine-tuning validation]({curves})",
             "",
         ]
+        warnings = _cut_short(finetune)
+        if warnings:
+            lines += [
+                "**Not conclusive**: fine-tuning was still improving when it ended, so the "
+                "downstream rows may rank under-trained models:",
+                "",
+                *[f"- {w}" for w in warnings],
+                "",
+            ]
     report = workdir / "report.md"
     report.write_text("\n".join(lines))
     summary.update(plots={"mlm_loss": mlm_png, "ag_loss": ag_png, "attention": grids})
     if finetune:
         summary["finetune"] = finetune
+        summary["plots"]["finetune_validation"] = curves
+        summary["finetune_conclusive"] = not _cut_short(finetune)
     (workdir / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
     return report
 
@@ -292,7 +354,7 @@ def finetune_arms(
     results: dict[str, Any] = {}
     for arm in ARMS:
         out = as_path(workdir) / f"finetune_{arm}"
-        results[arm] = finetune.run(finetune_config, as_path(workdir) / arm, out)
+        results[arm] = finetune_module.run(finetune_config, as_path(workdir) / arm, out)
     results["task"] = results["ag"]["task"]
     results["seeds"] = len(results["ag"]["runs"])
     return results

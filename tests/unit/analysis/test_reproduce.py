@@ -4,6 +4,7 @@ table read back from the metrics files, and the plots."""
 import json
 
 import jax
+import numpy as np
 import pytest
 from etils import epath
 
@@ -75,7 +76,7 @@ def test_reproduce_writes_a_report_whose_numbers_come_from_the_metrics(tmp_path,
     eval_csv = write_keyword_csv(tmp_path / "eval.csv", 32, 1)
     finetune_config = load_config(str(REPO / "configs" / "finetune.py"))
     finetune_config.data.update(train_file=str(train_csv), eval_file=str(eval_csv))
-    finetune_config.update(seeds="1,2", epochs=1, learning_rate=0.001, max_length=16)
+    finetune_config.update(seeds="1,2", epochs=1, learning_rates="1e-3", max_length=16)
     before = {a: (workdir / a / "metrics.jsonl").read_text() for a in reproduce.ARMS}
     path = reproduce.reproduce(
         config, workdir, finetune_config=finetune_config, devices=jax.devices()[:1]
@@ -110,15 +111,29 @@ def test_reproduce_writes_a_report_whose_numbers_come_from_the_metrics(tmp_path,
     assert summary["ag_steps_to_baseline_final"] == reach
     assert summary["arms"]["baseline"]["final_eval_mlm_loss"] == finals["baseline"]
 
-    for arm in reproduce.ARMS:
-        tuned = json.loads((workdir / f"finetune_{arm}" / "results.json").read_text())
-        assert tuned["pretrained_step"] == STEPS and len(tuned["runs"]) == 2
+    tuned = {
+        a: json.loads((workdir / f"finetune_{a}" / "results.json").read_text())
+        for a in reproduce.ARMS
+    }
+    short = [r["seed"] for a in reproduce.ARMS for r in tuned[a]["runs"] if r["cut_short"]]
+    doubt = " (not conclusive: cut short)" if short else ""
+    assert ("**Not conclusive**" in report) is bool(short)
+    assert summary["finetune_conclusive"] is not short
+    assert table["train: learning rate, chosen on validation per arm"] == ["0.001", "0.001"]
+    for arm, results in tuned.items():
+        assert results["pretrained_step"] == STEPS and len(results["runs"]) == 2
         for metric in ("accuracy", "macro_f1", "mcc"):
-            m = tuned["metrics"][metric]
-            cells = table[f"train: eval {metric} (mean ± std)"]
+            m = results["metrics"][metric]
+            cells = table[f"train: eval {metric} (mean ± std){doubt}"]
             assert cells[reproduce.ARMS.index(arm)] == f"{m['mean']:.4f} ± {m['std']:.4f}"
+    for metric in ("accuracy", "macro_f1", "mcc"):  # seed by seed, computed here
+        by_seed = [{r["seed"]: r["eval"][metric] for r in tuned[a]["runs"]} for a in reproduce.ARMS]
+        diffs = np.array([by_seed[1][s] - by_seed[0][s] for s in (1, 2)])
+        cells = table[f"train: eval {metric}, AG - baseline paired by seed (mean ± std over 2)"
+                      f"{doubt}"]  # fmt: skip
+        assert cells == ["", f"{diffs.mean():.4f} ± {diffs.std(ddof=1):.4f}"]
 
-    pictures = ["mlm_loss.png", "ag_loss.png"] + [
+    pictures = ["mlm_loss.png", "ag_loss.png", "finetune_validation.png"] + [
         f"attention_{arm}_step{step}.png" for arm in reproduce.ARMS for step in (0, 1, STEPS)
     ]
     for name in pictures:
@@ -128,10 +143,6 @@ def test_reproduce_writes_a_report_whose_numbers_come_from_the_metrics(tmp_path,
     # The same arms in a gs:// workdir give the same report, written there.
     for arm in reproduce.ARMS:
         copy_tree(workdir / arm, f"{gcs_dir}/{arm}")
-    tuned = {
-        a: json.loads((workdir / f"finetune_{a}" / "results.json").read_text())
-        for a in reproduce.ARMS
-    }
     tuned.update(task=tuned["ag"]["task"], seeds=2)
     remote = reproduce.write_report(gcs_dir, config, finetune=tuned)
     assert str(remote) == f"{gcs_dir}/report.md"
