@@ -9,9 +9,13 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import safetensors.numpy
 
 from conftest import REPO, cli_env, write_corpus, write_keyword_csv
+
+HF_ROBERTA = REPO / "tests" / "fixtures" / "hf" / "roberta"  # as transformers saves a model
 
 COMMANDS = (
     "main",
@@ -132,17 +136,54 @@ def test_visualize_draws_a_chosen_step(tiny_run, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_probe_prints_tables_and_a_comparison_and_writes_json(tiny_run, tmp_path):
+@pytest.fixture(scope="module")
+def seed_run(tmp_path_factory):
+    """configs/tiny.py on tiny_run's corpus (so the same tokenizer) from another seed, 2 steps
+    with a checkpoint after each: a second run to compare with. Its one warmup step trains at
+    learning rate 0, so checkpoint 1 holds the initialisation it started from."""
+    import jax
+
+    from guided_jax.config import load_config
+    from guided_jax.train.loop import train_and_evaluate
+
+    root = tmp_path_factory.mktemp("seed_run")
+    config = load_config(str(REPO / "configs" / "tiny.py"))
+    config.data.train_files = str(write_corpus(root / "corpus.txt"))
+    assert config.train.warmup_steps == 1 and config.train.seed != 1
+    config.train.update(seed=1, steps=2, checkpoint_every=1, log_every=1, eval_every=2)
+    train_and_evaluate(config, root / "seed1", devices=jax.devices()[:1])
+    return root / "seed1"
+
+
+def test_probe_prints_tables_and_a_comparison_and_writes_json(tiny_run, seed_run, tmp_path):
+    from guided_jax import weights
+    from guided_jax.analysis import anaphora, probe
+
     report = tmp_path / "probe.json"
-    args = ("--workdir", tiny_run, "--compare", tiny_run, "--count", 16, "--json", report)
+    args = ("--workdir", tiny_run, "--compare", seed_run, "--count", 16, "--json", report)
     result = _run("probe", *args)
     stdout = _ok(result)
-    name = f"{tiny_run.name}@6"
+    name, other = f"{tiny_run.name}@6", "seed1@2"
     assert stdout.startswith(f"{name}: reflexive -> antecedent, top attention, 16 sentences (%)")
-    assert f"comparison (%): A = {name}, B = {name}" in stdout
-    assert stdout.strip().splitlines()[-1].split()[0] == "all"
+    assert f"\n{other}: reflexive -> antecedent, top attention, 16 sentences (%)" in stdout
+    assert f"comparison (%): A = {name}, B = {other}" in stdout
     payload = json.loads(report.read_text())
-    assert payload["probe"]["accuracy"] == payload["compare"]["accuracy"]
+    assert (payload["probe"]["name"], payload["compare"]["name"]) == (name, other)
+    # Each side holds its own run's numbers: the probe of that run alone, here in-process.
+    examples = anaphora.generate(16, seed=0, variant="both")
+    accuracy = {}
+    for side, workdir in (("probe", tiny_run), ("compare", seed_run)):
+        loaded = weights.load(workdir)
+        alone = probe.probe(loaded.model, loaded.tokenizer, examples).accuracy
+        np.testing.assert_allclose(payload[side]["accuracy"], alone, atol=1e-6, err_msg=side)
+        accuracy[side] = alone
+    assert not np.array_equal(accuracy["probe"], accuracy["compare"])  # a swap would show
+    # the comparison's last row: best head and mean of A and of B, and B - A (percent)
+    last = stdout.strip().splitlines()[-1].split()
+    assert last[0] == "all"
+    a, b = accuracy["probe"], accuracy["compare"]
+    want = [a.max(), b.max(), b.max() - a.max(), a.mean(), b.mean(), b.mean() - a.mean()]
+    np.testing.assert_allclose([float(x) for x in last[1:]], 100 * np.array(want), atol=0.051)
     assert _library_log_lines(result) == []
     # The reference's protocol on a file in its format: lines 2 and 4 are not one token per
     # word with the tiny tokenizer, line 5's first word splits after the clause.
@@ -150,12 +191,14 @@ def test_probe_prints_tables_and_a_comparison_and_writes_json(tiny_run, tmp_path
     words = ["a cat sees her", "the girl would kick herself", "her friend calls her",
              "my teacher likes her", "he dog finds her", "a dog finds her"]  # fmt: skip
     sentences.write_text("".join(f"{w}\t{len(w.split()) - 1}\t0 1\t\n" for w in words))
-    args = ("--workdir", tiny_run, "--compare", tiny_run, "--protocol", "reference")
+    args = ("--workdir", tiny_run, "--compare", seed_run, "--protocol", "reference")
     stdout = _ok(_run("probe", *args, "--sentences", sentences))
     lines = stdout.strip().splitlines()
     assert lines[0] == f"{name}: reflexive -> antecedent, top attention, 3 sentences (%)"
     assert lines[1].split() == ["layer", "h0", "h1", "h2", "h3", "max", "mean"]
     assert [line.split()[0] for line in lines[2:4]] == ["0", "1"]
+    assert f"{other}: reflexive -> antecedent, top attention, 3 sentences (%)" in lines
+    assert f"comparison (%): A = {name}, B = {other}" in lines
     assert lines[-2].startswith("not scored") and lines[-2].endswith("clause: line 5")
     assert lines[-1] == "kept=3 of 6 sentences"
 
@@ -169,14 +212,61 @@ def _library_log_lines(result: subprocess.CompletedProcess) -> list[str]:
     ]
 
 
-def test_hf_interop_exports_a_directory_transformers_can_read(tiny_run, tmp_path):
+def test_hf_interop_exports_the_keys_and_tensors_that_transformers_saves(tiny_run, tmp_path):
+    """transformers is not installed here: the export is held against tests/fixtures/hf/roberta,
+    a RobertaForMaskedLM that transformers saved with the sizes of configs/tiny.py but its
+    vocabulary and positions (every config key it writes but bookkeeping and defaults, the
+    safetensors format tag it requires, every tensor name, shape and dtype)."""
     out = tmp_path / "exported"
     stdout = _ok(_run("hf_interop", "--workdir", tiny_run, "--out", out))
     assert stdout.strip() == f"exported step 6 of {tiny_run} to {out} (RobertaForMaskedLM)"
-    assert json.loads((out / "config.json").read_text())["architectures"] == ["RobertaForMaskedLM"]
     assert {"config.json", "model.safetensors", "vocab.json", "merges.txt"} <= {
         p.name for p in out.iterdir()
     }
+    config = json.loads((out / "config.json").read_text())
+    vocab = len(json.loads((out / "vocab.json").read_text()))
+    run_model = json.loads((tiny_run / "config.json").read_text())["model"]
+    positions = run_model["max_position_embeddings"]
+    saved = json.loads((HF_ROBERTA / "config.json").read_text())
+    bookkeeping = {"transformers_version", "dtype", "use_cache", "classifier_dropout"}
+    want = {key: value for key, value in saved.items() if key not in bookkeeping}
+    want.update(vocab_size=vocab, max_position_embeddings=positions)
+    assert {key: config.get(key) for key in want} == want
+    sizes = {saved["vocab_size"]: vocab, saved["max_position_embeddings"]: positions}
+    with safetensors.safe_open(str(out / "model.safetensors"), framework="np") as f:
+        assert f.metadata().get("format") == "pt"
+    tensors = safetensors.numpy.load_file(str(out / "model.safetensors"))
+    expected = safetensors.numpy.load_file(str(HF_ROBERTA / "model.safetensors"))
+    assert sorted(tensors) == sorted(expected)
+    for key, value in expected.items():
+        assert tensors[key].dtype == value.dtype, key
+        assert tensors[key].shape == tuple(sizes.get(d, d) for d in value.shape), key
+
+
+def test_hf_interop_step_0_exports_the_initialisation_the_run_started_from(seed_run, tmp_path):
+    """``--step 0`` is the seeded initialisation (the help of visualize and weights.load): the
+    weights the run's checkpoint 1 still holds (its first step trains at learning rate 0), not
+    the newest checkpoint, and not another seed's initialisation."""
+    import jax
+
+    from guided_jax import weights
+    from guided_jax.model import model_params
+    from guided_jax.weights.workdir import load_params
+
+    out = tmp_path / "init"
+    stdout = _ok(_run("hf_interop", "--workdir", seed_run, "--step", 0, "--out", out))
+    assert stdout.strip() == f"exported step 0 of {seed_run} to {out} (RobertaForMaskedLM)"
+    with safetensors.safe_open(str(out / "model.safetensors"), framework="np") as f:
+        assert f.metadata()["guided_jax_step"] == "0"
+    (_, first), (_, newest) = load_params(seed_run, 1), load_params(seed_run, 2)
+
+    def gap(a, b) -> float:
+        return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)))
+
+    # The run drew its init in one compiled program, step 0 redraws it op by op: the normal
+    # samples may differ in their last bit (7e-9 seen), far below one training step's change.
+    assert gap(model_params(weights.load(out).model), first) < 1e-7
+    assert gap(newest, first) > 1e-4  # the second step moved the weights
 
 
 def test_finetune_on_a_table_is_quiet_and_writes_results(tiny_run, tmp_path):

@@ -61,23 +61,33 @@ def test_blocks_equal_the_reference_tokenization_of_the_fixture(tmp_path):
     assert len(inputs.eval_blocks) == 0  # every block is trained on: nothing held out
 
 
-def test_files_are_read_with_universal_newlines_as_python_text_mode_reads_them(tmp_path):
-    """The reference opens the file in text mode: CRLF and CR read as LF."""
+@pytest.mark.parametrize("newline", ["\r\n", "\r"], ids=["crlf", "cr"])
+def test_files_are_read_with_universal_newlines_as_python_text_mode_reads_them(tmp_path, newline):
+    """The reference opens the file in text mode: CRLF and a lone CR read as LF."""
     sample = (FIXTURE / "sample.txt").read_text(encoding="utf-8")
-    crlf = tmp_path / "crlf.txt"
-    crlf.write_bytes(sample.replace("\n", "\r\n").encode())
-    with open(crlf, encoding="utf-8") as handle:  # what the reference's TextDataset reads
+    assert "\r" not in sample and sample.count("\n") > 10
+    converted = tmp_path / "converted.txt"
+    converted.write_bytes(sample.replace("\n", newline).encode())
+    with open(converted, encoding="utf-8") as handle:  # what the reference's TextDataset reads
         assert handle.read() == sample
     expected = json.loads((FIXTURE / "expected.json").read_text())
-    inputs = prepare(_config(crlf, expected["block_size"]), tmp_path / "run", write=False)
+    inputs = prepare(_config(converted, expected["block_size"]), tmp_path / "run", write=False)
     np.testing.assert_array_equal(inputs.train_blocks, np.asarray(expected["blocks"]))
 
 
 def test_eval_comes_from_eval_files_only(tmp_path):
-    config = _config(FIXTURE / "sample.txt", 34)
+    """Trained on another text, evaluated on the fixture's: the eval blocks are the fixture's
+    (read from data.eval_files, not data.train_files), the train blocks are not."""
+    expected = json.loads((FIXTURE / "expected.json").read_text())
+    lines = (FIXTURE / "sample.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    other = tmp_path / "other.txt"
+    other.write_text("".join(reversed(lines)), encoding="utf-8")
+    config = _config(other, expected["block_size"])
     config.data.eval_files = str(FIXTURE / "sample.txt")
     inputs = prepare(config, tmp_path / "run", write=False)
-    np.testing.assert_array_equal(inputs.eval_blocks, inputs.train_blocks)
+    np.testing.assert_array_equal(inputs.eval_blocks, np.asarray(expected["blocks"]))
+    assert len(inputs.train_blocks) > 0
+    assert not np.array_equal(inputs.train_blocks, np.asarray(expected["blocks"]))
 
 
 def test_reference_text_refuses_other_sources(tmp_path):
