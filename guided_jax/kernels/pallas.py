@@ -37,7 +37,6 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
-import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -51,7 +50,7 @@ from jax.sharding import PartitionSpec as P
 from guided_jax.guidance import HeadSpec
 from guided_jax.kernels.dropout import hash_keep_scale, hash_threshold, hashed_keep, row_hashes
 from guided_jax.kernels.targets import DIAGONAL, FIRST, NONE, TOKEN, USER, HeadPatterns, key_bias
-from guided_jax.sharding import BATCH_AXES
+from guided_jax.sharding import BATCH_AXES, batch_axes_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -539,7 +538,7 @@ def _on_each_device(local: Callable, heads, q, k, v, key_mask, token_masks, hash
     if mesh.empty or mesh.size == 1:
         return local(heads, q, k, v, key_mask, token_masks, hashes)
     batch, _, num_heads, _ = q.shape
-    batch_size = math.prod(mesh.shape.get(axis, 1) for axis in BATCH_AXES)
+    batch_size = batch_axes_size(mesh)
     split_batch = batch_size > 1 and batch % batch_size == 0
     tensor = mesh.shape.get("tensor", 1)
     split_heads = tensor > 1 and num_heads % tensor == 0
@@ -614,13 +613,14 @@ def pallas_attention(
     )
 
     def local(heads, *args):
+        run = functools.partial(_run, heads=heads, **options)
         if tiling is not None:
-            return _run(tiling, *args, heads=heads, **options)
+            return run(tiling, *args)
         return jax.lax.platform_dependent(
             *args,
-            tpu=functools.partial(_run, default_tiling("tpu", q.dtype), heads=heads, **options),
-            cuda=functools.partial(_run, default_tiling("cuda", q.dtype), heads=heads, **options),
-            default=functools.partial(_run, default_tiling("cpu", q.dtype), heads=heads, **options),
+            tpu=functools.partial(run, default_tiling("tpu", q.dtype)),
+            cuda=functools.partial(run, default_tiling("cuda", q.dtype)),
+            default=functools.partial(run, default_tiling("cpu", q.dtype)),
         )
 
     out, head_sums = _on_each_device(local, heads, q, k, v, key_mask, token_masks, hashes)

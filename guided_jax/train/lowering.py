@@ -203,12 +203,18 @@ def topology_name(text: str) -> str:
     return f"{generation}:{_grid(chips, generation in ('v4', 'v5p'))}"
 
 
+def _slice(topology: str) -> tuple[str, list[int]]:
+    """The generation and the chip grid of a slice (``v5e:2x4`` → ``"v5e", [2, 4]``)."""
+    generation, _, shape = topology_name(topology).partition(":")
+    return generation, [int(d) for d in shape.split("x")]
+
+
 def gcloud_accelerator_type(topology: str) -> str:
     """The accelerator type gcloud names the slice ``topology`` by (``v5e:8x8`` →
     ``v5litepod-64``)."""
-    generation, _, shape = topology_name(topology).partition(":")
+    generation, shape = _slice(topology)
     prefix, counts_cores = _GCLOUD_NAMES[generation]
-    chips = math.prod(int(d) for d in shape.split("x"))
+    chips = math.prod(shape)
     return f"{prefix}-{chips * 2 if counts_cores else chips}"
 
 
@@ -369,7 +375,7 @@ def topology_devices(topology: str) -> list[Any]:
     from jax.experimental import topologies
 
     name = topology_name(topology)
-    shape = [int(d) for d in name.partition(":")[2].split("x")]
+    _, shape = _slice(name)
     bounds = {} if math.prod(shape) >= 4 else {"chips_per_host_bounds": (*shape, 1)[:3]}
     # libtpu takes a host-wide lock file for the TPU it drives; compiling drives none, and
     # several compiles (tests, a launcher beside a notebook) may run at once
@@ -393,9 +399,11 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str) -> Co
     refuses the program."""
     name = topology_name(topology)
     devices = topology_devices(name)
-    chips = math.prod(int(d) for d in name.partition(":")[2].split("x"))
+    generation, shape = _slice(name)
+    chips = math.prod(shape)
     mesh = _slice_mesh(config, devices, chips)
     config, model, objective = _prepared(config, sharding.batch_axes_size(mesh))
+    per_device = config.train.batch_size // sharding.batch_axes_size(mesh)
     start = time.perf_counter()
     with jax.set_mesh(mesh), pallas.traced_for("tpu"), _without_persistent_cache():
         placed = place_steps(model, objective, config, mesh)
@@ -408,9 +416,8 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str) -> Co
                 ).compile()
         except Exception as error:  # XLA's and Mosaic's errors have no common type
             lines = [line for line in str(error).splitlines() if line.strip()][:6]
-            per_device = config.train.batch_size // sharding.batch_axes_size(mesh)
             if "out of memory on HBM" in str(error):  # XLA:TPU refuses what cannot fit
-                why = f"the step does not fit a {name.partition(':')[0]} chip: {lines[0]}"
+                why = f"the step does not fit a {generation} chip: {lines[0]}"
                 raise CompileError(_advice(why, per_device)) from None
             raise CompileError(f"compiling for {name} failed: " + "\n".join(lines)) from None
     cost = train.cost_analysis()
@@ -422,7 +429,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str) -> Co
         processes=len({d.process_index for d in devices}),
         attention=model.attention,
         mesh=dict(mesh.shape),
-        per_device_batch=config.train.batch_size // sharding.batch_axes_size(mesh),
+        per_device_batch=per_device,
         block_size=config.data.block_size,
         train=StepMemory.of(train),
         eval=StepMemory.of(evaluate),
