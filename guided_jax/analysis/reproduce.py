@@ -29,9 +29,11 @@ from matplotlib.figure import Figure
 
 from guided_jax.analysis import attention_maps, figures
 from guided_jax.analysis import finetune as finetune_module
+from guided_jax.config.checks import step_at_fraction
 from guided_jax.storage import as_path, check_location
 from guided_jax.train.loop import train_and_evaluate
 from guided_jax.train.metrics import read_metrics
+from guided_jax.weights.workdir import read_run_config
 
 ARMS = ("baseline", "ag")  # guidance.enabled false / true
 LABELS = {"baseline": "baseline (MLM)", "ag": "AG (MLM + guidance)"}
@@ -40,8 +42,9 @@ DEFAULT_TEXT = "The cat sat on the mat because it was tired."
 
 
 def snapshot_steps(total: int, fractions: Sequence[float] = FRACTIONS) -> dict[float, int]:
-    """The step at each fraction of ``total`` training steps (1% is at least step 1)."""
-    return {f: 0 if f == 0 else max(1, round(f * total)) for f in fractions}
+    """The step at each fraction of ``total`` training steps (1% is at least step 1), as
+    ``train.keep_steps`` percentages resolve."""
+    return {f: 0 if f == 0 else step_at_fraction(f, total) for f in fractions}
 
 
 def arm_config(config: ml_collections.ConfigDict, arm: str) -> ml_collections.ConfigDict:
@@ -51,8 +54,9 @@ def arm_config(config: ml_collections.ConfigDict, arm: str) -> ml_collections.Co
         raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
     arm_cfg = config.copy_and_resolve_references()
     arm_cfg.guidance.enabled = arm == "ag"
-    steps = sorted(set(snapshot_steps(config.train.steps).values()) - {0})
-    arm_cfg.train.keep_steps = ",".join(str(s) for s in steps)
+    # Percentages: the run resolves them against its own steps, counted from train.epochs
+    # when those are set.
+    arm_cfg.train.keep_steps = ",".join(f"{f * 100:g}%" for f in FRACTIONS if f > 0)
     return arm_cfg
 
 
@@ -265,7 +269,7 @@ def write_report(
     workdir = as_path(workdir)
     summary = summarize(workdir)
     arms = summary["arms"]
-    total = config.train.steps
+    total = read_run_config(workdir / ARMS[0]).train.steps  # counted from epochs if set
     mlm_png = plot_mlm_loss(workdir, workdir / "mlm_loss.png").name
     ag_png = plot_ag_loss(workdir, workdir / "ag_loss.png").name
     grids = plot_attention(workdir, text, total)

@@ -55,7 +55,7 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | No
     """Every check that needs no tokenizer or corpus (``model.from_dir`` and the weights of
     ``train.init_from`` are read), and, given the run's ``mesh``, that the batch fits it."""
     check_resolved_config(resolve_config(config)[0])
-    parse_keep_steps(config.train.keep_steps)
+    parse_keep_steps(config.train.keep_steps, max(1, config.train.steps))
     check_init_from(config)
     if mesh is not None:
         check_mesh_fits(config, mesh)
@@ -160,17 +160,32 @@ def check_mesh_fits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
         )
 
 
-def parse_keep_steps(text: str) -> tuple[int, ...]:
-    """The steps of ``train.keep_steps`` (comma-separated positive integers)."""
-    try:
-        steps = tuple(sorted({int(s) for s in text.split(",") if s.strip()}))
-    except ValueError:
-        raise ConfigError(
-            f"train.keep_steps must be comma-separated step numbers, got {text!r}"
-        ) from None
+def step_at_fraction(fraction: float, total: int) -> int:
+    """The step at ``fraction`` of ``total`` training steps: rounded, and at least step 1."""
+    return max(1, round(fraction * total))
+
+
+def parse_keep_steps(text: str, total: int) -> tuple[int, ...]:
+    """The steps of ``train.keep_steps``: comma-separated step numbers or percentages of the
+    run's ``total`` steps ("1%,100%"), which follow the steps counted from ``train.epochs``."""
+    steps = set()
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        number = item.removesuffix("%")
+        try:
+            value = float(number) if item.endswith("%") else int(number)
+        except ValueError:
+            raise ConfigError(
+                f"train.keep_steps must be comma-separated step numbers or percentages of "
+                f"train.steps (like 500 or 1%), got {text!r}"
+            ) from None
+        if item.endswith("%") and not 0 < value <= 100:
+            raise ConfigError(
+                f"train.keep_steps percentages must be in (0%, 100%], got {item!r} in {text!r}"
+            )
+        steps.add(step_at_fraction(value / 100, total) if item.endswith("%") else value)
     if any(s <= 0 for s in steps):
         raise ConfigError(f"train.keep_steps must hold positive steps, got {text!r}")
-    return steps
+    return tuple(sorted(steps))
 
 
 def check_init_from(config: ml_collections.ConfigDict) -> None:

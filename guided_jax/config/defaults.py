@@ -133,8 +133,9 @@ def base_config() -> ml_collections.ConfigDict:
     # A HuggingFace-format directory (config.json + model.safetensors, e.g. exported with
     # python -m guided_jax.hf_interop) whose weights start the run instead of the seeded init.
     config.train.init_from = ""
-    # Comma-separated steps whose checkpoints are saved and kept besides the newest ones
-    # (guided_jax.reproduce keeps those it plots attention maps of).
+    # Comma-separated steps, or percentages of train.steps ("1%,100%", counted after epochs),
+    # whose checkpoints are saved and kept besides the newest ones (guided_jax.reproduce keeps
+    # those it plots attention maps of).
     config.train.keep_steps = ""
     # Per-head attention statistics (diag/... in metrics.jsonl) on log steps; see
     # guided_jax/diagnostics.py for what they cost.

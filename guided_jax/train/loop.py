@@ -123,7 +123,7 @@ class Cadence:
             log_every=train.log_every,
             eval_every=train.eval_every if has_eval else 0,
             checkpoint_every=train.checkpoint_every,
-            kept=parse_keep_steps(train.keep_steps),
+            kept=parse_keep_steps(train.keep_steps, train.steps),
         )
 
     def log(self, done: int) -> bool:

@@ -38,9 +38,30 @@ def test_arms_differ_only_in_guidance(tmp_path):
     config = _config(tmp_path / "c.txt")
     baseline, ag = (json.loads(reproduce.arm_config(config, a).to_json()) for a in reproduce.ARMS)
     assert baseline["guidance"].pop("enabled") is False and ag["guidance"].pop("enabled") is True
-    assert baseline == ag and ag["train"]["keep_steps"] == "1,24"
+    assert baseline == ag and ag["train"]["keep_steps"] == "1%,100%"
     with pytest.raises(ValueError, match="arm must be one of"):
         reproduce.arm_config(config, "other")
+
+
+@pytest.mark.slow
+def test_reproduce_on_epochs_keeps_and_plots_the_steps_counted_from_them(tmp_path):
+    """train.steps is a placeholder once train.epochs is set: the kept checkpoints, the grids
+    and the report follow the steps the run counted."""
+    workdir = tmp_path / "compare"
+    config = _config(write_corpus(tmp_path / "corpus.txt", lines=60))
+    config.train.update(steps=10000, epochs=2.0, eval_every=4, checkpoint_every=0)
+    reproduce.train_arms(config, workdir, devices=jax.devices()[:1])
+    total = json.loads((workdir / "ag" / "config.json").read_text())["train"]["steps"]
+    assert 10 < total < 1000 and read_metrics(workdir / "ag")[-1]["step"] == total
+    early = max(1, round(total / 100))
+    for arm in reproduce.ARMS:
+        assert checkpoint_steps(workdir / arm) == [early, total]
+    report = reproduce.write_report(workdir, config).read_text()
+    assert f"and steps ({total})" in report
+    for arm in reproduce.ARMS:
+        for step in (0, early, total):
+            name = f"attention_{arm}_step{step}.png"
+            assert (workdir / name).read_bytes().startswith(PNG) and f"({name})" in report
 
 
 def test_steps_to_reach():

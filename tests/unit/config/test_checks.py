@@ -259,21 +259,39 @@ def test_the_batch_must_split_over_the_mesh_and_micro_batches() -> None:
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ("5,x", r"train\.keep_steps must be comma-separated step numbers, got '5,x'"),
+        ("5,x", r"train\.keep_steps must be comma-separated step numbers or percentages .*'5,x'"),
+        ("1.5", r"train\.keep_steps must be comma-separated step numbers or percentages"),
         ("0,5", r"train\.keep_steps must hold positive steps, got '0,5'"),
         ("-3", r"train\.keep_steps must hold positive steps, got '-3'"),
+        ("0%", r"train\.keep_steps percentages must be in \(0%, 100%\], got '0%'"),
+        ("5,101%", r"train\.keep_steps percentages must be in \(0%, 100%\], got '101%'"),
+        ("x%", r"train\.keep_steps must be comma-separated step numbers or percentages"),
     ],
 )
-def test_keep_steps_are_positive_step_numbers(text: str, match: str) -> None:
+def test_keep_steps_are_positive_step_numbers_or_percentages(text: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        parse_keep_steps(text)
+        parse_keep_steps(text, 1000)
     with pytest.raises(ConfigError, match=match):
         check_config(_changed(TINY, {"train.keep_steps": text}))
 
 
 def test_keep_steps_are_parsed_sorted_and_unique() -> None:
-    assert parse_keep_steps("") == ()
-    assert parse_keep_steps("10, 5,10,") == (5, 10)
+    assert parse_keep_steps("", 1000) == ()
+    assert parse_keep_steps("10, 5,10,", 1000) == (5, 10)
+
+
+@pytest.mark.parametrize(
+    ("text", "total", "steps"),
+    [
+        ("1%,100%", 10000, (100, 10000)),
+        ("1%,100%", 1234, (12, 1234)),  # 12.34 rounds down
+        ("1%,100%", 150, (2, 150)),  # 1.5 rounds to even
+        ("1%,100%", 30, (1, 30)),  # 0.3 is at least step 1
+        ("50%,7", 9, (4, 7)),  # 4.5 rounds to even; numbers and percentages mix
+    ],
+)
+def test_keep_steps_percentages_are_of_the_total(text: str, total: int, steps: tuple) -> None:
+    assert parse_keep_steps(text, total) == steps
 
 
 def _config_only(tmp_path: Path) -> Path:
