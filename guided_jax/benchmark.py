@@ -1,4 +1,4 @@
-"""Train-step speed: our model without and with guidance against HF's FlaxRobertaForMaskedLM.
+r"""Train-step speed: our model without and with guidance against HF's FlaxRobertaForMaskedLM.
 
     python -m guided_jax.benchmark --config configs/benchmark.py
     python -m guided_jax.benchmark --config configs/benchmark.py:roberta_12 \
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from guided_jax import cli
@@ -53,4 +53,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -1,4 +1,4 @@
-"""Fine-tuning: sequence classification or regression on a pretrained encoder, over seeds.
+r"""Fine-tuning: sequence classification or regression on a pretrained encoder, over seeds.
 
     python -m guided_jax.finetune --config configs/finetune.py --pretrained runs/default \
         --workdir runs/ft_hate --config.data.train_file=hate_train.csv \
@@ -14,7 +14,7 @@ Only parses flags; the work happens in :func:`guided_jax.analysis.finetune.run`.
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from guided_jax import cli
@@ -41,4 +41,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -8,7 +8,7 @@ Only parses flags; the work happens in :func:`guided_jax.weights.hf.export`.
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
 from guided_jax import cli
 
@@ -33,4 +33,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -1,16 +1,16 @@
-"""Check a config's train step for an accelerator this host does not have.
+r"""Check a config's train step for an accelerator this host does not have.
 
 Lower it for a TPU or a GPU (do its kernels, Pallas included, lower for that platform?):
 
-    python -m guided_jax.lower --config configs/reference.py:roberta_12 --platform tpu \\
+    python -m guided_jax.lower --config configs/reference.py:roberta_12 --platform tpu \
         --config.model.attention=pallas --config.model.dtype=bfloat16
-    python -m guided_jax.lower --config configs/tiny.py --platform cuda --devices 8 \\
+    python -m guided_jax.lower --config configs/tiny.py --platform cuda --devices 8 \
         --config.mesh.fsdp=2 --config.train.batch_size=8
 
 Lowering ends with ``lowered platform=P attention=A ok``. Compile it for a TPU slice, with
 libtpu (``pip install "jax[tpu]"`` of the installed jax) and no TPU, as the slice will run it:
 
-    python -m guided_jax.lower --config configs/reference.py:roberta_12 --topology v5e:2x2 \\
+    python -m guided_jax.lower --config configs/reference.py:roberta_12 --topology v5e:2x2 \
         --config.model.attention=pallas --config.model.dtype=bfloat16
 
 ``--topology`` takes a slice (``v5e:2x2``, ``v4:2x2x1``, ``v5e:16x16``) or gcloud's accelerator
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from guided_jax import cli
@@ -42,6 +42,7 @@ _DEVICES = flags.DEFINE_integer("devices", 1, "Chips the mesh spans (lowering)."
 _DEVICE_KIND = flags.DEFINE_string(
     "device_kind", None, "The chip, as jax names it (default: 'TPU v5 lite' or an H100)."
 )
+_PRINT_CONFIG = cli.define_print_config()
 flags.mark_flags_as_required(["config"])
 flags.register_validator(
     "platform",
@@ -54,6 +55,13 @@ def main(argv: list[str]) -> None:
     from guided_jax.train import lowering
 
     with cli.command("lower", argv):
+        if _PRINT_CONFIG.value:
+            plan = lowering.plan_lowering(
+                _CONFIG.value, platform=_PLATFORM.value, devices=_DEVICES.value,
+                device_kind=_DEVICE_KIND.value, topology=_TOPOLOGY.value,
+            )  # fmt: skip
+            print("\n".join(plan.lines()))
+            return
         if _TOPOLOGY.value is None:
             lowered = lowering.lower_train_step(
                 _CONFIG.value, _PLATFORM.value, devices=_DEVICES.value,
@@ -68,4 +76,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -1,15 +1,19 @@
-"""Pretraining: ``python -m guided_jax.main --config configs/default.py --workdir DIR``.
+r"""Pretraining, with attention guidance or (``guidance.enabled=false``) the plain MLM baseline.
+
+    python -m guided_jax.main --config configs/default.py --workdir DIR
+    python -m guided_jax.main --config configs/default.py --workdir runs/baseline \
+        --config.train.steps=200 --config.guidance.enabled=false
 
 Only parses flags; the work happens in :func:`guided_jax.train.loop.train_and_evaluate`. Any
-config key can be overridden, e.g. ``--config.train.steps=200 --config.guidance.enabled=false``.
-Rerunning the same command resumes from the newest checkpoint.
+config key can be overridden with ``--config.KEY=VALUE``, as above. Rerunning the same command
+resumes from the newest checkpoint.
 """
 
 from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from guided_jax import cli
@@ -27,6 +31,7 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, N).")
+_PRINT_CONFIG = cli.define_print_config()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -38,8 +43,12 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize(*explicit)  # before any other JAX call
     from guided_jax.train import loop as train
     from guided_jax.train.metrics import summary
+    from guided_jax.train.plan import plan_run
 
     with cli.command("main", argv):
+        if _PRINT_CONFIG.value:
+            print("\n".join(plan_run(_CONFIG.value, _WORKDIR.value).lines()))
+            return
         try:
             last = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
         except train.Interrupted as stop:
@@ -53,4 +62,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -14,7 +14,7 @@ Only parses flags; the work happens in :func:`guided_jax.analysis.probe.run`.
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
 from guided_jax import cli
 from guided_jax.analysis.anaphora import VARIANTS
@@ -53,4 +53,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

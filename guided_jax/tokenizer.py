@@ -1,16 +1,16 @@
 """Train a RoBERTa-style byte-level BPE (vocab.json, merges.txt) or a BERT-style WordPiece
 (vocab.txt) tokenizer for any language.
 
-    python -m guided_jax.tokenizer --files a.txt b.txt --vocab-size 8000 --out DIR
-    python -m guided_jax.tokenizer --kind wordpiece --files a.txt --vocab-size 30000 --out DIR
-    python -m guided_jax.tokenizer --default-corpus --vocab-size 8000 --out DIR
+    python -m guided_jax.tokenizer --files a.txt b.txt --vocab_size 8000 --out DIR
+    python -m guided_jax.tokenizer --kind wordpiece --files a.txt --vocab_size 30000 --out DIR
+    python -m guided_jax.tokenizer --default_corpus --vocab_size 8000 --out DIR
 
 Only parses flags; the work happens in :func:`guided_jax.data.tokenizer.train_tokenizer`.
 """
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
 from guided_jax import cli
 from guided_jax.data.tokenizer import CONFIG_FILE, FILES_OF_KIND, KINDS
@@ -19,18 +19,18 @@ _FILES = flags.DEFINE_multi_string(
     "files", None, "UTF-8 text files, one document per line (--files a.txt b.txt)."
 )
 _DEFAULT_CORPUS = flags.DEFINE_bool(
-    "default-corpus", False, "Train on the embedded default corpus (the stdlib's docstrings)."
+    "default_corpus", False, "Train on the embedded default corpus (the stdlib's docstrings)."
 )
 _KIND = flags.DEFINE_enum("kind", "bpe", list(KINDS), "Tokenizer kind.")
-_VOCAB_SIZE = flags.DEFINE_integer("vocab-size", None, "Vocabulary size.")
+_VOCAB_SIZE = flags.DEFINE_integer("vocab_size", None, "Vocabulary size.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (created if needed).")
-_MIN_FREQUENCY = flags.DEFINE_integer("min-frequency", 2, "Minimum pair count for a merge.")
+_MIN_FREQUENCY = flags.DEFINE_integer("min_frequency", 2, "Minimum pair count for a merge.")
 _LOWERCASE = flags.DEFINE_bool("lowercase", False, "Lowercase and strip accents (WordPiece).")
-flags.mark_flags_as_required(["vocab-size", "out"])
+flags.mark_flags_as_required(["vocab_size", "out"])
 flags.register_multi_flags_validator(
-    ["files", "default-corpus"],
-    lambda values: bool(values["files"]) != bool(values["default-corpus"]),
-    "give either --files or --default-corpus",
+    ["files", "default_corpus"],
+    lambda values: bool(values["files"]) != bool(values["default_corpus"]),
+    "give either --files or --default_corpus",
 )
 
 
@@ -59,4 +59,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

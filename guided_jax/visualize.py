@@ -9,7 +9,7 @@ Only parses flags; the work happens in :func:`guided_jax.analysis.attention_maps
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
 from guided_jax import cli
 
@@ -32,4 +32,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -50,6 +50,7 @@ from guided_jax.data.tokenizer import (
 )
 from guided_jax.kernels import pallas
 from guided_jax.train.objective import Objective
+from guided_jax.train.plan import RunPlan
 from guided_jax.train.step import batch_shape, place_steps, step_functions
 
 PLATFORMS = ("tpu", "cuda")
@@ -115,6 +116,45 @@ def _prepared(config: ml_collections.ConfigDict, batch_devices: int):
     return with_global_batch(config, batch_devices), model, objective
 
 
+def _abstract_mesh(
+    config: ml_collections.ConfigDict, platform: str, devices: int, device_kind: str | None
+) -> AbstractMesh:
+    """The run's mesh over ``devices`` chips of ``platform`` that no host needs to have."""
+    if platform not in PLATFORMS:
+        raise ValueError(f"--platform must be one of {list(PLATFORMS)}, got {platform!r}")
+    kind = device_kind or DEVICE_KINDS[platform]
+    return AbstractMesh(
+        sharding.mesh_shape(config.mesh, devices),
+        sharding.MESH_AXES,
+        axis_types=(AxisType.Auto,) * len(sharding.MESH_AXES),
+        abstract_device=AbstractDevice(device_kind=kind, num_cores=1, platform=platform),
+    )
+
+
+def plan_lowering(
+    config: ml_collections.ConfigDict,
+    *,
+    platform: str | None = None,
+    devices: int = 1,
+    device_kind: str | None = None,
+    topology: str | None = None,
+) -> RunPlan:
+    """The resolved config :func:`lower_train_step` (``platform``) or
+    :func:`compile_for_topology` (``topology``) would use; no corpus is read, so steps counted
+    from epochs stay uncounted."""
+    if topology is not None:
+        name = topology_name(topology)
+        slice_devices = topology_devices(name)
+        mesh = _slice_mesh(config, slice_devices, math.prod(_slice(name)[1]))
+        where = f"{len(slice_devices)} devices of {name} ({slice_devices[0].device_kind})"
+    else:
+        mesh = _abstract_mesh(config, platform or "", devices, device_kind)
+        where = f"{devices} x {mesh.abstract_device.device_kind}"
+    config, model, _ = _prepared(config, sharding.batch_axes_size(mesh))
+    check_mesh_fits(config, mesh)
+    return RunPlan(config, dict(mesh.shape), where, model, head_spec(config), None)
+
+
 def lower_train_step(
     config: ml_collections.ConfigDict,
     platform: str,
@@ -124,15 +164,8 @@ def lower_train_step(
 ) -> Lowered:
     """Lowers the train step of ``config`` for ``devices`` chips of ``platform`` (``tpu`` or
     ``cuda``) laid out as ``config.mesh`` says; raises the lowering's error if it fails."""
-    if platform not in PLATFORMS:
-        raise ValueError(f"--platform must be one of {list(PLATFORMS)}, got {platform!r}")
-    kind = device_kind or DEVICE_KINDS[platform]
-    mesh = AbstractMesh(
-        sharding.mesh_shape(config.mesh, devices),
-        sharding.MESH_AXES,
-        axis_types=(AxisType.Auto,) * len(sharding.MESH_AXES),
-        abstract_device=AbstractDevice(device_kind=kind, num_cores=1, platform=platform),
-    )
+    mesh = _abstract_mesh(config, platform, devices, device_kind)
+    kind = mesh.abstract_device.device_kind
     config, model, objective = _prepared(config, sharding.batch_axes_size(mesh))
     check_mesh_fits(config, mesh)
     with jax.sharding.use_abstract_mesh(mesh), pallas.traced_for(platform):
