@@ -7,6 +7,21 @@ r"""Pretraining, with attention guidance or (``guidance.enabled=false``) the pla
 Only parses flags; the work happens in :func:`guided_jax.train.loop.train_and_evaluate`. Any
 config key can be overridden with ``--config.KEY=VALUE``, as above. Rerunning the same command
 resumes from the newest checkpoint.
+
+Configs: configs/default.py (the default job), configs/tiny.py (tests), configs/benchmark.py
+and configs/reference.py:PRESET, the reference's model shapes, where PRESET is one of
+roberta_4, roberta_8, roberta_12, roberta_16, roberta_self_24, roberta_self_48, bert_8,
+bert_16, bert_self_24, bert_48, bert_attention_only_24.
+
+Config keys, by section (--print_config prints every value and what it resolves to):
+  data: train_files, eval_files, eval_fraction, block_size, format, tokenizer_kind,
+   tokenizer_vocab_size, tokenizer_dir, mlm_probability, mlm_targets, cache_dir, ...
+  model: hidden_size, num_layers, num_heads, intermediate_size, vocab_size, attention
+   (dense, flash, pallas), dtype, dropout, attention_dropout, remat, from_dir, ...
+  guidance: enabled, heads, tokens, scale, start_layer, after_dropout, ...
+  train: steps or epochs, batch_size or per_device_batch_size, learning_rate, warmup_steps,
+   eval_every, log_every, checkpoint_every, grad_accum_steps, seed, init_from, ...
+  mesh: data, fsdp, tensor (-1 fills the devices), rules
 """
 
 from __future__ import annotations

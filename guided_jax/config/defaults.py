@@ -7,6 +7,7 @@ every key can be overridden on the command line, e.g. ``--config.train.steps=100
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 
 import ml_collections
@@ -64,8 +65,11 @@ def model_config(preset: str | None = None, **overrides: object) -> ml_collectio
             config[field.name] = field.default
     if preset is not None:
         if preset not in MODEL_PRESETS:
+            close = difflib.get_close_matches(preset, sorted(MODEL_PRESETS), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
             raise ValueError(
-                f"unknown model preset {preset!r}; expected one of {sorted(MODEL_PRESETS)}"
+                f"unknown model preset {preset!r}; {hint}the presets are "
+                f"{', '.join(sorted(MODEL_PRESETS))}"
             )
         config.update(MODEL_PRESETS[preset])
     config.update(overrides)
@@ -92,7 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
     # "reference" = all but <s>, </s>, pad, as the reference's collator (<unk> is predicted)
     config.data.mlm_targets = "no_specials"
     # Sources (train_files/eval_files): paths or globs (local or gs://), tfds:NAME[/CONFIG]:SPLIT
-    # or cache:DIR; see guided_jax/sources.py.
+    # or cache:DIR; see guided_jax/data/sources.py.
     config.data.documents = "line"  # text files: one document per "line" or per "paragraph"
     # "documents": text files split per data.documents, eval_fraction held out unless eval_files;
     # "reference_text": each file read whole and tokenized with the reference's special-token
@@ -138,7 +142,7 @@ def base_config() -> ml_collections.ConfigDict:
     # those it plots attention maps of).
     config.train.keep_steps = ""
     # Per-head attention statistics (diag/... in metrics.jsonl) on log steps; see
-    # guided_jax/diagnostics.py for what they cost.
+    # README.md (Diagnostics while training) for what they cost.
     config.train.diagnostics = False
 
     # Devices: data x fsdp x tensor (-1 = all remaining devices). Changing the mesh between

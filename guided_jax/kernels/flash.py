@@ -9,7 +9,7 @@ and ``Σ_{P=1} a²`` and the target count. Per row, with ``S = Σ_{P=1} a``, ``Q
 
 where ``Q - S²`` vanishes for rows with at most one target (every positional pattern) and is
 left out there: this keeps the small losses of heads that follow their pattern free of the
-cancellation of ``Σa² - 2Σa·P + ΣP`` (DESIGN.md §2). The backward pass recomputes each block's
+cancellation of ``Σa² - 2Σa·P + ΣP`` (docs/DESIGN.md §2). The backward pass recomputes each block's
 probabilities from ``m`` and ``l`` and adds the guidance gradient ``2c(a - P)`` to ``dO·Vᵀ``
 (``c`` is the cotangent of the head's loss sum); its row term becomes
 ``D = rowsum(dO ⊙ O) + 2c Σ_j a_j (a_j - P_j)``. Memory is ``O(n · block)`` per head.

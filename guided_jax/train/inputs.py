@@ -65,7 +65,7 @@ class RunInputs:
 
 
 def corpus_sources(config: ml_collections.ConfigDict, key: str) -> list[sources.Source]:
-    """The sources of ``data.<key>`` (see :mod:`guided_jax.sources`); an empty train value is
+    """The sources of ``data.<key>`` (see :mod:`guided_jax.data.sources`); an empty train value is
     the embedded default corpus, an empty eval value none."""
     found = sources.parse_sources(config.data[key], f"data.{key}", config.data)
     if not found and key == "train_files":

@@ -124,3 +124,20 @@ def test_help_prints_the_docstring_unchanged(command):
     assert result.stdout.startswith(docstring), result.stdout[:2000]
     continued = [line for line in result.stdout.splitlines() if line.endswith(CONTINUED)]
     assert len(continued) >= 2, result.stdout[:2000]
+
+
+def test_main_help_names_every_preset_and_config_section():
+    from guided_jax.config import MODEL_PRESETS, load_config
+
+    text = _docstring("main")
+    for preset in MODEL_PRESETS:
+        assert re.search(rf"\b{preset}\b", text), preset
+    config = load_config(str(REPO / "configs" / "default.py"))
+    listed = re.findall(r"^  (\w+): (.*(?:\n   \S.*)*)", text, flags=re.M)
+    assert {section for section, _ in listed} == set(config.keys())
+    for section, keys in listed:  # every key named exists
+        for key in re.findall(r"\b([a-z_]+)\b(?! \()", re.sub(r"\([^)]*\)", "", keys)):
+            if key not in ("or",):
+                assert key in config[section], f"{section}.{key}"
+    for config_file in re.findall(r"configs/\w+\.py", text):
+        assert (REPO / config_file).is_file(), config_file

@@ -1,9 +1,9 @@
 """Tests for guided_jax.guidance: the AG loss against an independent dense implementation of the
 reference formula, its gradient, head-spec parsing and errors, and the guidance weight schedule.
 
-The dense reference below builds the ``n x n`` targets exactly as DESIGN.md §1 describes them and
-takes ``mean((A[:, heads_g] - P_g) ** 2)`` in float64; it does not use the package's spec objects
-(each case states its head assignment by hand), so it checks the head assignment too.
+The dense reference below builds the ``n x n`` targets exactly as docs/DESIGN.md §1 describes them
+and takes ``mean((A[:, heads_g] - P_g) ** 2)`` in float64; it does not use the package's spec
+objects (each case states its head assignment by hand), so it checks the head assignment too.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ TOKEN = 7  # the token-set group's token
 
 
 def _reference_weight(step: int, scale: float, stagnant: int, total: int) -> float:
-    """The reference trainer's AG weight at ``step`` (DESIGN.md section 1)."""
+    """The reference trainer's AG weight at ``step`` (docs/DESIGN.md §1)."""
     return scale * (1.0 if step < stagnant else max(0.0, (total - step) / max(1, total - stagnant)))
 
 
