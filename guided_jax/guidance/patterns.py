@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import threading
 from collections.abc import Callable
 
@@ -35,6 +36,7 @@ class UserPattern:
     name: str
     builder: PatternBuilder
     normalize: bool = False
+    registered_in: str = ""  # the file whose code registered it (a config file, usually)
 
 
 _REGISTRY: dict[str, UserPattern] = {}
@@ -63,7 +65,8 @@ def register_pattern(
             raise SpecError(
                 f"pattern {name!r} is already registered; pass replace=True to rebind it"
             )
-        pattern = UserPattern(name, builder, bool(normalize))
+        caller = sys._getframe(1).f_code.co_filename
+        pattern = UserPattern(name, builder, bool(normalize), caller)
         _REGISTRY[name] = pattern
         for key in [k for k in _TARGETS if k[0] == name]:
             del _TARGETS[key]
@@ -73,6 +76,16 @@ def register_pattern(
 def registered_patterns() -> tuple[str, ...]:
     """Names of the registered (non-built-in) patterns, sorted."""
     return tuple(sorted(_REGISTRY))
+
+
+def pattern_source(name: str) -> str:
+    """The file that registered pattern ``name`` ("" for a built-in pattern's name or one
+    registered by this package), which a run keeps so that reading it back registers it."""
+    with _LOCK:
+        pattern = _REGISTRY.get(name)
+    if pattern is None or pattern.registered_in == __file__:
+        return ""
+    return pattern.registered_in
 
 
 def pattern_target(name: str, n: int) -> np.ndarray:

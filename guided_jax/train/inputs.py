@@ -43,6 +43,7 @@ from guided_jax.guidance import Spec
 from guided_jax.model import ModelConfig
 from guided_jax.storage import as_path, copy_tree, is_remote
 from guided_jax.train.objective import Objective
+from guided_jax.weights.workdir import keep_run_patterns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +260,7 @@ def prepare(
                 tokenizer = load_tokenizer(workdir / "tokenizer")
             for part in built:
                 part.keep()
+            keep_run_patterns(spec, workdir)
             (workdir / "config.json").write_text(config.to_json(indent=2))
     finally:
         if scratch is not None:

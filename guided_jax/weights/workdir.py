@@ -21,8 +21,12 @@ from etils import epath
 
 from guided_jax.config.resolve import build_model_config
 from guided_jax.data.tokenizer import Tokenizer, load_tokenizer
+from guided_jax.guidance import Spec, pattern_source, registered_patterns
 from guided_jax.model import ModelConfig, Params, init_params
 from guided_jax.storage import as_path, is_remote
+
+PATTERNS_DIR = "patterns"  # copies of the files that registered the run's patterns
+PATTERNS_INDEX = "patterns.json"  # pattern name -> its file's copy
 
 
 def is_workdir(path: str | os.PathLike) -> bool:
@@ -32,14 +36,58 @@ def is_workdir(path: str | os.PathLike) -> bool:
 
 
 def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """The resolved config a run recorded in ``WORKDIR/config.json``."""
+    """The resolved config a run recorded in ``WORKDIR/config.json``, with the patterns its
+    head spec names registered again (:func:`register_run_patterns`)."""
     path = as_path(workdir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(
             f"{str(path)!r} does not exist: {str(workdir)!r} is not a pretraining workdir "
             f"(python -m guided_jax.main --config ... --workdir DIR writes one)"
         )
+    register_run_patterns(workdir)
     return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def keep_run_patterns(spec: Spec | None, workdir: str | os.PathLike) -> None:
+    """Copies the file that registered each pattern the run's spec names (its config file,
+    usually) to ``WORKDIR/patterns/``: what reads the run back (visualize, probe, diagnostics,
+    the report) registers them from there, as the config file did for training."""
+    sources = {name: pattern_source(name) for name in (spec.user_patterns if spec else ())}
+    sources = {name: file for name, file in sources.items() if file}
+    if not sources:
+        return
+    directory = as_path(workdir) / PATTERNS_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {
+        file: f"{i}_{epath.Path(file).name}" for i, file in enumerate(sorted(set(sources.values())))
+    }
+    for file, copy in files.items():
+        (directory / copy).write_text(epath.Path(file).read_text())
+    index = {name: {"file": files[file], "registered_in": file} for name, file in sources.items()}
+    (directory / PATTERNS_INDEX).write_text(json.dumps(index, indent=2))
+
+
+def register_run_patterns(workdir: str | os.PathLike) -> None:
+    """Registers the patterns a run kept (:func:`keep_run_patterns`) that this process lacks,
+    by running the kept copy of the file that registered them."""
+    directory = as_path(workdir) / PATTERNS_DIR
+    if not (directory / PATTERNS_INDEX).is_file():
+        return
+    index = json.loads((directory / PATTERNS_INDEX).read_text())
+    missing = sorted({e["file"] for name, e in index.items() if name not in registered_patterns()})
+    for copy in missing:
+        source = (directory / copy).read_text()
+        try:
+            exec(
+                compile(source, str(directory / copy), "exec"), {"__name__": f"run_patterns_{copy}"}
+            )
+        except Exception as error:
+            names = sorted(name for name, e in index.items() if e["file"] == copy)
+            raise ValueError(
+                f"{str(directory / copy)!r}, kept from the file that registered the run's "
+                f"patterns {names}, fails to run here: {type(error).__name__}: {error}; import "
+                f"the file that registers them before reading the run"
+            ) from None
 
 
 def run_tokenizer(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> Tokenizer:
