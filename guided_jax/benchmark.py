@@ -46,10 +46,13 @@ def main(argv: list[str]) -> None:
             rounds=_ROUNDS.value,
             hf=_HF.value,
         )
-    print("\n".join(benchmark.report(results)))
+    lines = benchmark.report(results)
     if _RESULTS.value:
         shape = Path(flags.FLAGS["config"].config_filename).name
-        benchmark.append_results(Path(_RESULTS.value), benchmark.results_row(results, shape))
+        row = benchmark.results_row(results, shape)
+        name = benchmark.append_results(Path(_RESULTS.value), row)
+        lines.insert(-1, f"results: row {name} of {_RESULTS.value}")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -17,9 +17,14 @@ extra (``pip install -e '.[bench]'``); without it that arm is left out and said 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import os
+import platform
+import re
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -311,7 +316,8 @@ def report(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def results_row(results: dict[str, Any], shape: str) -> str:
+def results_row(results: dict[str, Any], shape: str) -> list[str]:
+    """The cells of a results row from ``date`` to ``input examples/s``."""
     inputs, arms, device = results["inputs"], results["arms"], results["device"]
     peak = peak_flops(device)
     r = ratios(arms)
@@ -325,6 +331,8 @@ def results_row(results: dict[str, Any], shape: str) -> str:
     memory = "n/a" if guided.memory_bytes is None else f"{guided.memory_bytes / 2**20:.0f} MiB"
     cells = [
         datetime.date.today().isoformat(),
+        source_commit(),
+        host_machine(),
         f"{results['device_count']}x {device.device_kind}",
         f"jax {jax.__version__}",
         shape,
@@ -343,19 +351,73 @@ def results_row(results: dict[str, Any], shape: str) -> str:
         "n/a" if hf is None else f"{r['speedup_vs_hf_flax']:.2f}x",
         f"{results['input_examples_per_sec']:.0f}",
     ]
-    return "| " + " | ".join(cells) + " |"
+    return cells
 
 
-RESULTS_HEADER = (
-    "| date | device | jax | config | batch | dtype/attention | ours tok/s | guided tok/s "
-    "| HF Flax tok/s | guided step ms | guided memory | guided MFU | guidance_overhead "
-    "| speedup_vs_hf_flax | input examples/s |\n" + "|---" * 15 + "|\n"
-)
+def source_commit() -> str:
+    """The checkout's commit (``+changes`` when files differ from it), which the numbers
+    belong to; ``unknown`` outside a git checkout."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        if done.returncode:
+            raise OSError(done.stderr)
+        return done.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short=10", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", "guided_jax")
+    except OSError:
+        return "unknown"
+    return commit + ("+changes" if changed else "")
 
 
-def append_results(path: Path, row: str) -> None:
+def host_machine() -> str:
+    """The host: its CPU model and core count (an accelerator's name is in the device cell)."""
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {os.cpu_count()} cores"
+
+
+RESULTS_COLUMNS = (
+    "row", "date", "commit", "machine", "device", "jax", "config", "batch", "dtype/attention",
+    "ours tok/s", "guided tok/s", "HF Flax tok/s", "guided step ms", "guided memory",
+    "guided MFU", "guidance_overhead", "speedup_vs_hf_flax", "input examples/s", "status",
+)  # fmt: skip
+# What makes two rows measure the same thing: a newer one supersedes the older.
+_SAME_MEASUREMENT = ("device", "config", "batch", "dtype/attention")
+CURRENT = "current"
+
+
+def append_results(path: Path, cells: list[str]) -> str:
+    """Appends a row (cells ``date`` to ``input examples/s``) as ``R<n>``, the next free
+    number, and marks the earlier current rows of the same device, config, batch and
+    attention ``superseded by R<n>``. Returns the row's name, which README and notes cite."""
+    header = "| " + " | ".join(RESULTS_COLUMNS) + " |\n" + "|---" * len(RESULTS_COLUMNS) + "|\n"
     if not path.exists() or not path.read_text().strip():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("# Benchmark results\n\n" + RESULTS_HEADER)
-    with path.open("a") as f:
-        f.write(row + "\n")
+        path.write_text("# Benchmark results\n\n" + header)
+    lines = path.read_text().splitlines()
+    rows = [i for i, line in enumerate(lines) if re.match(r"\| R\d+ \|", line)]
+    name = f"R{1 + max((int(lines[i].split()[1][1:]) for i in rows), default=0)}"
+    new = dict(zip(RESULTS_COLUMNS, [name, *cells, CURRENT], strict=True))
+    for i in rows:
+        old = dict(zip(RESULTS_COLUMNS, _cells(lines[i]), strict=False))
+        same = all(old.get(k) == new[k] for k in _SAME_MEASUREMENT)
+        if same and old.get("status") == CURRENT:
+            old["status"] = f"superseded by {name}"
+            lines[i] = "| " + " | ".join(old.values()) + " |"
+    if not any(line.startswith("| row |") for line in lines):
+        lines += ["", *header.splitlines()]
+    lines.append("| " + " | ".join(new.values()) + " |")
+    path.write_text("\n".join(lines) + "\n")
+    return name
+
+
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]

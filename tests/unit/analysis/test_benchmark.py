@@ -1,6 +1,8 @@
 """guided_jax.analysis.benchmark: its FLOP count and results file (the command itself runs in
 tests/e2e)."""
 
+import os
+import subprocess
 import types
 
 import pytest
@@ -21,9 +23,32 @@ def test_model_flops_count_the_encoder_and_the_selected_positions_head():
     )
 
 
-def test_results_file_gets_its_header_once(tmp_path):
+def _cells(date: str, attention: str) -> list[str]:
+    """A results row's cells from date to input examples/s."""
+    return [date, "abc1234", "cpu x, 2 cores", "1x cpu", "jax 0.10.2", "benchmark.py",
+            "16x128", f"float32/{attention}", *["1"] * 9]  # fmt: skip
+
+
+def test_results_rows_are_numbered_and_supersede_their_predecessors(tmp_path):
     path = tmp_path / "bench" / "RESULTS.md"
-    benchmark.append_results(path, "| a |")
-    benchmark.append_results(path, "| b |")
+    assert benchmark.append_results(path, _cells("2026-01-01", "dense")) == "R1"
+    assert benchmark.append_results(path, _cells("2026-01-02", "flash")) == "R2"
+    assert benchmark.append_results(path, _cells("2026-01-03", "dense")) == "R3"
     text = path.read_text()
-    assert text.count("| date | device |") == 1 and text.endswith("| a |\n| b |\n")
+    assert text.count("| row | date | commit | machine | device |") == 1
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| R")]
+    assert [(r[0], r[1], r[-1]) for r in rows] == [
+        ("| R1", "2026-01-01", "superseded by R3 |"),  # the same measurement, newer
+        ("| R2", "2026-01-02", "current |"),  # another attention: not superseded
+        ("| R3", "2026-01-03", "current |"),
+    ]
+    assert all(len(r) == len(benchmark.RESULTS_COLUMNS) for r in rows)
+
+
+def test_a_results_row_names_its_commit_and_machine():
+    commit = benchmark.source_commit()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    assert head.startswith(commit.removesuffix("+changes")) and len(commit) >= 10
+    assert benchmark.host_machine().endswith(f", {os.cpu_count()} cores")
