@@ -4,7 +4,7 @@
 # --distributed (JAX finds the other hosts itself), watch it, stop it, delete the TPU.
 # Before it starts the workers, train compiles the run's steps for the slice here (see below).
 #
-#   export TPU_NAME=ag ZONE=us-central2-b ACCELERATOR_TYPE=v4-32 BUCKET=my-bucket
+#   export TPU_NAME=ag ACCELERATOR_TYPE=v5e-64 BUCKET=my-bucket   # ZONE: us-west4-a for v5e
 #   bash launch/tpu_vm.sh create --spot   # or --preemptible, or neither
 #   bash launch/tpu_vm.sh setup           # this checkout (less .git, venvs, runs) to ~/guided_jax,
 #                                         # a Python >= 3.11 venv and in it
@@ -16,8 +16,10 @@
 #   bash launch/tpu_vm.sh status          # the TPU's state and health
 #   bash launch/tpu_vm.sh stop            # SIGTERM: every process saves a checkpoint and exits
 #   bash launch/tpu_vm.sh delete
+#   bash launch/tpu_vm.sh train --help    # a subcommand's options and environment variables
 #
-# train without --detach runs in the foreground and shows the output of every worker.
+# train without --detach runs in the foreground and shows the output of every worker. Either way
+# each worker records the training process's pid in ~/guided_jax/train.pid, which stop signals.
 #
 # train first runs, on this machine and in this checkout (as the workers run it in theirs),
 #   python -m guided_jax.lower --config CONFIG --topology ACCELERATOR_TYPE [--config.key=value ...]
@@ -28,9 +30,11 @@
 #
 # Settings come from the environment or from the flags named beside them:
 #   TPU_NAME         --name      guided-jax
-#   ZONE             --zone      us-central2-b
-#   ACCELERATOR_TYPE --type      v4-32 (v5litepod-16, v5p-32, v6e-16, ...)
-#   RUNTIME_VERSION  --version   the JAX base image of the TPU generation (see runtime_for)
+#   ZONE             --zone      by generation, a zone Cloud TPU lists for it: v4 us-central2-b,
+#                                v5e us-west4-a, v5p us-east5-a, v6e us-east5-b
+#   ACCELERATOR_TYPE --type      v4-32: GEN-N for v4, v5e (gcloud's v5litepod-N), v5p, v6e, or
+#                                GEN:AxB[xC]; gcloud gets its own name (v5e-16 -> v5litepod-16)
+#   RUNTIME_VERSION  --version   the JAX base image of the TPU generation (see generation_facts)
 #   PROJECT          --project   gcloud's default project
 #   BUCKET           --bucket    none; the bucket of the default workdir (create: write scope)
 #   STORAGE          --storage   gs: the workdir is in the bucket, written directly (no mount);
@@ -39,6 +43,7 @@
 #   WORKDIR          --workdir   with BUCKET gs://BUCKET/runs/TPU_NAME (gs) or MOUNT/runs/TPU_NAME
 #                                (mount), else required for train
 #   PYTHON                       python: the local python of train's compile check
+#   WORKER                       0: the worker whose log logs shows
 # Every worker must see the same workdir. A gs:// workdir needs no mount: orbax and gcsfs write to
 # the bucket directly (setup installs the package's gcs extra in both modes); otherwise it is a
 # shared directory (the gcsfuse mount, or an NFS/Filestore path). All processes write the
@@ -49,43 +54,181 @@
 # DRY_RUN=1 prints every command (one a line) instead of running it.
 set -euo pipefail
 
+# Per TPU generation: gcloud's accelerator-type prefix, whether its number counts TensorCores
+# (two a chip) rather than chips, the default zone (one Cloud TPU's "TPU regions and zones" lists
+# for the generation) and the TPU software version with a plain Ubuntu for JAX. The prefixes and
+# counts follow _GCLOUD_NAMES in guided_jax/train/lowering.py.
+GENERATIONS=(v4 v5e v5p v6e)
+generation_facts() {
+  case $1 in
+    v4) echo v4 1 us-central2-b tpu-ubuntu2204-base ;;
+    v5e) echo v5litepod 0 us-west4-a v2-alpha-tpuv5-lite ;;
+    v5p) echo v5p 1 us-east5-a v2-alpha-tpuv5 ;;
+    v6e) echo v6e 0 us-east5-b v2-alpha-tpuv6e ;;
+  esac
+}
+
+# "v4 us-central2-b, v5e ..., ...": field $1 of generation_facts for every generation.
+by_generation() {
+  local generation facts text=
+  for generation in "${GENERATIONS[@]}"; do
+    read -ra facts <<<"$(generation_facts "$generation")"
+    text+="${text:+, }$generation ${facts[$1]}"
+  done
+  echo "$text"
+}
+
 usage() { # exit status 0 (help, on stdout) or 2 (a usage error, on stderr)
   local out=2
   [[ ${1:-2} != 0 ]] || out=1
-  cat >&"$out" <<'EOF'
+  {
+    cat <<'EOF'
 usage: tpu_vm.sh create [--spot | --preemptible] [OPTIONS]
        tpu_vm.sh setup  [OPTIONS]
        tpu_vm.sh train  [--detach] [--no-compile-check] [--workdir DIR] [OPTIONS] CONFIG
                         [--config.key=value ...]
        tpu_vm.sh logs | stop | status | delete [OPTIONS]
-OPTIONS: --name NAME --zone ZONE --type ACCELERATOR_TYPE --version RUNTIME_VERSION
+       tpu_vm.sh SUBCOMMAND --help   its options and environment variables
+OPTIONS: --name TPU_NAME --zone ZONE --type ACCELERATOR_TYPE --version RUNTIME_VERSION
          --project PROJECT --bucket BUCKET --storage gs|mount
          (or the environment variables of the same names)
+ACCELERATOR_TYPE (v4-32): v4-N, v5e-N (or gcloud's v5litepod-N), v5p-N, v6e-N, or GEN:AxB[xC]
+EOF
+    echo "ZONE by generation: $(by_generation 2)"
+    cat <<'EOF'
 STORAGE gs (the default): the workdir is gs://BUCKET/runs/NAME, written without a mount;
         mount: gcsfuse mounts the bucket at MOUNT on every worker, the workdir MOUNT/runs/NAME
 train first compiles the run for the slice here (python -m guided_jax.lower --topology TYPE,
         with libtpu: pip install "jax[tpu]==<jax version>") and stops if it does not fit;
         --no-compile-check skips that
 EOF
+  } >&"$out"
   exit "${1:-2}"
 }
 
-die() {
+# The help lines of the settings: a key (the first 8 columns), then the line: its flag, its
+# environment variable, what it is.
+settings_table() {
+  cat <<EOF
+spot      --spot | --preemptible               a spot or preemptible TPU (else on demand)
+detach    --detach                             run in the background, output in train.log
+compile   --no-compile-check                   start the workers without the compile check
+workdir   --workdir DIR      WORKDIR           the run's directory, the same on every worker
+workdir                                        (with BUCKET gs://BUCKET/runs/TPU_NAME, with
+workdir                                        STORAGE=mount MOUNT/runs/TPU_NAME)
+name      --name NAME        TPU_NAME          the TPU VM (guided-jax)
+zone      --zone ZONE        ZONE              its zone, by default one with its generation:
+zone          $(by_generation 2)
+type      --type TYPE        ACCELERATOR_TYPE  the slice (v4-32): v4-N, v5e-N (gcloud's
+type                                           v5litepod-N), v5p-N, v6e-N or GEN:AxB[xC]
+version   --version VERSION  RUNTIME_VERSION   the TPU software, by default by generation:
+version       $(by_generation 3)
+project   --project PROJECT  PROJECT           the Google Cloud project (gcloud's default)
+bucket    --bucket BUCKET    BUCKET            the bucket of the default workdir
+scope     --bucket BUCKET    BUCKET            a bucket: the workers get write access to it
+storage   --storage gs|mount STORAGE           gs: the workers write the bucket directly
+storage                                        (default); mount: gcsfuse mounts it at MOUNT
+mount                        MOUNT             where STORAGE=mount mounts it (/mnt/gcs)
+python                       PYTHON            the python of the compile check (python)
+worker                       WORKER            the worker whose log logs shows (0)
+dry_run                      DRY_RUN=1         print the commands instead of running them
+EOF
+}
+
+# A subcommand's usage, what it does, its options and environment variables (on stdout).
+command_help() {
+  local setting settings=(name zone type project)
+  case $1 in
+    create)
+      echo "usage: tpu_vm.sh create [--spot | --preemptible] [OPTIONS]"
+      echo "Creates the TPU VM slice (gcloud compute tpus tpu-vm create)."
+      settings=(spot "${settings[@]}" version scope)
+      ;;
+    setup)
+      echo "usage: tpu_vm.sh setup [OPTIONS]"
+      echo "Copies this checkout to ~/guided_jax on every worker and installs it in a venv with"
+      echo "jax[tpu]; with STORAGE=mount also installs gcsfuse and mounts the bucket."
+      settings+=(bucket storage mount)
+      ;;
+    train)
+      echo "usage: tpu_vm.sh train [--detach] [--no-compile-check] [--workdir DIR] [OPTIONS] CONFIG"
+      echo "                       [--config.key=value ...]"
+      echo "Compiles the run for the slice here (python -m guided_jax.lower), then starts"
+      echo "python -m guided_jax.main --distributed on every worker; each worker records the"
+      echo "training process's pid in ~/guided_jax/train.pid for stop."
+      settings=(detach compile workdir "${settings[@]}" bucket storage mount python)
+      ;;
+    logs)
+      echo "usage: tpu_vm.sh logs [OPTIONS]"
+      echo "Prints the end of ~/guided_jax/train.log (the output of train --detach) on one worker."
+      settings+=(worker)
+      ;;
+    stop)
+      echo "usage: tpu_vm.sh stop [OPTIONS]"
+      echo "Sends SIGTERM to the training process on every worker (train with or without --detach):"
+      echo "it saves a checkpoint and exits."
+      ;;
+    status)
+      echo "usage: tpu_vm.sh status [OPTIONS]"
+      echo "Prints the TPU's state and health."
+      ;;
+    delete)
+      echo "usage: tpu_vm.sh delete [OPTIONS]"
+      echo "Deletes the TPU VM slice."
+      ;;
+  esac
+  echo "OPTIONS (or the environment variables beside them):"
+  for setting in "${settings[@]}" dry_run; do
+    settings_table | awk -v key="$setting" '$1 == key' | cut -c9-
+  done
+  exit 0
+}
+
+die() { # a usage error: the message, then the usage
   echo "tpu_vm.sh: $*" >&2
   usage
+}
+
+bad_value() { # a setting's value refused: one line, exit status 2
+  echo "tpu_vm.sh: $*" >&2
+  exit 2
 }
 
 # shellcheck source=SCRIPTDIR/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-# The TPU software version with a plain Ubuntu for JAX, by TPU generation.
-runtime_for() {
-  case $1 in
-    v5litepod-* | v5e-*) echo v2-alpha-tpuv5-lite ;;
-    v5p-*) echo v2-alpha-tpuv5 ;;
-    v6e-*) echo v2-alpha-tpuv6e ;;
-    *) echo tpu-ubuntu2204-base ;;
-  esac
+# Sets generation, accelerator (gcloud's accelerator type) and the generation's default zone and
+# version from the slice $1: GEN-N (v5e also as gcloud's v5litepod-N; N counts TensorCores on v4
+# and v5p, chips on v5e and v6e) or GEN:AxB[xC], the forms guided_jax.lower --topology takes.
+# The same mapping as gcloud_accelerator_type in guided_jax/train/lowering.py.
+resolve_accelerator() {
+  local text=$1 prefix cores count='' chips='' d
+  if [[ $text =~ ^(v4|v5e|v5litepod|v5p|v6e)-([0-9]{1,6})$ ]]; then
+    generation=${BASH_REMATCH[1]/v5litepod/v5e}
+    count=$((10#${BASH_REMATCH[2]}))
+  elif [[ $text =~ ^(v4|v5e|v5p|v6e):([0-9]{1,3}(x[0-9]{1,3}){1,2})$ ]]; then
+    generation=${BASH_REMATCH[1]}
+    chips=1
+    for d in ${BASH_REMATCH[2]//x/ }; do
+      chips=$((chips * 10#$d))
+    done
+  else
+    bad_value "ACCELERATOR_TYPE (--type) '$text': expected v4-N, v5e-N (or v5litepod-N), v5p-N," \
+      "v6e-N or GEN:AxB[xC], such as v5e-16, v4-32 or v5e:4x4"
+  fi
+  read -r prefix cores default_zone default_version <<<"$(generation_facts "$generation")"
+  if [[ -n $count ]]; then
+    chips=$((cores == 1 && count % 2 ? 0 : count / (cores + 1)))
+  fi
+  if ((cores == 1 && (chips < 4 || (chips & (chips - 1))))); then
+    bad_value "ACCELERATOR_TYPE (--type) '$text': a $generation slice has a power-of-two number of" \
+      "chips, at least 4, and N counts its TensorCores, two a chip:" \
+      "$generation-8, $generation-16, ..."
+  elif ((chips < 1 || (chips & (chips - 1)))); then
+    bad_value "ACCELERATOR_TYPE (--type) '$text': a $generation slice has a power-of-two number of" \
+      "chips: $generation-4, $generation-8, ..."
+  fi
+  accelerator=$prefix-$((chips * (cores + 1)))
 }
 
 [[ $# -ge 1 ]] || usage
@@ -98,7 +241,7 @@ case $command in
 esac
 
 name=${TPU_NAME:-guided-jax}
-zone=${ZONE:-us-central2-b}
+zone=${ZONE:-}
 accelerator=${ACCELERATOR_TYPE:-v4-32}
 version=${RUNTIME_VERSION:-}
 project=${PROJECT:-}
@@ -110,10 +253,11 @@ provisioning=
 detach=0
 compile_check=1
 
-while [[ $# -gt 0 && $1 == --* ]]; do
+while [[ $# -gt 0 && ($1 == --* || $1 == -h) ]]; do
   option=$1
   value=
   case $option in
+    -h | --help) command_help "$command" ;;
     --spot | --preemptible)
       [[ $command == create ]] || die "$option is for create"
       [[ -z $provisioning ]] || die "--spot or --preemptible, not both"
@@ -162,7 +306,7 @@ while [[ $# -gt 0 && $1 == --* ]]; do
 done
 case $storage in
   gs | mount) ;;
-  *) die "unknown STORAGE '$storage' (gs or mount)" ;;
+  *) bad_value "STORAGE (--storage) '$storage': expected gs or mount" ;;
 esac
 
 if [[ $command == train ]]; then
@@ -180,7 +324,9 @@ if [[ $command == train ]]; then
 elif [[ $# -gt 0 ]]; then
   die "unexpected arguments: $*"
 fi
-[[ -n $version ]] || version=$(runtime_for "$accelerator")
+resolve_accelerator "$accelerator"
+[[ -n $zone ]] || zone=$default_zone
+[[ -n $version ]] || version=$default_version
 
 tpu=(gcloud compute tpus tpu-vm)
 where=(--zone="$zone")
@@ -284,10 +430,12 @@ case $command in
     [[ $compile_check == 0 ]] || check_compiles "$@"
     args=(-m guided_jax.main --config "$config" --workdir "$workdir" --distributed "$@")
     train=".venv/bin/python $(printf '%q ' "${args[@]}")"
+    # Either way train.pid holds the pid of the training process itself (nohup and the shell
+    # exec it), for stop.
     if [[ $detach == 1 ]]; then
       line="cd $remote_dir && { nohup $train> train.log 2>&1 < /dev/null & echo \$! > train.pid; }"
     else
-      line="cd $remote_dir && $train"
+      line="cd $remote_dir && echo \$\$ > train.pid && exec $train"
     fi
     [[ -z $mount_bucket ]] || line="$mount_bucket && $line"
     on_workers "$line"
@@ -298,7 +446,12 @@ case $command in
     ;;
 
   stop)
-    on_workers "kill -TERM \$(cat $remote_dir/train.pid)"
+    # SIGTERM to the recorded pid if it is still a training process (not a pid reused since;
+    # -ww: the whole command line, however long).
+    line="pid=\$(cat $remote_dir/train.pid 2>/dev/null) && ps -ww -o args= -p \"\$pid\""
+    line+=" | grep -qF guided_jax.main && kill -TERM \"\$pid\""
+    line+=" || echo \"tpu_vm.sh stop: no training process on \$(hostname)\" >&2"
+    on_workers "$line"
     ;;
 
   status)

@@ -85,37 +85,42 @@ def test_tokenizer_trains_from_several_files_and_refuses_bad_ones(tmp_path):
     first = write_corpus(tmp_path / "a.txt", lines=200, seed=1)
     second = write_corpus(tmp_path / "b.txt", lines=200, seed=2)
     out = tmp_path / "tok"
-    stdout = _ok(_run("tokenizer", "--files", first, second, "--vocab-size", 350, "--out", out))
+    stdout = _ok(_run("tokenizer", "--files", first, second, "--vocab_size", 350, "--out", out))
     assert "(bpe, vocab size 350, trained on 400 documents)" in stdout
     assert {p.name for p in out.iterdir()} == {"vocab.json", "merges.txt", "tokenizer_config.json"}
 
     wordpiece = tmp_path / "wp"
-    args = ("--kind", "wordpiece", "--lowercase", "--files", first, "--vocab-size", 150)
+    args = ("--kind", "wordpiece", "--lowercase", "--files", first, "--vocab_size", 150)
     _ok(_run("tokenizer", *args, "--out", wordpiece))
     config = json.loads((wordpiece / "tokenizer_config.json").read_text())
     assert config == {"tokenizer_class": "BertTokenizer", "do_lower_case": True}
 
     missing = tmp_path / "missing.txt"
-    result = _run("tokenizer", "--files", missing, "--vocab-size", 300, "--out", tmp_path / "x")
+    result = _run("tokenizer", "--files", missing, "--vocab_size", 300, "--out", tmp_path / "x")
     _one_line_error(result, "tokenizer", "missing.txt")
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
-    result = _run("tokenizer", "--files", latin1, "--vocab-size", 300, "--out", tmp_path / "x")
+    result = _run("tokenizer", "--files", latin1, "--vocab_size", 300, "--out", tmp_path / "x")
     _one_line_error(result, "tokenizer", "latin1.txt", "UTF-8")
     assert not (tmp_path / "x").exists()
-    result = _run("tokenizer", "--files", first, "--vocab-size", 100, "--out", tmp_path / "x")
+    result = _run("tokenizer", "--files", first, "--vocab_size", 100, "--out", tmp_path / "x")
     _one_line_error(result, "tokenizer", "vocab_size")
-    result = _run("tokenizer", "--files", first, "--lowercase", "--vocab-size", 300, "--out", out)
+    result = _run("tokenizer", "--files", first, "--lowercase", "--vocab_size", 300, "--out", out)
     _one_line_error(result, "tokenizer", "lowercase")
     stdout = _ok(
-        _run("tokenizer", "--default-corpus", "--vocab-size", 300, "--out", tmp_path / "d")
+        _run("tokenizer", "--default_corpus", "--vocab_size", 300, "--out", tmp_path / "d")
     )
     assert int(re.search(r"trained on (\d+) documents", stdout)[1]) > 1000
-    # One of --files and --default-corpus, not both, not neither.
-    for both_or_neither in (("--default-corpus", "--files", first), ()):
-        result = _run("tokenizer", *both_or_neither, "--vocab-size", 300, "--out", tmp_path / "y")
-        assert result.returncode == 1 and "--files or --default-corpus" in result.stderr
+    # One of --files and --default_corpus, not both, not neither.
+    for both_or_neither in (("--default_corpus", "--files", first), ()):
+        result = _run("tokenizer", *both_or_neither, "--vocab_size", 300, "--out", tmp_path / "y")
+        assert result.returncode == 2 and "--files or --default_corpus" in result.stderr
         assert not (tmp_path / "y").exists()
+    # Flags are spelt with underscores, as in every command; the hyphenated spelling is refused.
+    result = _run("tokenizer", "--default_corpus", "--vocab-size", 300, "--out", tmp_path / "z")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "Unknown command line flag 'vocab-size'" in result.stderr, result.stderr
+    assert not (tmp_path / "z").exists()
 
 
 def test_lower_prints_what_it_lowered_and_refuses_what_cannot_run():
@@ -312,6 +317,9 @@ def test_benchmark_times_every_arm_and_appends_a_row(tmp_path, corpus_file):
     last = stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"guidance_overhead=\d+\.\d+x", last), last
     assert "hf_flax: not measured: --nohf" in stdout
-    assert results.read_text().count("| benchmark.py:tiny | 4x32 |") == 1
+    assert f"results: row R1 of {results}" in stdout
+    row = results.read_text().splitlines()[-1]
+    assert row.startswith("| R1 | ") and row.endswith(" | current |")
+    assert "| benchmark.py:tiny | 4x32 |" in row
     result = _run("benchmark", *args[:2], "--steps", 0)
-    assert result.returncode == 1 and "--steps" in result.stderr
+    assert result.returncode == 2 and "--steps" in result.stderr

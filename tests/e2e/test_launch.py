@@ -7,6 +7,7 @@ train's local compile check, with stand-ins for python and gcloud on PATH.
 import contextlib
 import os
 import pathlib
+import re
 import shlex
 import shutil
 import signal
@@ -154,6 +155,87 @@ def test_tpu_create_preemptible_with_explicit_runtime():
     assert "--version=tpu-ubuntu2204-base" in argv and "--accelerator-type=v6e-16" in argv
 
 
+# Slice names as a user writes them -> the accelerator type gcloud names the slice by, the default
+# zone (one that Cloud TPU's "TPU regions and zones" lists for the generation) and the runtime.
+SLICES = [
+    ("v5e-64", "v5litepod-64", "us-west4-a", "v2-alpha-tpuv5-lite"),
+    ("v5litepod-16", "v5litepod-16", "us-west4-a", "v2-alpha-tpuv5-lite"),  # gcloud's own name
+    ("v5e:4x4", "v5litepod-16", "us-west4-a", "v2-alpha-tpuv5-lite"),  # guided_jax.lower's form
+    ("v5e-008", "v5litepod-8", "us-west4-a", "v2-alpha-tpuv5-lite"),  # decimal, not octal
+    ("v4-32", "v4-32", "us-central2-b", "tpu-ubuntu2204-base"),
+    ("v4:2x2x4", "v4-32", "us-central2-b", "tpu-ubuntu2204-base"),  # 16 chips, 32 TensorCores
+    ("v5p-8", "v5p-8", "us-east5-a", "v2-alpha-tpuv5"),
+    ("v5p:4x4x4", "v5p-128", "us-east5-a", "v2-alpha-tpuv5"),
+    ("v6e-16", "v6e-16", "us-east5-b", "v2-alpha-tpuv6e"),
+    ("v6e:2x4", "v6e-8", "us-east5-b", "v2-alpha-tpuv6e"),
+    ("v6e-1", "v6e-1", "us-east5-b", "v2-alpha-tpuv6e"),
+]
+
+
+@pytest.mark.parametrize(("name", "gcloud", "zone", "runtime"), SLICES, ids=[s[0] for s in SLICES])
+def test_tpu_create_names_the_slice_as_gcloud_does(name, gcloud, zone, runtime):
+    [argv] = dry_run(TPU_VM, "create", ACCELERATOR_TYPE=name)
+    assert argv == [
+        *GCLOUD_TPU, "create", "guided-jax", f"--zone={zone}", f"--accelerator-type={gcloud}",
+        f"--version={runtime}",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "gcloud", "zone"),
+    [s[:3] for s in SLICES if s[0] in ("v5e-64", "v4-32", "v5p-8", "v6e:2x4")],
+)
+def test_tpu_every_subcommand_follows_the_slice(name, gcloud, zone):
+    """The zone follows --type in every subcommand, and train's compile check gets gcloud's
+    name of the slice."""
+    for subcommand in ("setup", "logs", "stop", "status", "delete"):
+        *_, last = dry_run(TPU_VM, subcommand, "--type", name)
+        assert f"--zone={zone}" in last, (subcommand, last)
+    check, ssh = train_dry_run("--type", name, "configs/tiny.py", WORKDIR="/w")
+    assert contains(check, ["--topology", gcloud]) and f"--zone={zone}" in ssh
+
+
+def test_tpu_slice_names_match_the_compile_check():
+    """The launcher's mapping and guided_jax.lower's (gcloud_accelerator_type) agree."""
+    from guided_jax.train.lowering import gcloud_accelerator_type
+
+    for name, gcloud, *_ in SLICES:
+        assert gcloud_accelerator_type(name) == gcloud, name
+    for name in ["v3-8", "v5e-12", "v4-4", "v6e-0", "v5litepod:4x4", "tpu-v4-32", "v5e"]:
+        with pytest.raises(ValueError):
+            gcloud_accelerator_type(name)
+        result = launch(TPU_VM, "create", ACCELERATOR_TYPE=name)
+        assert result.returncode == 2 and not result.stdout, name
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("v3-8", "expected v4-N, v5e-N (or v5litepod-N), v5p-N, v6e-N or GEN:AxB[xC]"),
+        ("tpu-v5e-16", "expected v4-N, v5e-N (or v5litepod-N), v5p-N, v6e-N or GEN:AxB[xC]"),
+        ("v5e-12", "a v5e slice has a power-of-two number of chips"),
+        ("v5e:2x3", "a v5e slice has a power-of-two number of chips"),
+        ("v4-9", "N counts its TensorCores, two a chip: v4-8, v4-16"),  # odd: not whole chips
+        ("v5p-4", "at least 4, and N counts its TensorCores"),
+    ],
+)
+def test_tpu_unknown_slice_is_one_line_naming_it(name, expected):
+    for args, env in [(["create"], {"ACCELERATOR_TYPE": name}), (["stop", f"--type={name}"], {})]:
+        result = launch(TPU_VM, *args, **env)
+        assert result.returncode == 2 and not result.stdout
+        [line] = result.stderr.splitlines()
+        assert line.startswith(f"tpu_vm.sh: ACCELERATOR_TYPE (--type) '{name}': ")
+        assert expected in line
+
+
+def test_tpu_explicit_zone_wins():
+    [argv] = dry_run(TPU_VM, "create", ACCELERATOR_TYPE="v5e-16", ZONE="us-central1-a")
+    assert "--zone=us-central1-a" in argv and "--accelerator-type=v5litepod-16" in argv
+    [argv] = dry_run(TPU_VM, "delete", "--zone", "europe-west4-a", ACCELERATOR_TYPE="v6e-8",
+                     ZONE="us-east1-d")  # fmt: skip
+    assert argv == [*GCLOUD_TPU, "delete", "guided-jax", "--zone=europe-west4-a", "--quiet"]
+
+
 def test_tpu_setup_copies_the_checkout_and_installs_on_all_workers():
     tar, scp, rm, ssh = dry_run(TPU_VM, "setup", TPU_NAME="ag", ZONE="europe-west4-a")
     pack = tar[2]
@@ -207,7 +289,8 @@ def test_tpu_train_runs_the_distributed_command_on_every_worker():
                           WORKDIR="/nfs/runs/r12")  # fmt: skip
     assert ssh[:6] == [*GCLOUD_TPU, "ssh", "guided-jax"] and "--worker=all" in ssh
     assert shlex.split(remote_command(ssh)) == [
-        "cd", "guided_jax", "&&", ".venv/bin/python", "-m", "guided_jax.main",
+        "cd", "guided_jax", "&&", "echo", "$$", ">", "train.pid", "&&",  # the pid, for stop
+        "exec", ".venv/bin/python", "-m", "guided_jax.main",
         "--config", "configs/reference.py:roberta_12", "--workdir", "/nfs/runs/r12",
         "--distributed", *extra,
     ]  # fmt: skip
@@ -301,10 +384,10 @@ echo "gcloud $1 $2 $3 $4 $5" >> "$LOG"
 """
 
 
-def local_train(
+def local_run(
     tmp_path: pathlib.Path, *args: str, **env: str
 ) -> tuple[subprocess.CompletedProcess, list[str]]:
-    """`tpu_vm.sh train` run for real (no DRY_RUN) from tmp_path with the stand-ins: its result
+    """`tpu_vm.sh ARGS` run for real (no DRY_RUN) from tmp_path with the stand-ins: its result
     and the commands they saw, in order."""
     bin_dir, log = tmp_path / "bin", tmp_path / "log"
     bin_dir.mkdir(exist_ok=True)
@@ -313,10 +396,18 @@ def local_train(
         (bin_dir / name).chmod(0o755)
     log.unlink(missing_ok=True)
     result = launch(
-        TPU_VM, "train", *args, cwd=tmp_path, DRY_RUN="0", LOG=str(log), WORKDIR="/w",
-        ACCELERATOR_TYPE="v5litepod-16", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **env,
+        TPU_VM, *args, cwd=tmp_path, DRY_RUN="0", LOG=str(log),
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **env,
     )  # fmt: skip
     return result, log.read_text().splitlines() if log.exists() else []
+
+
+def local_train(
+    tmp_path: pathlib.Path, *args: str, **env: str
+) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """`tpu_vm.sh train` run for real with the stand-ins, on a v5e slice."""
+    settings = {"WORKDIR": "/w", "ACCELERATOR_TYPE": "v5litepod-16", **env}
+    return local_run(tmp_path, "train", *args, **settings)
 
 
 def test_tpu_train_runs_the_compile_check_in_the_checkout_then_the_workers(tmp_path):
@@ -371,68 +462,110 @@ def test_tpu_train_without_bucket_or_workdir_is_refused(storage):
 def test_tpu_unknown_storage_is_refused(args, env, value):
     result = launch(TPU_VM, *args, **env)
     assert result.returncode == 2 and not result.stdout
-    assert f"unknown STORAGE '{value}' (gs or mount)" in result.stderr
+    assert result.stderr == f"tpu_vm.sh: STORAGE (--storage) '{value}': expected gs or mount\n"
 
 
 FAKE_PYTHON = """#!/usr/bin/env bash
 trap 'echo TERM >> signals; exit 0' TERM
 printf '%s\\n' "$@" > args
-while [ -e keep-running ] && [ $((n += 1)) -le 100 ]; do sleep 0.05; done  # at most 5 s
+while [ -e keep-running ] && [ $((n += 1)) -le 200 ]; do sleep 0.05; done  # at most 10 s
 """
+TRAIN_EXTRA = ["--config.guidance.heads=next:1, prev:1", "--config.mesh.fsdp=4"]
+TRAIN_ARGS = ["-m", "guided_jax.main", "--config", "configs/default.py", "--workdir", "/w",
+              "--distributed", *TRAIN_EXTRA]  # fmt: skip
 
 
-def test_tpu_remote_train_and_stop_run_in_a_shell(tmp_path):
-    """The worker's side, with a stand-in for the venv's python: arguments arrive intact, the
-    detached run records its pid, and `stop` delivers SIGTERM to it."""
-    home = tmp_path
-    venv_python = home / "guided_jax" / ".venv" / "bin" / "python"
+def worker_home(tmp_path: pathlib.Path) -> pathlib.Path:
+    """A worker's home after setup, with a stand-in for the venv's python: ~/guided_jax."""
+    venv_python = tmp_path / "guided_jax" / ".venv" / "bin" / "python"
     venv_python.parent.mkdir(parents=True)
     venv_python.write_text(FAKE_PYTHON)
     venv_python.chmod(0o755)
-    extra = ["--config.guidance.heads=next:1, prev:1", "--config.mesh.fsdp=4"]
-    expected = ["-m", "guided_jax.main", "--config", "configs/default.py", "--workdir", "/w"]
-    expected += ["--distributed", *extra]
+    return tmp_path / "guided_jax"
 
-    _, ssh = train_dry_run("configs/default.py", *extra, WORKDIR="/w")
-    subprocess.run(["bash", "-c", remote_command(ssh)], cwd=home, check=True, timeout=30)
-    assert (home / "guided_jax" / "args").read_text().splitlines() == expected
 
-    (home / "guided_jax" / "args").unlink()
-    (home / "guided_jax" / "keep-running").touch()
-    _, ssh = train_dry_run("--detach", "configs/default.py", *extra, WORKDIR="/w")
-    subprocess.run(["bash", "-c", remote_command(ssh)], cwd=home, check=True, timeout=30)
-    pidfile, signals = home / "guided_jax" / "train.pid", home / "guided_jax" / "signals"
-    pid = int(pidfile.read_text())
+def wait_for(path: pathlib.Path, text: str) -> None:
+    for _ in range(200):
+        if path.exists() and path.read_text() == text:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never held {text!r}")
+
+
+def stop_on_worker(home: pathlib.Path) -> subprocess.CompletedProcess:
+    """`tpu_vm.sh stop`'s command, run in the worker's home."""
+    [stop] = dry_run(TPU_VM, "stop")
+    return subprocess.run(["bash", "-c", remote_command(stop)], cwd=home.parent,
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+
+
+def test_tpu_remote_train_passes_the_arguments_intact(tmp_path):
+    """The worker's side of a foreground run: the arguments arrive intact through both shells,
+    and train.pid names the training process itself (the shell execs it)."""
+    home = worker_home(tmp_path)
+    _, ssh = train_dry_run("configs/default.py", *TRAIN_EXTRA, WORKDIR="/w")
+    run = subprocess.Popen(["bash", "-c", remote_command(ssh)], cwd=tmp_path)
+    assert run.wait(timeout=30) == 0
+    assert (home / "args").read_text().splitlines() == TRAIN_ARGS
+    assert int((home / "train.pid").read_text()) == run.pid
+
+
+@pytest.mark.parametrize("detach", [False, True], ids=["foreground", "detached"])
+def test_tpu_stop_sends_sigterm_to_the_run(tmp_path, detach):
+    """`stop` reaches the training process of a foreground run as well as a detached one."""
+    home = worker_home(tmp_path)
+    (home / "keep-running").touch()
+    flags = ["--detach"] if detach else []
+    _, ssh = train_dry_run(*flags, "configs/default.py", *TRAIN_EXTRA, WORKDIR="/w")
+    run = subprocess.Popen(["bash", "-c", remote_command(ssh)], cwd=tmp_path)
     try:
-        args = home / "guided_jax" / "args"
-        for _ in range(100):  # written once the process runs and traps SIGTERM
-            if args.exists() and args.read_text().splitlines() == expected:
-                break
-            time.sleep(0.05)
-        [stop] = dry_run(TPU_VM, "stop")
-        subprocess.run(["bash", "-c", remote_command(stop)], cwd=home, check=True, timeout=30)
-        for _ in range(100):
-            if signals.exists():
-                break
-            time.sleep(0.05)
-        assert signals.read_text() == "TERM\n"
+        wait_for(home / "args", "\n".join(TRAIN_ARGS) + "\n")  # running, SIGTERM trapped
+        pid = int((home / "train.pid").read_text())
+        if not detach:
+            assert pid == run.pid  # the foreground run is the ssh command's own process
+        stop = stop_on_worker(home)
+        assert stop.returncode == 0 and not stop.stderr, stop.stderr
+        wait_for(home / "signals", "TERM\n")
+        assert run.wait(timeout=30) == 0  # the foreground run exits as the trainer does
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        pidfile = home / "train.pid"
+        for process in {run.pid, *([int(pidfile.read_text())] if pidfile.exists() else [])}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process, signal.SIGKILL)
+        run.wait(timeout=30)
 
 
-@pytest.mark.parametrize(
-    ("subcommand", "worker", "remote"),
-    [
-        ("logs", "--worker=0", "tail -n 40 guided_jax/train.log"),
-        ("stop", "--worker=all", "kill -TERM $(cat guided_jax/train.pid)"),
-    ],
-)
-def test_tpu_logs_and_stop(subcommand, worker, remote):
-    [ssh] = dry_run(TPU_VM, subcommand, ZONE="us-central1-a")
+def test_tpu_stop_leaves_another_process_alone(tmp_path):
+    """A pid in train.pid that is no longer a training process (the run ended and the pid was
+    reused) gets no signal, nor does a worker without train.pid; stop says so and succeeds."""
+    home = worker_home(tmp_path)
+    stop = stop_on_worker(home)
+    assert stop.returncode == 0
+    assert stop.stderr.startswith("tpu_vm.sh stop: no training process on ")
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        (home / "train.pid").write_text(f"{other.pid}\n")
+        stop = stop_on_worker(home)
+        assert stop.returncode == 0 and "no training process" in stop.stderr
+        time.sleep(0.2)
+        assert other.poll() is None  # still running: no SIGTERM
+    finally:
+        other.kill()
+        other.wait(timeout=30)
+
+
+def test_tpu_logs():
+    [ssh] = dry_run(TPU_VM, "logs", ZONE="us-central1-a", WORKER="3")
     assert ssh[:6] == [*GCLOUD_TPU, "ssh", "guided-jax"]
-    assert "--zone=us-central1-a" in ssh and worker in ssh
-    assert remote_command(ssh) == remote
+    assert "--zone=us-central1-a" in ssh and "--worker=3" in ssh
+    assert remote_command(ssh) == "tail -n 40 guided_jax/train.log"
+
+
+def test_tpu_stop_runs_on_every_worker():
+    [ssh] = dry_run(TPU_VM, "stop", "--name", "ag", ZONE="us-central1-a")
+    assert ssh[:6] == [*GCLOUD_TPU, "ssh", "ag"]
+    assert "--zone=us-central1-a" in ssh and "--worker=all" in ssh
+    assert "kill -TERM" in remote_command(ssh)
 
 
 def test_tpu_status_and_delete():
@@ -467,6 +600,81 @@ def test_tpu_usage_errors_exit_2(args):
 def test_tpu_help():
     result = launch(TPU_VM, "--help")
     assert result.returncode == 0 and result.stdout.startswith("usage: tpu_vm.sh")
+    assert "SUBCOMMAND --help" in result.stdout
+
+
+# What each subcommand's --help must document: its options (beside them the value a dry run
+# passes) and the environment variables it reads.
+COMMON = {"--name": "ag", "--zone": "us-west4-a", "--type": "v5e-8", "--project": "p"}
+COMMON_ENV = {"TPU_NAME", "ZONE", "ACCELERATOR_TYPE", "PROJECT", "DRY_RUN"}
+STORAGE_OPTIONS = {"--bucket": "b", "--storage": "mount"}
+HELP = {
+    "create": ({**COMMON, "--spot": None, "--preemptible": None, "--version": "v", "--bucket": "b"},
+               COMMON_ENV | {"RUNTIME_VERSION", "BUCKET"}),
+    "setup": ({**COMMON, **STORAGE_OPTIONS}, COMMON_ENV | {"BUCKET", "STORAGE", "MOUNT"}),
+    "train": ({**COMMON, **STORAGE_OPTIONS, "--detach": None, "--no-compile-check": None,
+               "--workdir": "/w"},
+              COMMON_ENV | {"BUCKET", "STORAGE", "MOUNT", "WORKDIR", "PYTHON"}),
+    "logs": (COMMON, COMMON_ENV | {"WORKER"}),
+    "stop": (COMMON, COMMON_ENV),
+    "status": (COMMON, COMMON_ENV),
+    "delete": (COMMON, COMMON_ENV),
+}  # fmt: skip
+KNOWN = {name for options, env in HELP.values() for name in [*options, *env]}
+
+
+def documented(help_text: str) -> set[str]:
+    """The options and environment variables a subcommand's help names below its OPTIONS."""
+    _, _, options = help_text.partition("\nOPTIONS")
+    return {name for name in KNOWN if re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", options)}
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+@pytest.mark.parametrize("subcommand", sorted(HELP))
+def test_tpu_subcommand_help(tmp_path, subcommand, flag):
+    """Exit 0 with the subcommand's usage, options and environment variables, calling nothing,
+    even where the settings would be refused."""
+    options, env = HELP[subcommand]
+    result, calls = local_run(tmp_path, subcommand, "--name", "ag", flag, "--bogus",
+                              STORAGE="fuse", ACCELERATOR_TYPE="v3-8")  # fmt: skip
+    assert result.returncode == 0 and not result.stderr and calls == []
+    assert result.stdout.startswith(f"usage: tpu_vm.sh {subcommand} ")
+    assert documented(result.stdout) == set(options) | env
+    assert max(map(len, result.stdout.splitlines())) <= 100
+
+
+@pytest.mark.parametrize("subcommand", sorted(HELP))
+def test_tpu_options_in_the_help_are_accepted(subcommand):
+    options, _ = HELP[subcommand]
+    args = [f"{k}={v}" if v else k for k, v in options.items() if k != "--preemptible"]
+    result = launch(
+        TPU_VM, subcommand, *args, *(["configs/tiny.py"] if subcommand == "train" else [])
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--zone=us-west4-a" in result.stdout and "--project=p" in result.stdout
+
+
+def readme_tpu_commands() -> tuple[dict[str, str], list[list[str]]]:
+    """The settings the README exports and its `bash launch/tpu_vm.sh ...` commands."""
+    text = (REPO / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "launch/tpu_vm.sh" in b]
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    exports = [shlex.split(line, comments=True)[1:] for line in lines if line.startswith("export ")]
+    env = dict(word.split("=", 1) for words in exports for word in words)
+    commands = [shlex.split(line, comments=True)[2:] for line in lines
+                if line.startswith("bash launch/tpu_vm.sh ")]  # fmt: skip
+    return env, commands
+
+
+def test_readme_tpu_commands_are_accepted():
+    env, commands = readme_tpu_commands()
+    assert env and set(env) <= KNOWN, env
+    subcommands = set()
+    for args in commands:
+        result = launch(TPU_VM, *args, **env)
+        assert result.returncode == 0, (args, result.stderr)
+        subcommands.add(args[0])
+    assert subcommands >= {"create", "setup", "train", "logs", "stop", "delete"}
 
 
 # --- launch/slurm.sh --------------------------------------------------------------------------
