@@ -222,6 +222,15 @@ def topology_name(text: str) -> str:
     ``v4:2x2x4``: v4 and v5p count TensorCores, two a chip)."""
     match = re.fullmatch(r"(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})", text)
     if match:
+        generation, dims = match.group(1), [int(d) for d in match.group(2).split("x")]
+        three_d = generation in ("v4", "v5p")
+        chips = math.prod(dims)
+        if len(dims) != (3 if three_d else 2) or chips < 1 or chips & (chips - 1):
+            shape = "AxBxC" if three_d else "AxB"
+            raise ValueError(
+                f"--topology {text!r}: a {generation} slice is {shape} chips, a power of two in "
+                f"all (e.g. {generation}:{_grid(4, three_d)})"
+            )
         return text
     match = re.fullmatch(r"(v4|v5litepod|v5e|v5p|v6e)-(\d+)", text)
     if not match:
@@ -232,6 +241,10 @@ def topology_name(text: str) -> str:
     prefix, count = match.group(1), int(match.group(2))
     generation = "v5e" if prefix == "v5litepod" else prefix
     _, counts_cores = _GCLOUD_NAMES[generation]
+    if counts_cores and count % 2:
+        raise ValueError(
+            f"--topology {text!r}: {prefix}-N counts TensorCores, two a chip, so N is even"
+        )
     chips = count // 2 if counts_cores else count
     return f"{generation}:{_grid(chips, generation in ('v4', 'v5p'))}"
 

@@ -152,6 +152,11 @@ def test_an_unknown_topology_is_refused():
         lowering.topology_name("v9x-4")
     with pytest.raises(ValueError, match="power-of-two number of chips, got 12"):
         lowering.topology_name("v5e-12")
+    with pytest.raises(ValueError, match=r"'v4-9': v4-N counts TensorCores, two a chip"):
+        lowering.topology_name("v4-9")
+    for slice_name in ("v5e:2x3", "v4:1x1", "v5e:2x2x1"):
+        with pytest.raises(ValueError, match=rf"--topology '{slice_name}': a v\w+ slice is"):
+            lowering.topology_name(slice_name)
 
 
 def test_with_libtpu_installed_a_cpu_host_starts_quietly():
