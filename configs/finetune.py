@@ -5,7 +5,8 @@ A CSV/TSV/JSONL task (columns text,label; e.g. a hate-speech data set):
     python -m guided_jax.finetune --config configs/finetune.py --pretrained runs/default \
         --workdir runs/ft --config.data.train_file=train.csv --config.data.eval_file=test.csv
 
-A GLUE task from TFDS (prepared beforehand with ``tfds build glue/cola``):
+A GLUE task from TFDS, prepared beforehand in the array_record format it is read in, where
+TensorFlow is installed (README.md), with ``tfds build glue/cola --file_format=array_record``:
 
     python -m guided_jax.finetune --config configs/finetune.py --pretrained runs/default \
         --workdir runs/ft_cola --config.task=glue/cola

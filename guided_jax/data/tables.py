@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import json
 import os
+import shlex
 from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+from etils import epath
 
 from guided_jax.data.tokenizer import Tokenizer
 
@@ -380,6 +382,46 @@ def _decode(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+def _glue_build_command(name: str, data_dir: str) -> str:
+    """The ``tfds build`` command line that writes glue/NAME as fine-tuning reads it: array_record
+    (``tfds build`` writes TFRecord by default, which reads only with TensorFlow)."""
+    return shlex.join(
+        ["tfds", "build", f"glue/{name}", f"--data_dir={data_dir}", "--file_format=array_record"]
+    )
+
+
+def _glue_open_error(
+    task: str, name: str, which: str, data_dir: str | None, error: Exception
+) -> FinetuneError:
+    """Why glue/NAME's split ``which`` did not open, and the command that fixes it: TFDS says
+    "not array_record" both when nothing is prepared and when TFRecord is, so ask the builder."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(f"glue/{name}", data_dir=data_dir)
+    version_dir = str(builder.data_dir)
+    root = str(epath.Path(version_dir).parents[2])  # ROOT/glue/NAME/VERSION, local or gs://
+    command = _glue_build_command(name, root)
+    if not builder.is_prepared():
+        return FinetuneError(
+            f"task {task!r}: cannot open TFDS split {which!r}: glue/{name} is not prepared in "
+            f"{root!r}; prepare it once with `{command}` (the tfds command needs TensorFlow: see "
+            f"README.md), or set data.tfds_data_dir to the directory that holds it"
+        )
+    random_access = tfds.core.file_adapters.FileFormat.with_random_access()
+    if not builder.info.available_file_formats() & random_access:
+        stored = builder.info.file_format.value if builder.info.file_format else "unknown"
+        return FinetuneError(
+            f"task {task!r}: {version_dir!r} holds glue/{name} as {stored}, which fine-tuning "
+            f"cannot read (it reads array_record, without TensorFlow); delete that directory "
+            f"and rebuild it with `{command}`"
+        )
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return FinetuneError(
+        f"task {task!r}: cannot open TFDS split {which!r} of glue/{name} in {version_dir!r}: "
+        f"{first_line}"
+    )
+
+
 def load_glue_task(config: ml_collections.ConfigDict) -> Task:
     """A GLUE task from TFDS (``glue/NAME``), read with ``tfds.data_source`` (no TensorFlow)."""
     import tensorflow_datasets as tfds
@@ -396,12 +438,8 @@ def load_glue_task(config: ml_collections.ConfigDict) -> Task:
             source = tfds.data_source(
                 f"glue/{name}", split=which, data_dir=data_dir, download=False
             )
-        except Exception as error:  # tfds raises many kinds; say which dataset was missing
-            raise FinetuneError(
-                f"task {config.task!r}: cannot open TFDS split {which!r} "
-                f"({str(error).strip().splitlines()[0]}); prepare it "
-                f"first (tfds build glue/{name}) or set data.tfds_data_dir"
-            ) from None
+        except Exception as error:  # tfds raises many kinds; find out which case this is
+            raise _glue_open_error(config.task, name, which, data_dir, error) from None
         examples = [source[i] for i in range(len(source))]
         texts = [tuple(_decode(e[f]) for f in features) for e in examples]
         dtype = np.float32 if regression else np.int32
