@@ -217,7 +217,9 @@ def prepare_hint(name: str, data_dir: str) -> str:
     """How to prepare a TFDS dataset so that it reads without TensorFlow."""
     where = data_dir or "~/tensorflow_datasets"
     return (
-        f"prepare it once where TensorFlow is installed with `tfds build {name} "
+        f"prepare it once in an environment with the tfds command's own dependencies "
+        f"(tensorflow tensorflow-datasets apache-beam mlcroissant importlib_resources: see "
+        f"README.md) with `tfds build {name} "
         f"--data_dir={where} --file_format=array_record`, or in Python with "
         f"`tfds.builder({name!r}, data_dir={where!r}).download_and_prepare("
         f"file_format='array_record')`"
