@@ -36,6 +36,7 @@ from guided_jax.config import base_config, model_config
 def get_config(shape: str = "roberta_12"):
     config = base_config()
     config.model = model_config(shape)
+    config.train.steps = 0  # counted from the epochs
     config.train.epochs = 3.0
     config.train.per_device_batch_size = 4
     config.data.mlm_targets = "reference"

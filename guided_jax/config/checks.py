@@ -100,6 +100,12 @@ def check_resolved_config(config: ml_collections.ConfigDict) -> None:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     _require_non_negative(config, "train.epochs", "train.per_device_batch_size")
+    if config.train.epochs > 0 and config.train.steps > 0:
+        raise ConfigError(
+            f"train.steps={config.train.steps} and train.epochs={config.train.epochs:g} are both "
+            f"set, and a run has one length: set train.epochs=0 to train {config.train.steps} "
+            f"steps, or train.steps=0 to count the steps from {config.train.epochs:g} epochs"
+        )
     if config.train.epochs == 0:  # else checked once the steps are counted
         check_schedule(config)
     if config.data.block_size < 3:

@@ -112,9 +112,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.document_masks = False
 
     config.train = ml_collections.ConfigDict()
-    config.train.steps = 10000
-    # > 0: steps follow from epochs over the training blocks, as the reference counts them
-    # (int(ceil(blocks / micro-batch) // grad_accum_steps * epochs)); train.steps is then set
+    config.train.steps = 10000  # the run's length, or 0 when train.epochs gives it
+    # > 0 (with train.steps=0): steps follow from epochs over the training blocks, as the
+    # reference counts them (int(ceil(blocks / micro-batch) // grad_accum_steps * epochs)) and
+    # are recorded in WORKDIR/config.json; setting both is refused
     config.train.epochs = 0.0
     config.train.batch_size = 4  # global: examples per optimizer step, over every device
     # > 0: the reference's --per_gpu_train_batch_size; the global batch is then this x the

@@ -105,15 +105,27 @@ def _objective(config: ml_collections.ConfigDict, vocab_size: int, pad_id: int) 
 
 
 def _prepared(config: ml_collections.ConfigDict, batch_devices: int):
-    """The resolved and checked config (global batch for ``batch_devices``), model and
-    objective of a run with the config's vocabulary or its tokenizer's planned size."""
+    """The resolved and checked config (global batch for ``batch_devices``, some length when
+    epochs give it), model and objective of a run with the config's vocabulary or its
+    tokenizer's planned size."""
     config, _ = resolve_config(config)
     check_resolved_config(config)
     vocab = config.model.vocab_size if config.model.vocab_size > 0 else None
     vocab = vocab or config.data.tokenizer_vocab_size
     model = build_model_config(config, vocab)
+    config = _with_some_length(config)
     objective = _objective(config, model.vocab_size, model.pad_token_id)
     return with_global_batch(config, batch_devices), model, objective
+
+
+def _with_some_length(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with steps counted from epochs stood in for (no corpus is read here): the
+    compiled step is the same whatever the schedule's length."""
+    if config.train.steps > 0:
+        return config
+    config = config.copy_and_resolve_references()
+    config.train.steps = max(1, config.train.warmup_steps)
+    return config
 
 
 def _abstract_mesh(
@@ -150,9 +162,10 @@ def plan_lowering(
     else:
         mesh = _abstract_mesh(config, platform or "", devices, device_kind)
         where = f"{devices} x {mesh.abstract_device.device_kind}"
-    config, model, _ = _prepared(config, sharding.batch_axes_size(mesh))
-    check_mesh_fits(config, mesh)
-    return RunPlan(config, dict(mesh.shape), where, model, head_spec(config), None)
+    resolved, model, _ = _prepared(config, sharding.batch_axes_size(mesh))
+    check_mesh_fits(resolved, mesh)
+    resolved.train.steps = config.train.steps  # not the stand-in: no corpus is read here
+    return RunPlan(resolved, dict(mesh.shape), where, model, head_spec(resolved), None)
 
 
 def lower_train_step(

@@ -102,7 +102,7 @@ def test_print_config_resolves_what_the_run_then_does(tmp_path):
     workdir = tmp_path / "run"
     result = _run(
         "main", "--config", "configs/tiny.py", "--workdir", workdir, "--print_config",
-        f"--config.data.train_files={corpus}", "--config.train.epochs=2",
+        f"--config.data.train_files={corpus}", "--config.train.epochs=2", "--config.train.steps=0",
         "--config.train.per_device_batch_size=3", "--config.train.batch_size=0",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -112,7 +112,7 @@ def test_print_config_resolves_what_the_run_then_does(tmp_path):
 
     config = load_config(str(REPO / "configs" / "tiny.py"))
     config.data.train_files = str(corpus)
-    config.train.update(epochs=2.0, per_device_batch_size=3, batch_size=0, log_every=1)
+    config.train.update(steps=0, epochs=2.0, per_device_batch_size=3, batch_size=0, log_every=1)
     train_and_evaluate(config, workdir, devices=jax.devices()[:1])
     recorded = json.loads((workdir / "config.json").read_text())
     vocab = json.loads((workdir / "tokenizer" / "vocab.json").read_text())
@@ -142,7 +142,7 @@ def test_plan_counts_the_global_batch_over_the_mesh(tmp_path):
     lowered = plan_lowering(config, platform="tpu", devices=4)
     assert lowered.config.train.batch_size == 2 * 4 * 2
     assert "train.steps: 6 (as given)" in lowered.lines()
-    config.train.epochs = 3.0
+    config.train.update(steps=0, epochs=3.0)
     assert "train.steps: counted from train.epochs=3 once the corpus is read" in (
         plan_lowering(config, platform="tpu", devices=4).lines()
     )

@@ -29,13 +29,13 @@ def test_steps_follow_the_reference_count(blocks, batch, accum, epochs):
 
 
 def test_epochs_set_the_steps_that_the_run_records_and_resumes_with(tiny_config, tmp_path, capsys):
-    tiny_config.train.epochs = 2.0
+    tiny_config.train.update(steps=0, epochs=2.0)
     workdir = tmp_path / "run"
     inputs = prepare(tiny_config, workdir)
     blocks = len(inputs.train_blocks)
     expected = _reference_steps(blocks, tiny_config.train.batch_size, 1, 2.0)
     assert inputs.config.train.steps == inputs.objective.total_steps == expected
-    assert tiny_config.train.steps == 6  # the caller's config is left alone
+    assert tiny_config.train.steps == 0  # the caller's config is left alone
     assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == expected
     printed = capsys.readouterr().out
     assert f"train.steps={expected}: 2 epochs of {blocks} training blocks" in printed
@@ -46,7 +46,18 @@ def test_epochs_set_the_steps_that_the_run_records_and_resumes_with(tiny_config,
 
 
 def test_epochs_that_make_no_step_are_refused(tiny_config, tmp_path):
-    tiny_config.train.epochs = 1e-6
+    tiny_config.train.update(steps=0, epochs=1e-6)
     with pytest.raises(ConfigError, match=r"train\.epochs=1e-06 over \d+ training blocks"):
+        prepare(tiny_config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_steps_and_epochs_together_are_refused_naming_both(tiny_config, tmp_path):
+    tiny_config.train.epochs = 2.0  # tiny's train.steps=6 stays set
+    expected = (
+        r"train\.steps=6 and train\.epochs=2 are both set, and a run has one length: set "
+        r"train\.epochs=0 to train 6 steps, or train\.steps=0 to count the steps from 2 epochs"
+    )
+    with pytest.raises(ConfigError, match=expected):
         prepare(tiny_config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
