@@ -38,9 +38,11 @@ def main(argv: list[str]) -> None:
     from guided_jax.data.default_corpus import default_corpus
     from guided_jax.data.text import read_text_files
     from guided_jax.data.tokenizer import train_tokenizer
+    from guided_jax.storage import check_location
 
     # "--files a.txt b.txt": the files after the first arrive as arguments.
     with cli.command("tokenizer", argv, positional=bool(_FILES.value)):
+        check_location(_OUT.value, "--out")  # local or gs://, refused before training
         files = [*(_FILES.value or []), *argv[1:]]
         texts = default_corpus() if _DEFAULT_CORPUS.value else read_text_files(files)
         tokenizer = train_tokenizer(

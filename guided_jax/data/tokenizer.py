@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -404,14 +405,24 @@ def train_tokenizer(
     )
     if counter.nonblank == 0:
         raise ValueError("cannot train a tokenizer on an empty corpus")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    backend.save_model(str(out))
     settings: dict[str, Any] = {"tokenizer_class": TOKENIZER_CLASSES[kind]}
     if kind == "wordpiece":
         settings["do_lower_case"] = lowercase
+    if storage.is_remote(out_dir):  # written here, then copied with its settings file last
+        with tempfile.TemporaryDirectory(prefix="guided_jax_tokenizer_") as local:
+            _save(backend, settings, Path(local))
+            storage.copy_tree(local, out_dir, last=CONFIG_FILE)
+    else:
+        _save(backend, settings, Path(out_dir))
+    return load_tokenizer(out_dir)
+
+
+def _save(backend: Backend, settings: dict[str, Any], out: Path) -> None:
+    """The vocabulary files, then ``tokenizer_config.json``: a directory holding the latter
+    is complete."""
+    out.mkdir(parents=True, exist_ok=True)
+    backend.save_model(str(out))
     (out / CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
-    return load_tokenizer(out)
 
 
 class _Counted:

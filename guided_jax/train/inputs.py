@@ -34,6 +34,7 @@ from guided_jax.data.packing import split_blocks
 from guided_jax.data.pipeline import batch_dataset
 from guided_jax.data.text import REFERENCE_TEXT, reads_whole_files
 from guided_jax.data.tokenizer import (
+    CONFIG_FILE,
     Tokenizer,
     has_tokenizer_files,
     load_tokenizer,
@@ -87,7 +88,11 @@ def _tokenizer(
     temporary directory (moved into WORKDIR once every check passed)."""
     if config.data.tokenizer_dir:
         return load_tokenizer(config.data.tokenizer_dir), None
-    if has_tokenizer_files(workdir / "tokenizer"):
+    # tokenizer_config.json is copied last: without it the copy was cut short and is redone
+    if (
+        has_tokenizer_files(workdir / "tokenizer")
+        and (workdir / "tokenizer" / CONFIG_FILE).is_file()
+    ):
         tokenizer = load_tokenizer(workdir / "tokenizer")
         if tokenizer.kind != config.data.tokenizer_kind:
             raise ConfigError(
@@ -256,7 +261,7 @@ def prepare(
         if write:
             workdir.mkdir(parents=True, exist_ok=True)
             if scratch is not None:
-                copy_tree(scratch, workdir / "tokenizer")
+                copy_tree(scratch, workdir / "tokenizer", last=CONFIG_FILE)
                 tokenizer = load_tokenizer(workdir / "tokenizer")
             for part in built:
                 part.keep()

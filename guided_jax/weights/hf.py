@@ -249,8 +249,8 @@ def _describe(config: ModelConfig) -> str:
 def export(
     model: EncoderForMLM, tokenizer: Tokenizer, out_dir: str | os.PathLike, step: int | None = None
 ) -> epath.Path:
-    """Writes ``config.json``, ``model.safetensors`` and the tokenizer files to ``out_dir``
-    (``step``, the checkpoint's, is recorded in the weights' metadata)."""
+    """Writes ``model.safetensors``, the tokenizer files and, last, ``config.json`` to
+    ``out_dir`` (``step``, the checkpoint's, is recorded in the weights' metadata)."""
     check_location(out_dir, "--out")
     config = model.config
     out = as_path(out_dir)
@@ -263,15 +263,17 @@ def export(
     metadata = {"format": "pt"}  # what transformers expects of a safetensors checkpoint
     if step is not None:
         metadata["guided_jax_step"] = str(step)
-    (out / WEIGHTS_FILE).write_bytes(safetensors.numpy.save(tensors, metadata=metadata))
-    (out / CONFIG_FILE).write_text(json.dumps(hf_config(config, tokenizer), indent=2) + "\n")
     source = tokenizer.directory
     if source is None:
         raise InteropError("the tokenizer was not loaded from a directory; nothing to copy")
+    (out / WEIGHTS_FILE).write_bytes(safetensors.numpy.save(tensors, metadata=metadata))
     for name in TOKENIZER_FILES:
         file, target = source / name, out / name
         if file.is_file() and (is_remote(target) or file.resolve() != target.resolve()):
             target.write_bytes(file.read_bytes())
+    # Last: readers (ours, transformers) start from config.json, so an export cut short is
+    # refused, never loaded, and exporting again redoes it.
+    (out / CONFIG_FILE).write_text(json.dumps(hf_config(config, tokenizer), indent=2) + "\n")
     return out
 
 
