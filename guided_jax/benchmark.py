@@ -37,8 +37,11 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv: list[str]) -> None:
     from guided_jax.analysis import benchmark
+    from guided_jax.storage import check_location
 
     with cli.command("benchmark", argv):
+        if _RESULTS.value:  # before minutes of timing
+            check_location(_RESULTS.value, "--results")
         results = benchmark.benchmark(
             _CONFIG.value,
             steps=_STEPS.value,
@@ -50,7 +53,7 @@ def main(argv: list[str]) -> None:
     if _RESULTS.value:
         shape = Path(flags.FLAGS["config"].config_filename).name
         row = benchmark.results_row(results, shape)
-        name = benchmark.append_results(Path(_RESULTS.value), row)
+        name = benchmark.append_results(_RESULTS.value, row)
         lines.insert(-1, f"results: row {name} of {_RESULTS.value}")
     print("\n".join(lines))
 

@@ -41,6 +41,7 @@ from jax.sharding import PartitionSpec as P
 from guided_jax import sharding
 from guided_jax.data.pipeline import train_iterator
 from guided_jax.model.hf_config import hf_config
+from guided_jax.storage import as_path
 from guided_jax.train.inputs import RunInputs, prepare
 from guided_jax.train.masking import mlm_loss
 from guided_jax.train.optimizer import make_optimizer
@@ -394,10 +395,11 @@ _SAME_MEASUREMENT = ("device", "config", "batch", "dtype/attention")
 CURRENT = "current"
 
 
-def append_results(path: Path, cells: list[str]) -> str:
+def append_results(path: str | os.PathLike, cells: list[str]) -> str:
     """Appends a row (cells ``date`` to ``input examples/s``) as ``R<n>``, the next free
     number, and marks the earlier current rows of the same device, config, batch and
     attention ``superseded by R<n>``. Returns the row's name, which README and notes cite."""
+    path = as_path(path)
     header = "| " + " | ".join(RESULTS_COLUMNS) + " |\n" + "|---" * len(RESULTS_COLUMNS) + "|\n"
     if not path.exists() or not path.read_text().strip():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
 import shlex
 from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import ml_collections
 import numpy as np
 from etils import epath
 
 from guided_jax.data.tokenizer import Tokenizer
+from guided_jax.storage import as_path, is_remote
 
 # GLUE in TFDS: text features, and whether the label is a score (regression).
 GLUE_TASKS: dict[str, tuple[tuple[str, ...], bool]] = {
@@ -81,13 +83,24 @@ def _lines_text(lines: Sequence[int]) -> str:
     return shown + (", ..." if len(lines) > _SHOWN_ROWS else "")
 
 
+def _text_file(path: epath.Path) -> IO[str]:
+    """``path`` opened as text for the csv module (BOM dropped, line breaks kept as they are),
+    local or on Cloud Storage (read whole: a fine-tuning table is small)."""
+    if not is_remote(path):
+        return open(path, encoding="utf-8-sig", newline="")
+    try:
+        return io.StringIO(path.read_bytes().decode("utf-8-sig"), newline="")
+    except UnicodeDecodeError as error:
+        raise FinetuneError(f"data file {str(path)!r} is not UTF-8 text: {error}") from None
+
+
 def _read_delimited(
-    path: Path, delimiter: str, columns: Sequence[str]
+    path: epath.Path, delimiter: str, columns: Sequence[str]
 ) -> tuple[list[dict[str, Any]], list[int]]:
     """Rows (``None`` for a field the row lacks) and the file line each starts on, read with the
     csv module from the file opened with ``newline=""``, so quoted fields keep their line breaks
     (CR, LF, U+2028, ...) exactly; header names are stripped of whitespace."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with _text_file(path) as f:
         reader = csv.reader(f, delimiter=delimiter, strict=True)
         start = 1
         try:
@@ -128,7 +141,9 @@ def _read_delimited(
     return rows, lines
 
 
-def _read_json_lines(path: Path, columns: Sequence[str]) -> tuple[list[dict[str, Any]], list[int]]:
+def _read_json_lines(
+    path: epath.Path, columns: Sequence[str]
+) -> tuple[list[dict[str, Any]], list[int]]:
     """Rows of a JSON-lines file and their line numbers (lines end at LF only)."""
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -165,7 +180,7 @@ def _read_table(
 ) -> tuple[list[dict[str, Any]], list[int]]:
     """Rows of a table file with ``columns`` in its header (a row may lack a value: ``None``)
     and the file line number each row starts on (1 is a CSV/TSV file's header)."""
-    path = Path(path)
+    path = as_path(path)
     if not path.is_file():
         raise FinetuneError(f"data file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
