@@ -36,7 +36,7 @@
 #                                GEN:AxB[xC]; gcloud gets its own name (v5e-16 -> v5litepod-16)
 #   RUNTIME_VERSION  --version   the JAX base image of the TPU generation (see generation_facts)
 #   PROJECT          --project   gcloud's default project
-#   BUCKET           --bucket    none; the bucket of the default workdir (create: write scope)
+#   BUCKET           --bucket    none; the bucket of the default workdir
 #   STORAGE          --storage   gs: the workdir is in the bucket, written directly (no mount);
 #                                mount: setup and train mount gs://BUCKET at MOUNT with gcsfuse
 #   MOUNT                        /mnt/gcs (STORAGE=mount)
@@ -49,9 +49,11 @@
 # shared directory (the gcsfuse mount, or an NFS/Filestore path). All processes write the
 # checkpoints, process 0 the metrics; on gs:// process 0 also holds the lease WORKDIR/lease.json,
 # which refuses a second run in the same workdir. Rerunning train resumes from the last
-# checkpoint, also on a new TPU after a spot preemption.
+# checkpoint, also on a new TPU after a spot preemption (create deletes the PREEMPTED node of
+# that name first). The workers' service account needs roles/storage.objectUser on the bucket:
+# the lease and the metrics overwrite objects, which objectCreator alone cannot.
 #
-# DRY_RUN=1 prints every command (one a line) instead of running it.
+# DRY_RUN=1 prints every command (one a line) instead of running it (and asks gcloud nothing).
 set -euo pipefail
 
 # Per TPU generation: gcloud's accelerator-type prefix, whether its number counts TensorCores
@@ -125,7 +127,6 @@ version   --version VERSION  RUNTIME_VERSION   the TPU software, by default by g
 version       $(by_generation 3)
 project   --project PROJECT  PROJECT           the Google Cloud project (gcloud's default)
 bucket    --bucket BUCKET    BUCKET            the bucket of the default workdir
-scope     --bucket BUCKET    BUCKET            a bucket: the workers get write access to it
 storage   --storage gs|mount STORAGE           gs: the workers write the bucket directly
 storage                                        (default); mount: gcsfuse mounts it at MOUNT
 mount                        MOUNT             where STORAGE=mount mounts it (/mnt/gcs)
@@ -142,7 +143,7 @@ command_help() {
     create)
       echo "usage: tpu_vm.sh create [--spot | --preemptible] [OPTIONS]"
       echo "Creates the TPU VM slice (gcloud compute tpus tpu-vm create)."
-      settings=(spot "${settings[@]}" version scope)
+      settings=(spot "${settings[@]}" version)
       ;;
     setup)
       echo "usage: tpu_vm.sh setup [OPTIONS]"
@@ -384,9 +385,20 @@ fi
 
 case $command in
   create)
+    # The cloud-platform scope: what the workers may do is then their service account's IAM
+    # roles (roles/storage.objectUser on the bucket for a gs:// workdir), whatever the workdir.
     flags=(--accelerator-type="$accelerator" --version="$version")
+    flags+=(--scopes=https://www.googleapis.com/auth/cloud-platform)
     [[ -z $provisioning ]] || flags+=("$provisioning")
-    [[ -z $bucket ]] || flags+=(--scopes=https://www.googleapis.com/auth/cloud-platform)
+    # A preempted spot or preemptible node keeps its name until it is deleted.
+    if [[ ${DRY_RUN:-0} != 1 ]]; then
+      state=$("${tpu[@]}" describe "$name" "${where[@]}" --format='value(state)' 2>/dev/null) ||
+        state=""
+      if [[ $state == PREEMPTED ]]; then
+        echo "$name was preempted: deleting it to create it again" >&2
+        run "${tpu[@]}" delete "$name" "${where[@]}" --quiet
+      fi
+    fi
     run "${tpu[@]}" create "$name" "${where[@]}" "${flags[@]}"
     ;;
 

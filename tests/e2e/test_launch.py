@@ -119,6 +119,9 @@ def test_missing_arguments_exit_with_usage():
 # --- launch/tpu_vm.sh -------------------------------------------------------------------------
 
 
+SCOPES = "--scopes=https://www.googleapis.com/auth/cloud-platform"
+
+
 def test_tpu_create_defaults():
     assert dry_run(TPU_VM, "create") == [
         [
@@ -128,6 +131,7 @@ def test_tpu_create_defaults():
             "--zone=us-central2-b",
             "--accelerator-type=v4-32",
             "--version=tpu-ubuntu2204-base",
+            SCOPES,  # IAM roles, not scopes, limit what the workers may do
         ]
     ]
 
@@ -144,7 +148,7 @@ def test_tpu_create_spot_slice_from_environment_and_flags():
         "--accelerator-type=v5litepod-16",
         "--version=v2-alpha-tpuv5-lite",  # the runtime follows the TPU generation
         "--spot",
-        "--scopes=https://www.googleapis.com/auth/cloud-platform",  # the workers write the bucket
+        SCOPES,
     }
 
 
@@ -177,7 +181,7 @@ def test_tpu_create_names_the_slice_as_gcloud_does(name, gcloud, zone, runtime):
     [argv] = dry_run(TPU_VM, "create", ACCELERATOR_TYPE=name)
     assert argv == [
         *GCLOUD_TPU, "create", "guided-jax", f"--zone={zone}", f"--accelerator-type={gcloud}",
-        f"--version={runtime}",
+        f"--version={runtime}", SCOPES,
     ]  # fmt: skip
 
 
@@ -381,6 +385,7 @@ echo "compiled topology=v5e:4x4 chips=16 attention=dense per_chip_gib=1.20 of 16
 """
 FAKE_GCLOUD = """#!/usr/bin/env bash
 echo "gcloud $1 $2 $3 $4 $5" >> "$LOG"
+[ "$4" != describe ] || echo "${FAKE_STATE:-}"
 """
 
 
@@ -609,8 +614,8 @@ COMMON = {"--name": "ag", "--zone": "us-west4-a", "--type": "v5e-8", "--project"
 COMMON_ENV = {"TPU_NAME", "ZONE", "ACCELERATOR_TYPE", "PROJECT", "DRY_RUN"}
 STORAGE_OPTIONS = {"--bucket": "b", "--storage": "mount"}
 HELP = {
-    "create": ({**COMMON, "--spot": None, "--preemptible": None, "--version": "v", "--bucket": "b"},
-               COMMON_ENV | {"RUNTIME_VERSION", "BUCKET"}),
+    "create": ({**COMMON, "--spot": None, "--preemptible": None, "--version": "v"},
+               COMMON_ENV | {"RUNTIME_VERSION"}),
     "setup": ({**COMMON, **STORAGE_OPTIONS}, COMMON_ENV | {"BUCKET", "STORAGE", "MOUNT"}),
     "train": ({**COMMON, **STORAGE_OPTIONS, "--detach": None, "--no-compile-check": None,
                "--workdir": "/w"},
@@ -775,3 +780,16 @@ def test_slurm_usage_errors_exit_2(args, env):
 def test_slurm_help():
     result = launch(SLURM, "--help")
     assert result.returncode == 0 and result.stdout.startswith("usage: slurm.sh")
+
+
+@pytest.mark.parametrize("state", ["PREEMPTED", "READY", ""])
+def test_tpu_create_deletes_a_preempted_node_first(tmp_path, state):
+    """A preempted spot node keeps its name until deleted; a live one, or none, is left to
+    gcloud's create (which refuses a name in use)."""
+    result, calls = local_run(tmp_path, "create", "--spot", TPU_NAME="ag", FAKE_STATE=state)
+    assert result.returncode == 0, result.stderr
+    expected = ["gcloud compute tpus tpu-vm describe ag"]
+    if state == "PREEMPTED":
+        expected.append("gcloud compute tpus tpu-vm delete ag")
+        assert "ag was preempted: deleting it to create it again" in result.stderr
+    assert calls == [*expected, "gcloud compute tpus tpu-vm create ag"]
