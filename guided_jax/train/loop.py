@@ -168,6 +168,8 @@ def _restore_or_init(
     _check_data_position(position, _data_position(inputs, step))
     if not iterator_restored:  # saved by another number of processes: start at the step
         batches = iterator(start_step=step)
+    if jax.process_index() == 0:
+        print(f"resuming from the checkpoint at step {step} of {cfg.train.steps}")
     return state, batches
 
 
@@ -220,6 +222,7 @@ def _train_loop(inputs: RunInputs, mesh: jax.sharding.Mesh, workdir: str | os.Pa
             total=cadence.total,
             tokens_per_step=tokens_per_step,
             enabled=is_chief,
+            guard=held.check,  # before each write to the workdir
         ) as log,
         _StopRequests() as stop,
     ):
@@ -245,7 +248,7 @@ def _train_loop(inputs: RunInputs, mesh: jax.sharding.Mesh, workdir: str | os.Pa
             if cadence.checkpoint(done, stopping):
                 check_finite(sharding.to_host(metrics), done)
                 held.check()  # the workdir is still this run's
-                log.flush()  # on disk before the state that resumes after it
+                log.sync()  # stored before the state that resumes after it
                 save(manager, done, state, _data_position(inputs, done), batches)
             log.bar.update(1)
             if stopping:

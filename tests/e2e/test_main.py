@@ -19,6 +19,7 @@ from conftest import (
     interrupted_run_args,
     records_without_timing,
 )
+from guided_jax.weights.workdir import checkpoint_steps
 
 
 def _main(*args: str) -> subprocess.CompletedProcess:
@@ -36,8 +37,8 @@ def test_cli_rejects_unknown_config_key(tmp_path):
     result = _main(
         "--config", "configs/tiny.py", "--workdir", str(tmp_path / "run"), "--config.train.stepz=4"
     )
-    assert result.returncode != 0
-    assert "stepz" in result.stderr
+    assert result.returncode == 2
+    assert "unknown config key train.stepz; did you mean train.steps?" in result.stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -124,9 +125,15 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(run_corpus, uninterrupted
     assert process.wait(timeout=60) == -signal.SIGKILL
     logged = metrics.read_text().count("\n")
     assert logged < INTERRUPTED_STEPS, "the kill came too late to interrupt anything"
+    saved = max(checkpoint_steps(workdir))
+    kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= saved]
 
     rerun = subprocess.run(args, cwd=REPO, env=cli_env(), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    # It restored the newest checkpoint and trained only the steps after it: the records up to
+    # that step, their timings included, are the first run's.
+    assert f"resuming from the checkpoint at step {saved} of {INTERRUPTED_STEPS}" in rerun.stdout
+    assert metrics.read_text().splitlines()[: len(kept)] == kept and saved > 0
     last = rerun.stdout.strip().splitlines()[-1]
     assert last.startswith(f"finished at step {INTERRUPTED_STEPS}: ag_loss=")
     assert records_without_timing(workdir) == records_without_timing(uninterrupted_run)

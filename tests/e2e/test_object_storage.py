@@ -24,7 +24,7 @@ from conftest import (
     write_keyword_csv,
 )
 from guided_jax import weights
-from guided_jax.train.metrics import read_metrics
+from guided_jax.train.metrics import has_metrics, read_metrics
 from guided_jax.weights.hf import export
 from guided_jax.weights.workdir import checkpoint_steps
 
@@ -73,9 +73,16 @@ def test_a_gs_workdir_resumes_after_kill_9_and_serves_the_other_commands(
     assert first.wait(timeout=60) == -signal.SIGKILL
     logged, saved = len(read_metrics(workdir)), _saved(workdir)
     assert logged < INTERRUPTED_STEPS, f"the kill came too late: {logged} steps logged, {saved}"
+    kept = [record for record in read_metrics(workdir) if record["step"] <= max(saved)]
 
     rerun = subprocess.run(train, cwd=REPO, env=cli_env(), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    # It restored the newest checkpoint and trained only the steps after it: the records up to
+    # that step, their timings included, are the first run's.
+    assert f"resuming from the checkpoint at step {max(saved)} of {INTERRUPTED_STEPS}" in (
+        rerun.stdout
+    )
+    assert read_metrics(workdir)[: len(kept)] == kept
     assert f"took over the lease of workdir {workdir} from {owner}: its process on this host" in (
         rerun.stdout
     )
@@ -126,9 +133,8 @@ def test_sigterm_saves_to_a_gs_workdir_and_releases_it(gcs_dir, run_corpus):
         ),
         cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    metrics = epath.Path(workdir, "metrics.jsonl")
     deadline = time.monotonic() + 300
-    while not (metrics.exists() and len(read_metrics(workdir)) >= 3):
+    while not (has_metrics(workdir) and len(read_metrics(workdir)) >= 3):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.2)
     assert epath.Path(workdir, "lease.json").exists()
