@@ -146,7 +146,7 @@ def _read_json_lines(
 ) -> tuple[list[dict[str, Any]], list[int]]:
     """Rows of a JSON-lines file and their line numbers (lines end at LF only)."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise FinetuneError(f"data file {str(path)!r} is not UTF-8 text: {error}") from None
     rows, lines = [], []
