@@ -37,7 +37,7 @@ from guided_jax.storage import check_location
 from guided_jax.train.checkpoints import checkpoint_manager, restore_latest, save
 from guided_jax.train.inputs import RunInputs, prepare
 from guided_jax.train.metrics import MetricsLog, check_finite
-from guided_jax.train.run_lock import Held, one_run_per_workdir
+from guided_jax.train.run_lock import Held, check_on_every_process, one_run_per_workdir
 from guided_jax.train.step import (
     TrainProgram,
     TrainState,
@@ -61,10 +61,11 @@ def train_and_evaluate(
     mesh = sharding.make_mesh(config.mesh, devices)  # before anything is written
     config = with_global_batch(config, sharding.batch_axes_size(mesh))
     check_config(config, mesh)
-    inputs = _prepare(config, workdir)
     chief = jax.process_index() == 0
-    with one_run_per_workdir(workdir, chief=chief) as held, jax.set_mesh(mesh):
-        return _train_loop(inputs, mesh, workdir, held)
+    with one_run_per_workdir(workdir, chief=chief) as held:  # before anything is written
+        inputs = _prepare(config, workdir)
+        with jax.set_mesh(mesh):
+            return _train_loop(inputs, mesh, workdir, held)
 
 
 def _prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunInputs:
@@ -247,7 +248,7 @@ def _train_loop(inputs: RunInputs, mesh: jax.sharding.Mesh, workdir: str | os.Pa
                 log.defer(done, metrics if log_due else None, extra)
             if cadence.checkpoint(done, stopping):
                 check_finite(sharding.to_host(metrics), done)
-                held.check()  # the workdir is still this run's
+                check_on_every_process(held)  # process 0's verdict, on every process
                 log.sync()  # stored before the state that resumes after it
                 save(manager, done, state, _data_position(inputs, done), batches)
             log.bar.update(1)
