@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import glob
 import importlib.util
 import os
@@ -61,15 +62,17 @@ def define_print_config() -> flags.FlagHolder[bool]:
     )
 
 
-def run(main: Callable[[list[str]], None]) -> None:
+def run(main: Callable[[list[str]], None], *, other_flags: bool = False) -> None:
     """``app.run(main)``, but a bad flag, config file or config key stops the command before
-    anything runs with one line that names it (``guided_jax.NAME: error: ...``, exit status 2)."""
-    app.run(main, flags_parser=_parse_flags)
+    anything runs with one line that names it (``guided_jax.NAME: error: ...``, exit status 2).
+    ``other_flags``: flags the command does not define reach ``main`` in ``argv`` (for a
+    library that parses its own, such as Beam's pipeline options)."""
+    app.run(main, flags_parser=functools.partial(_parse_flags, known_only=other_flags))
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
+def _parse_flags(argv: list[str], known_only: bool = False) -> list[str]:
     try:
-        rest = flags.FLAGS(argv)
+        rest = flags.FLAGS(argv, known_only=known_only)
         for name in _config_file_flags():  # a file that failed to load raises on first use
             if flags.FLAGS[name].value is not None:
                 flags.FLAGS[name].value.keys()

@@ -88,6 +88,7 @@ def check_resolved_config(config: ml_collections.ConfigDict) -> None:
         "guidance.stagnant_steps",
         "data.tokenizer_max_documents",
         "data.prefetch",
+        "data.max_inline_bytes",
     )
     _require_fraction(config, "train.adam_b1", "train.adam_b2", "data.eval_fraction")
     if config.train.batch_size % config.train.grad_accum_steps:

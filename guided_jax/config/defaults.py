@@ -106,6 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.tfds_data_dir = ""  # where TFDS sources are prepared; "" = TFDS's default
     config.data.cache_dir = ""  # tokenized blocks, reused by reruns; "" = WORKDIR/token_cache
     config.data.tokenizer_max_documents = 1_000_000  # sample to train a tokenizer on; 0 = all
+    # more text files than this (bytes) are refused unless prepared with python -m
+    # guided_jax.prepare (then data.cache_dir); 0 = no limit
+    config.data.max_inline_bytes = 4_000_000_000
     config.data.prefetch = 2  # batches read ahead on background threads
     # true: each token attends only to its own document within a packed block; the block's
     # <s> and </s> still see and are seen by every document (off = the reference)

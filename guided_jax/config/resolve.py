@@ -162,6 +162,7 @@ LAYOUT_KEYS = (
     "data.cache_dir",
     "data.tfds_data_dir",
     "data.prefetch",
+    "data.max_inline_bytes",  # only where the corpus is tokenized
     "train.diagnostics",  # only adds metrics
 )
 # Keys added after runs were first written, with the value those runs had implicitly: a saved

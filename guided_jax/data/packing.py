@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from guided_jax.data.prepared import PreparedBlocks
 from guided_jax.data.text import CorpusError
 
 
@@ -62,7 +63,7 @@ class BlockPacker:
         self.blocks += full
         if not self.with_starts:
             return blocks, None
-        flags = np.concatenate([self._carry_flags, _start_flags([len(x) for x in ids])])
+        flags = np.concatenate([self._carry_flags, start_flags([len(x) for x in ids])])
         starts = np.zeros((full, self.block_size), dtype=np.uint8)
         starts[:, 1:-1] = flags[: full * self.chunk].reshape(full, self.chunk)
         self._carry_flags = flags[full * self.chunk :]
@@ -78,7 +79,7 @@ class BlockPacker:
             )
 
 
-def _start_flags(lengths: Sequence[int]) -> np.ndarray:
+def start_flags(lengths: Sequence[int]) -> np.ndarray:
     """The uint8 flag stream of documents of these token ``lengths`` run together: 1 at each
     document's first token (documents without tokens start nowhere)."""
     lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
@@ -140,8 +141,10 @@ def _positive_int(value: int, name: str) -> int:
 
 
 def _as_blocks(blocks: np.ndarray, allow_empty: bool = False) -> np.ndarray:
-    """Check that ``blocks`` is a 2-D ``[num_blocks, block_size]`` array."""
-    blocks = np.asarray(blocks)
+    """Check that ``blocks`` is a 2-D ``[num_blocks, block_size]`` array (blocks prepared
+    offline stay on disk: they are read only when a batch needs them)."""
+    if not isinstance(blocks, PreparedBlocks):
+        blocks = np.asarray(blocks)
     if blocks.ndim != 2:
         raise ValueError(f"blocks must be a 2-D [num_blocks, block_size] array, got {blocks.shape}")
     if len(blocks) == 0 and not allow_empty:

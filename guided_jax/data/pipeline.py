@@ -10,6 +10,10 @@ over hosts that is shard ``jax.process_index()`` of ``jax.process_count()``; der
 rows keeps it right on any mesh. Every process thus reads disjoint rows, and the batches are
 the same whatever the number of processes.
 
+The blocks are a numpy array (the token cache's memmap) or, for a corpus prepared offline,
+:class:`guided_jax.data.prepared.PreparedBlocks`: grain's ArrayRecord source then reads each of
+this process's examples from its shard when the batch is cut, and no other.
+
 The iterator is a ``grain`` dataset iterator: its state (the next step) goes into each orbax
 checkpoint with ``grain.checkpoint.CheckpointSave`` and comes back with ``CheckpointRestore``,
 so a resumed run sees exactly the batches an uninterrupted run would have.
@@ -25,6 +29,7 @@ from __future__ import annotations
 import grain
 import numpy as np
 
+from guided_jax.data.prepared import PreparedBlocks
 from guided_jax.data.text import CorpusError
 
 
@@ -52,9 +57,16 @@ class BlocksWithStarts:
         return np.stack([self.blocks[index], self.starts[index].astype(np.int32)], axis=1)
 
 
-def examples(blocks: np.ndarray, starts: np.ndarray | None) -> np.ndarray | BlocksWithStarts:
-    """What batches are cut from: the blocks, or the blocks with their document starts."""
-    return blocks if starts is None else BlocksWithStarts(blocks, starts)
+def examples(
+    blocks: np.ndarray | PreparedBlocks, starts: np.ndarray | PreparedBlocks | None
+) -> np.ndarray | PreparedBlocks | BlocksWithStarts:
+    """What batches are cut from: the blocks, or the blocks with their document starts (of a
+    prepared corpus: both from one read of each record)."""
+    if starts is None:
+        return blocks
+    if isinstance(blocks, PreparedBlocks) and blocks.same_rows(starts):
+        return blocks.view("both")
+    return BlocksWithStarts(blocks, starts)
 
 
 def shard_of_rows(rows: slice, batch_size: int) -> tuple[int, int]:

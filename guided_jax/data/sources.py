@@ -36,7 +36,7 @@ from guided_jax.data.text import (
     REFERENCE_TEXT,
     WHOLE_FILE,
     CorpusError,
-    read_text_file,
+    iter_text_file,
     reads_whole_files,
 )
 
@@ -83,7 +83,7 @@ class DefaultCorpus:
 
 @dataclasses.dataclass(frozen=True)
 class TextFiles:
-    """UTF-8 text files (already expanded from their globs), read one file at a time."""
+    """UTF-8 text files (already expanded from their globs), streamed one file at a time."""
 
     files: tuple[str, ...]
     mode: str = "line"
@@ -107,7 +107,7 @@ class TextFiles:
 
     def documents(self) -> Iterator[str]:
         for name in self.files:
-            yield from read_text_file(name, self.mode)
+            yield from iter_text_file(name, self.mode)  # streamed, a few MB at a time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,9 +136,13 @@ class TfdsSplit:
         return len(self._source())
 
     def documents(self) -> Iterator[str]:
+        return self.documents_between(0, len(self._source()))
+
+    def documents_between(self, first: int, stop: int) -> Iterator[str]:
+        """The documents of records ``[first, stop)``, in order."""
         source = self._source()
-        for start in range(0, len(source), _READ_CHUNK):
-            indices = range(start, min(start + _READ_CHUNK, len(source)))
+        for start in range(first, stop, _READ_CHUNK):
+            indices = range(start, min(start + _READ_CHUNK, stop))
             # One batched read per chunk: array_record reads the records in parallel.
             for index, record in zip(indices, source.__getitems__(indices), strict=True):
                 yield self.text(record, index)
@@ -338,6 +342,16 @@ def count_documents(sources: Sequence[Source]) -> int | None:
     """The number of documents, or None where a source cannot tell without reading it all."""
     counts = [source.num_documents() for source in sources]
     return None if None in counts else sum(counts)  # type: ignore[arg-type]
+
+
+def text_bytes(sources: Sequence[Source]) -> int:
+    """The size of the sources' text files, in bytes (other sources count 0)."""
+    return sum(
+        int(length)
+        for source in sources
+        if isinstance(source, TextFiles)
+        for _, length, _ in source.fingerprint()["files"]
+    )
 
 
 def fingerprint(sources: Sequence[Source]) -> str:

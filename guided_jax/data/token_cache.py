@@ -14,6 +14,12 @@ config finds its blocks and skips tokenization; any change builds a new entry.
 
 An entry on ``gs://`` (a ``gs://`` workdir or ``data.cache_dir``) is built locally and uploaded
 with meta.json last; every process maps a local copy of it (:func:`guided_jax.storage.local_copy`).
+
+An entry prepared offline by ``python -m guided_jax.prepare`` has the same key and meta.json
+but holds sharded ArrayRecord files (:mod:`guided_jax.data.prepared`), read in place, never
+copied. Beside its entries, such a cache directory holds the tokenizer that prepared them under
+``tokenizers/<key>/``, keyed by what trained it (:func:`tokenizer_key`), so a run of the same
+config loads it instead of training its own.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from guided_jax import storage
+from guided_jax.data import prepared
 from guided_jax.data.packing import BlockPacker
 from guided_jax.data.text import CorpusError
 from guided_jax.data.tokenizer import Tokenizer
@@ -39,6 +46,7 @@ FORMAT = 1
 BLOCKS_FILE = "blocks.bin"
 STARTS_FILE = "starts.bin"
 META_FILE = "meta.json"
+TOKENIZERS = "tokenizers"  # beside the entries: tokenizers trained by the prepare command
 _CHUNK_DOCUMENTS = 4096  # documents per encode_batch call: library parallelism, bounded memory
 
 
@@ -80,6 +88,36 @@ def cache_key(
     return hashlib.sha256(text.encode()).hexdigest()[:24], parts
 
 
+def tokenizer_key(
+    kind: str, vocab_size: int, max_documents: int, seed: int, source_fingerprint: str
+) -> str:
+    """The name of a tokenizer trained, as a run trains one, on a sample of ``max_documents``
+    documents drawn with ``seed`` from sources of this fingerprint: the same inputs train the
+    same tokenizer."""
+    parts = {
+        "kind": kind,
+        "vocab_size": int(vocab_size),
+        "max_documents": int(max_documents),
+        "seed": int(seed),
+        "sources": source_fingerprint,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _complete_meta(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """``meta.json`` of a complete entry at ``path`` (local or ``gs://``), or None."""
+    try:
+        return json.loads((storage.as_path(path) / META_FILE).read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _prepared(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The meta of an entry prepared offline (sharded ArrayRecord), or None for any other."""
+    meta = _complete_meta(path)
+    return meta if meta is not None and meta.get("storage") == prepared.STORAGE else None
+
+
 def _local_entry(path: str | os.PathLike[str]) -> Path | None:
     """The entry at ``path`` on the local filesystem, or None when there is no complete one: a
     local entry itself; for ``gs://`` a local copy, downloaded again when its meta.json is not
@@ -107,8 +145,12 @@ def _entry(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any], tuple[in
     return local, meta, (int(meta["num_blocks"]), int(meta["block_size"]))
 
 
-def load(path: str | os.PathLike[str]) -> np.ndarray | None:
-    """The blocks of a complete entry at ``path`` (read-only memmap), or None if there is none."""
+def load(path: str | os.PathLike[str]) -> np.ndarray | prepared.PreparedBlocks | None:
+    """The blocks of a complete entry at ``path`` (read-only memmap; read in place for an
+    entry prepared offline), or None if there is none."""
+    meta = _prepared(path)
+    if meta is not None:
+        return prepared.PreparedBlocks(path, meta)
     entry = _entry(path)
     if entry is None:
         return None
@@ -122,9 +164,14 @@ def load(path: str | os.PathLike[str]) -> np.ndarray | None:
     return np.memmap(blocks_file, dtype=np.int32, mode="r", shape=shape)
 
 
-def load_starts(path: str | os.PathLike[str]) -> np.ndarray | None:
+def load_starts(path: str | os.PathLike[str]) -> np.ndarray | prepared.PreparedBlocks | None:
     """The document-start flags of a complete entry (read-only uint8 memmap, the blocks'
     shape), or None if the entry was built without them."""
+    meta = _prepared(path)
+    if meta is not None:
+        if not meta["document_starts"]:
+            return None
+        return prepared.PreparedBlocks(path, meta, part="starts")
     entry = _entry(path)
     if entry is None or not entry[1].get("document_starts"):
         return None

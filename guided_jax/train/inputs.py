@@ -4,6 +4,11 @@
 refuses a workdir that holds another config's run, loads or trains the tokenizer, reads and
 packs the corpus into the token cache, and only then writes ``WORKDIR/config.json`` (the
 resolved config) and ``WORKDIR/tokenizer/``.
+
+A corpus prepared offline (``python -m guided_jax.prepare --out DIR``, then
+``data.cache_dir=DIR``) is found in the cache like any entry, with the tokenizer that prepared
+it, and nothing is tokenized; every process reads its own rows from the shards. Without one,
+more than ``data.max_inline_bytes`` of text files is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from guided_jax.config.resolve import (
 from guided_jax.data import sources, token_cache
 from guided_jax.data.packing import split_blocks
 from guided_jax.data.pipeline import batch_dataset
+from guided_jax.data.prepared import PreparedBlocks
 from guided_jax.data.text import REFERENCE_TEXT, reads_whole_files
 from guided_jax.data.tokenizer import (
     CONFIG_FILE,
@@ -58,8 +64,10 @@ class RunInputs:
     spec: Spec | None  # a HeadSpec, or a LayeredSpec for "layers=..." specs
     token_ids: tuple[int, ...]
     tokenizer: Tokenizer
-    train_blocks: np.ndarray  # [N, block_size] int32; a read-only memmap of the token cache
-    eval_blocks: np.ndarray
+    # [N, block_size] int32: a read-only memmap of the token cache, or the records of a
+    # prepared corpus (PreparedBlocks, read when a batch needs them)
+    train_blocks: np.ndarray | PreparedBlocks
+    eval_blocks: np.ndarray | PreparedBlocks
     objective: Objective
     # [N, block_size] uint8, 1 where a document starts; only with data.document_masks.
     train_starts: np.ndarray | None = None
@@ -80,32 +88,89 @@ def corpus_sources(config: ml_collections.ConfigDict, key: str) -> list[sources.
     return found
 
 
+@dataclasses.dataclass(frozen=True)
+class _FoundTokenizer:
+    """The run's tokenizer, and the directory to copy into WORKDIR/tokenizer once every check
+    passed (None: nothing to copy), a temporary one of this run's when ``scratch``."""
+
+    tokenizer: Tokenizer
+    copy_from: str | os.PathLike | None = None
+    scratch: bool = False
+
+
+def is_complete_tokenizer(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds a whole tokenizer (tokenizer_config.json is copied last:
+    without it the copy was cut short and is redone)."""
+    return has_tokenizer_files(directory) and (as_path(directory) / CONFIG_FILE).is_file()
+
+
+def prepared_tokenizer_dir(
+    config: ml_collections.ConfigDict, cache: epath.Path, train_sources: list[sources.Source]
+) -> epath.Path:
+    """Where ``python -m guided_jax.prepare`` keeps the tokenizer this config trains: under the
+    cache directory, named by what trains it (:func:`token_cache.tokenizer_key`)."""
+    key = token_cache.tokenizer_key(
+        config.data.tokenizer_kind,
+        config.data.tokenizer_vocab_size,
+        config.data.tokenizer_max_documents,
+        config.train.seed,
+        sources.fingerprint(train_sources),
+    )
+    return cache / token_cache.TOKENIZERS / key
+
+
+def train_run_tokenizer(
+    config: ml_collections.ConfigDict, train_sources: list[sources.Source], out: str | os.PathLike
+) -> Tokenizer:
+    """The tokenizer a run trains: on (a sample of ``data.tokenizer_max_documents`` documents
+    drawn with ``train.seed`` from) the training sources, written to ``out``."""
+    texts = sources.sample_documents(
+        train_sources, config.data.tokenizer_max_documents, config.train.seed
+    )
+    kind = config.data.tokenizer_kind
+    return train_tokenizer(texts, config.data.tokenizer_vocab_size, out, kind=kind)
+
+
 def _tokenizer(
     config: ml_collections.ConfigDict, workdir: epath.Path, train_sources: list[sources.Source]
-) -> tuple[Tokenizer, str | None]:
-    """The configured tokenizer, the one of a previous run in WORKDIR, or a new one trained on
-    (a sample of ``data.tokenizer_max_documents`` documents of) the training sources into a
-    temporary directory (moved into WORKDIR once every check passed)."""
+) -> _FoundTokenizer:
+    """The configured tokenizer, the one of a previous run in WORKDIR, the one the prepare
+    command trained for this config in the cache directory, or a new one trained on the
+    training sources into a temporary directory (moved into WORKDIR once every check
+    passed)."""
     if config.data.tokenizer_dir:
-        return load_tokenizer(config.data.tokenizer_dir), None
-    # tokenizer_config.json is copied last: without it the copy was cut short and is redone
-    if (
-        has_tokenizer_files(workdir / "tokenizer")
-        and (workdir / "tokenizer" / CONFIG_FILE).is_file()
-    ):
+        return _FoundTokenizer(load_tokenizer(config.data.tokenizer_dir))
+    if is_complete_tokenizer(workdir / "tokenizer"):
         tokenizer = load_tokenizer(workdir / "tokenizer")
         if tokenizer.kind != config.data.tokenizer_kind:
             raise ConfigError(
                 f"workdir {workdir} holds a {tokenizer.kind} tokenizer, but data.tokenizer_kind="
                 f"{config.data.tokenizer_kind!r}; use a new --workdir or the same kind"
             )
-        return tokenizer, None
-    texts = sources.sample_documents(
-        train_sources, config.data.tokenizer_max_documents, config.train.seed
-    )
+        return _FoundTokenizer(tokenizer)
+    prepared = prepared_tokenizer_dir(config, cache_dir(config, workdir), train_sources)
+    if is_complete_tokenizer(prepared):
+        return _FoundTokenizer(load_tokenizer(prepared), copy_from=prepared)
+    check_inline_size(config, train_sources, "train_files")
     scratch = tempfile.mkdtemp(prefix="guided_jax_tokenizer_")
-    kind = config.data.tokenizer_kind
-    return train_tokenizer(texts, config.data.tokenizer_vocab_size, scratch, kind=kind), scratch
+    return _FoundTokenizer(train_run_tokenizer(config, train_sources, scratch), scratch, True)
+
+
+def check_inline_size(
+    config: ml_collections.ConfigDict, found: list[sources.Source], key: str
+) -> None:
+    """Refuses to tokenize in this process more than ``data.max_inline_bytes`` of text files:
+    that is the prepare command's work, spread over many workers."""
+    limit = int(config.data.get("max_inline_bytes", 0))
+    size = sources.text_bytes(found)
+    if limit <= 0 or size <= limit:
+        return
+    raise ConfigError(
+        f"data.{key} holds {size:,} bytes of text, more than data.max_inline_bytes={limit:,} "
+        f"that one process tokenizes at the start of a run; tokenize it once with `python -m "
+        f"guided_jax.prepare --config CONFIG --out DIR` (this run's --config and --config.data.* "
+        f"flags) and train with --config.data.cache_dir=DIR, or raise data.max_inline_bytes"
+    )
 
 
 def cache_dir(config: ml_collections.ConfigDict, workdir: epath.Path) -> epath.Path:
@@ -157,6 +222,7 @@ class _Blocks:
             self.blocks = blocks
             self.starts = self._load_starts()
             return
+        check_inline_size(config, found, f"{what}_files")
         local_parent = not is_remote(self.final) and self.final.parent.is_dir()
         parent = self.final.parent if local_parent else None
         self.scratch = Path(tempfile.mkdtemp(prefix="guided_jax_tokens_", dir=parent))
@@ -243,7 +309,8 @@ def prepare(
         print(note)
     train_sources = corpus_sources(config, "train_files")
     eval_sources = corpus_sources(config, "eval_files")
-    tokenizer, scratch = _tokenizer(config, workdir, train_sources)
+    found = _tokenizer(config, workdir, train_sources)
+    tokenizer = found.tokenizer
     built: list[_Blocks] = []
     try:
         if model_dir is not None:
@@ -260,16 +327,16 @@ def prepare(
             _count_steps(config, train_count, say=write)
         if write:
             workdir.mkdir(parents=True, exist_ok=True)
-            if scratch is not None:
-                copy_tree(scratch, workdir / "tokenizer", last=CONFIG_FILE)
+            if found.copy_from is not None:
+                copy_tree(found.copy_from, workdir / "tokenizer", last=CONFIG_FILE)
                 tokenizer = load_tokenizer(workdir / "tokenizer")
             for part in built:
                 part.keep()
             keep_run_patterns(spec, workdir)
             (workdir / "config.json").write_text(config.to_json(indent=2))
     finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+        if found.scratch and found.copy_from is not None:
+            shutil.rmtree(found.copy_from, ignore_errors=True)
         for part in built:
             part.discard()
     train_blocks, eval_blocks = _split(config, [b.blocks for b in built])

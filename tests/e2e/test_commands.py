@@ -29,6 +29,7 @@ COMMANDS = (
     "tokenizer",
     "anaphora",
     "lower",
+    "prepare",
 )
 
 
