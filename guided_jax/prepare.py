@@ -1,5 +1,5 @@
 r"""Tokenize and pack a run's corpus once, with Apache Beam, into sharded ArrayRecord files that
-each host of the run reads its own rows from (``pip install -e '.[beam]'``).
+each host of the run reads its own rows from (``pip install -e '.[prepare]'``).
 
     python -m guided_jax.prepare --config configs/reference.py --out prepared/ \
         --config.data.train_files='corpus/*.txt' --runner=DirectRunner --direct_num_workers=2 \

@@ -94,7 +94,7 @@ def _beam_pipeline():
             raise
         raise ValueError(
             "preparing a corpus runs an Apache Beam pipeline, and apache-beam is not installed: "
-            "pip install -e '.[beam]'"
+            "pip install -e '.[prepare]'"
         ) from None
     return beam_pipeline
 
