@@ -21,11 +21,11 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv: list[str]) -> None:
     from guided_jax.analysis.head_history import plot_history
     from guided_jax.storage import as_path
-    from guided_jax.train.metrics import read_metrics
+    from guided_jax.train.metrics import has_metrics, read_metrics
 
     workdir = as_path(_WORKDIR.value)
     with cli.command("diagnostics", argv):
-        if not (workdir / "metrics.jsonl").is_file():
+        if not has_metrics(workdir):
             raise FileNotFoundError(f"{str(workdir / 'metrics.jsonl')!r} does not exist")
         out = _OUT.value or workdir / "heads.png"
         path = plot_history(read_metrics(workdir), out, panels=_PANELS.value, title=workdir.name)

@@ -32,7 +32,11 @@ PATTERNS_INDEX = "patterns.json"  # pattern name -> its file's copy
 def is_workdir(path: str | os.PathLike) -> bool:
     """Whether ``path`` looks like a pretraining workdir (vs. a HuggingFace directory)."""
     path = as_path(path)
-    return (path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file()
+    # metrics/: the records of a gs:// workdir (train/metrics.py)
+    return (
+        any((path / name).is_dir() for name in ("checkpoints", "metrics"))
+        or (path / "metrics.jsonl").is_file()
+    )
 
 
 def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
