@@ -155,9 +155,13 @@ def start() -> Iterator[str]:
     }
     saved = {key: os.environ.get(key) for key in settings}
     os.environ.update(settings)
-    from gcp_storage_emulator.server import create_server
+    from gcp_storage_emulator.server import RequestHandler, create_server
 
     _patch_handlers()
+    # A client killed mid-request (the kill -9 tests) leaves its connection open; without a
+    # socket timeout the single-threaded handler waits on it forever and every later request
+    # hangs behind it.
+    RequestHandler.timeout = 5
     server = create_server(
         "localhost", int(url.rsplit(":", 1)[1]), in_memory=True, default_bucket=BUCKET
     )

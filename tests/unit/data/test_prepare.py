@@ -406,7 +406,7 @@ def test_without_apache_beam_the_command_says_what_to_install(tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "apache_beam", None)
     config = _tiny(train_files=str(write_corpus(tmp_path / "c.txt", lines=20)))
     with pytest.raises(
-        ValueError, match=r"apache-beam is not installed: pip install -e '.\[beam\]'"
+        ValueError, match=r"apache-beam is not installed: pip install -e '.\[prepare\]'"
     ):
         prepare_offline(config, tmp_path / "out", IN_MEMORY)
     assert not (tmp_path / "out").exists()
