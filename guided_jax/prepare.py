@@ -66,13 +66,18 @@ def main(argv: list[str]) -> None:
         pipeline_args = [
             f"--{holder.name}={holder.value}" for holder in _BEAM_FLAGS if holder.present
         ] + argv[1:]
-        if not flags.FLAGS["verbosity"].present:
+        quiet = not flags.FLAGS["verbosity"].present
+        if quiet:
             _quiet_beam()
             pipeline_args.append("--default_sdk_harness_log_level=ERROR")
         from guided_jax.train.offline import prepare_offline
 
         tokenizer, entries = prepare_offline(
-            _CONFIG.value, _OUT.value, pipeline_args, num_shards=_NUM_SHARDS.value
+            _CONFIG.value,
+            _OUT.value,
+            pipeline_args,
+            num_shards=_NUM_SHARDS.value,
+            worker_output=not quiet,
         )
         print(f"tokenizer: {tokenizer}")
         for entry in entries:

@@ -22,10 +22,13 @@ files spreads over many workers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
+import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -288,12 +291,17 @@ def pipeline_options(pipeline_args: Sequence[str]) -> PipelineOptions:
     return options
 
 
-def run(jobs: Sequence[Job], options: PipelineOptions) -> None:
+def run(jobs: Sequence[Job], options: PipelineOptions, *, worker_output: bool = True) -> None:
     """Runs one pipeline that prepares every job; an input error raised on a worker (a corpus
     file that cannot be read, too little text) comes back as the :class:`CorpusError` it
-    was."""
+    was. Without ``worker_output``, stderr is dropped while the pipeline runs: the worker
+    processes of the DirectRunner's ``multi_processing`` mode inherit it and print their
+    start-up logs and every traceback there, whatever the log level."""
     try:
-        with beam.Pipeline(options=options) as pipeline:
+        with (
+            contextlib.nullcontext() if worker_output else _stderr_dropped(),
+            beam.Pipeline(options=options) as pipeline,
+        ):
             for job in jobs:
                 add_job(pipeline, job)
     except CorpusError:
@@ -303,6 +311,21 @@ def run(jobs: Sequence[Job], options: PipelineOptions) -> None:
         if found is None:
             raise
         raise found from None
+
+
+@contextlib.contextmanager
+def _stderr_dropped() -> Iterator[None]:
+    """Points file descriptor 2 (this process's and its children's stderr) at the null device."""
+    sys.stderr.flush()
+    screen = os.dup(2)
+    with open(os.devnull, "wb") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(screen, 2)
+        os.close(screen)
 
 
 def _corpus_error(error: BaseException) -> CorpusError | None:

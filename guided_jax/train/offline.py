@@ -58,10 +58,13 @@ def prepare_offline(
     pipeline_args: Sequence[str],
     *,
     num_shards: int = 0,
+    worker_output: bool = True,
 ) -> tuple[str, list[PreparedEntry]]:
     """Prepares ``config``'s corpus into ``out`` with one Beam pipeline, run with
     ``pipeline_args`` (an entry already complete there is kept); returns the tokenizer's
-    directory and the entries. Every check comes first, then the tokenizer."""
+    directory and the entries. Every check comes first, then the tokenizer. Without
+    ``worker_output``, what the pipeline prints on stderr is dropped (a failure still comes
+    back as an exception that carries its message)."""
     beam_pipeline = _beam_pipeline()
     check_location(out, "--out")
     options = beam_pipeline.pipeline_options(pipeline_args)
@@ -81,7 +84,7 @@ def prepare_offline(
     done = [token_cache.load(job.out) is not None for job in jobs]
     todo = [job for job, complete in zip(jobs, done, strict=True) if not complete]
     if todo:
-        beam_pipeline.run(todo, options)
+        beam_pipeline.run(todo, options, worker_output=worker_output)
     return tokenizer_dir, [_entry(job, reused=d) for job, d in zip(jobs, done, strict=True)]
 
 

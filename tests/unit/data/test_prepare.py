@@ -92,6 +92,23 @@ def _assert_same_blocks(entry: str, want: np.ndarray, want_starts, dtype: str) -
 
 
 @pytest.mark.slow
+def _prepare_command(*flags: str) -> subprocess.CompletedProcess:
+    """python -m guided_jax.prepare on configs/tiny.py with the DirectRunner's two worker
+    processes."""
+    return subprocess.run(
+        [
+            *(sys.executable, "-m", "guided_jax.prepare", "--config=configs/tiny.py", *flags),
+            *("--runner=DirectRunner", "--direct_num_workers=2"),
+            "--direct_running_mode=multi_processing",
+        ],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def test_prepare_command_on_several_workers_gives_the_in_process_blocks(tmp_path):
     """python -m guided_jax.prepare with the DirectRunner's two worker processes: every
     entry (train, eval) holds the blocks and document starts the in-process cache builds, with
@@ -106,18 +123,9 @@ def test_prepare_command_on_several_workers_gives_the_in_process_blocks(tmp_path
         f"--config.data.eval_files={valid}",
         "--config.data.document_masks=true",
     ]
-    command = [sys.executable, "-m", "guided_jax.prepare", "--config=configs/tiny.py"]
-    workers = ["--runner=DirectRunner", "--direct_num_workers=2"]
-    workers.append("--direct_running_mode=multi_processing")
-    result = subprocess.run(
-        [*command, f"--out={out}", *flags, "--num_shards=3", *workers],
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = _prepare_command(f"--out={out}", *flags, "--num_shards=3")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not result.stderr, result.stderr  # nor the worker processes' start-up logs
     lines = result.stdout.splitlines()
     assert len(lines) == 3, result.stdout  # quiet: the tokenizer and one line per entry
     (tokenizer_dir,) = (out / "tokenizers").iterdir()
@@ -225,6 +233,26 @@ def test_a_worker_s_corpus_error_comes_back_and_nothing_is_complete(tmp_path):
     with pytest.raises(CorpusError, match="fewer than one block of block_size 32"):
         prepare_offline(config, tmp_path / "short", IN_MEMORY)
     assert not list((tmp_path / "short").rglob("meta.json"))
+
+
+def test_a_worker_process_s_corpus_error_is_one_line_on_the_screen(tmp_path):
+    """The DirectRunner's worker processes print every traceback on the stderr they inherit;
+    the command shows only its own line, which names the file and the byte."""
+    good = write_corpus(tmp_path / "good.txt", lines=50)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine line\nna\xefve\n")
+    tok = tmp_path / "tok"
+    train_tokenizer(read_text_file(good), 300, tok)
+    result = _prepare_command(
+        f"--out={tmp_path / 'out'}",
+        f"--config.data.train_files={good},{bad}",
+        f"--config.data.tokenizer_dir={tok}",
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"guided_jax.prepare: error: corpus file '{bad}' is not valid UTF-8")
+    assert not list((tmp_path / "out").rglob("meta.json"))
 
 
 def test_bad_flags_are_refused_before_any_work(tmp_path):
