@@ -36,6 +36,20 @@ def command(name: str, argv: Sequence[str], *, positional: bool = False) -> Iter
         yield
     except INPUT_ERRORS as error:
         sys.exit(f"guided_jax.{name}: error: {error}")
+    except Exception as error:
+        if not _is_credentials_error(error):
+            raise
+        sys.exit(
+            f"guided_jax.{name}: error: gs:// needs Google Cloud credentials: {_last_line(error)} "
+            "(on a workstation: gcloud auth application-default login; on a Cloud VM: a "
+            "service account with storage access)"
+        )
+
+
+def _is_credentials_error(error: BaseException) -> bool:
+    """Whether Google's auth library raised ``error`` (no credentials, or none that work)."""
+    auth = sys.modules.get("google.auth.exceptions")  # loaded by whatever raised it
+    return auth is not None and isinstance(error, auth.GoogleAuthError)
 
 
 def _skip_an_absent_tpu() -> None:

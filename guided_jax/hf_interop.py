@@ -1,7 +1,10 @@
 """Export a checkpoint as a HuggingFace model directory (config.json, model.safetensors written
 without torch, the tokenizer files) that ``transformers`` loads with the same logits.
 
-    python -m guided_jax.hf_interop --workdir runs/default --out exported/default [--step 200]
+    python -m guided_jax.hf_interop --workdir runs/default --out exported/default
+    python -m guided_jax.hf_interop --workdir runs/default --out exported/step200 --step 200
+
+Without ``--step`` the newest checkpoint is exported.
 
 Only parses flags; the work happens in :func:`guided_jax.weights.hf.export`.
 """

@@ -146,3 +146,29 @@ def test_plan_counts_the_global_batch_over_the_mesh(tmp_path):
     assert "train.steps: counted from train.epochs=3 once the corpus is read" in (
         plan_lowering(config, platform="tpu", devices=4).lines()
     )
+
+
+def test_a_gs_workdir_without_credentials_is_one_line_that_says_how_to_log_in(tmp_path):
+    env = {
+        k: v
+        for k, v in cli_env().items()
+        if not k.startswith(("GOOGLE_", "CLOUDSDK_", "GCE_")) and "EMULATOR" not in k
+    }
+    env.update(HOME=str(tmp_path), NO_GCE_CHECK="True")  # no gcloud login, not on a Cloud VM
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "guided_jax.main"),
+            f"--config={REPO / 'configs' / 'tiny.py'}",
+            "--workdir=gs://some-bucket/run",
+        ],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("guided_jax.main: error: gs:// needs Google Cloud credentials: ")
+    assert "gcloud auth application-default login" in line
+    assert list(tmp_path.iterdir()) == []  # nothing written
