@@ -18,7 +18,7 @@ from google.cloud import storage as gcs
 
 from conftest import REPO, cli_env, run_config
 from guided_jax.config.resolve import ConfigError
-from guided_jax.train import loop, run_lock
+from guided_jax.train import loop, metrics, run_lock
 from guided_jax.train.metrics import read_metrics
 from guided_jax.train.run_lock import LEASE_FILE, ObjectLease
 from guided_jax.weights.workdir import checkpoint_steps
@@ -48,14 +48,17 @@ class _Takeover:
     """Watches both runs: which lease wrote when, which run saved which step when. The old run
     waits after its first save until the new one has taken its lease over; from the moment
     that save ends, GCS refuses the old run's renewals (as it would refuse a run that lost
-    its permissions, or one frozen or cut off for longer than the staleness)."""
+    its permissions, or one frozen or cut off for longer than the staleness). Every metrics
+    object either run tries to store is noted with the run and the time."""
 
     def __init__(self, monkeypatch) -> None:
         self.leases: dict[str, ObjectLease] = {}
         self.taken_over_at: float | None = None
         self.saves: list[tuple[str, int, float]] = []  # (run, step, when the save began)
+        self.stored: list[tuple[str, str, float]] = []  # (run, metrics object, when tried)
         self.old_saved, self.go_on, self.renewals_fail = (threading.Event() for _ in range(3))
         machine, write, save = run_lock._machine, ObjectLease._write, loop.save
+        start_background = metrics._Background.__init__
 
         def where() -> dict:
             found = machine()
@@ -78,6 +81,17 @@ class _Takeover:
                 self.old_saved.set()
                 assert self.go_on.wait(300), "the new run never took the lease over"
 
+        def background(writer, objects, *args, **kwargs) -> None:
+            run, create = _run(), objects.create  # the thread that starts it is its run's
+
+            def noted(name: str, data: bytes) -> None:
+                self.stored.append((run, name, time.monotonic()))  # tried, whatever it finds
+                create(name, data)
+
+            objects.create = noted
+            start_background(writer, objects, *args, **kwargs)
+
+        monkeypatch.setattr(metrics._Background, "__init__", background)
         monkeypatch.setattr(run_lock, "_machine", where)
         monkeypatch.setattr(ObjectLease, "_write", write_lease)
         monkeypatch.setattr(loop, "save", save_step)
@@ -148,6 +162,10 @@ def test_a_takeover_during_training_stops_the_old_run_before_it_writes_again(
     after = [(run, step) for run, step, when in watch.saves if when > watch.taken_over_at]
     assert after == [("new", 20), ("new", 30)]
     assert [step for step in checkpoint_steps(workdir) if step > 10] == [20, 30]
+    # The old run tried to store no metrics after the takeover (its next store refused), and
+    # the new one stored its own.
+    stored = {run for run, _, when in watch.stored if when > watch.taken_over_at}
+    assert stored == {"new"}, watch.stored
     # One stream of records: the old run's up to its checkpoint, then the new run's.
     assert [record["step"] for record in read_metrics(workdir)] == list(range(1, 31))
     assert last["step"] == 30
