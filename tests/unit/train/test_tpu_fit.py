@@ -141,3 +141,11 @@ def test_a_search_the_cache_cannot_finish_is_unfinished(monkeypatch):
     monkeypatch.setattr(fit, "fits", lambda record: True)
     found = fit.search(lambda batch: {"batch": batch} if batch <= 8 else None, 256)
     assert (found.best, list(found.records), found.finished) == (8, [4, 8], False)
+
+
+def test_the_committed_table_is_what_the_script_writes_from_the_committed_cache(tmp_path):
+    """docs/TPU.md holds the script's own table: rewritten from benchmarks/tpu_fit_cache with
+    the command the document gives, it is unchanged."""
+    out = tmp_path / "TPU.md"
+    assert _script().main(["--max_batch", "4", "--no_compile", f"--out={out}"]) == 0
+    assert out.read_text() == (REPO / "docs" / "TPU.md").read_text()
