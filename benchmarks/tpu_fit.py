@@ -12,12 +12,13 @@ JSON file in ``--cache``, so an interrupted run resumes where it stopped and the
 measured over several invocations; the table is rewritten after every cell from all the cache
 holds for the default grid plus what the flags name (``--no_compile`` only rewrites it).
 
-The batch search starts at 4 examples per device and doubles while the step fits the chip's HBM
-(up to ``--max_batch``), or halves below 4 until it fits; a program XLA:TPU or Mosaic refuses
-counts as not fitting. Memory and FLOPs are XLA's estimates from the compiled program
-(:func:`guided_jax.train.lowering.compile_for_topology`); tokens/s is a projection at 40% of the
-chip's bf16 peak, from the dense step's FLOPs also for Pallas (XLA cannot count inside the
-kernels).
+The batch search compiles 4 and 8 examples per device, predicts the largest power of two that
+fits the chip's HBM from the line through their memory, and bisects over powers of two (up to
+``--max_batch``) until a batch fits and its double does not; below 4 it halves until one fits.
+A program XLA:TPU or Mosaic refuses counts as not fitting. Memory and FLOPs are XLA's estimates
+from the compiled program (:func:`guided_jax.train.lowering.compile_for_topology`); tokens/s is a
+projection at 40% of the chip's bf16 peak, from the dense step's FLOPs also for Pallas (XLA
+cannot count inside the kernels).
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ DEFAULT_MAX_BATCH = 256
 DEFAULT_BLOCK_SIZE = 512
 DEFAULT_CACHE = REPO / "benchmarks" / "tpu_fit_cache"
 UTILISATION = 0.4  # of the chip's bf16 peak, for the tokens/s projection
+# Sharding the state (mesh.fsdp) against data parallelism alone, on the pod slice, dense, batch 4
+FSDP_TOPOLOGY = "v5e:16x16"
+FSDP_PRESETS = ("roberta_12", "bert_48")
+FSDP_SIZES = (1, 16, 256)
 
 
 # ----------------------------------------------------------------------------- one compile
@@ -70,6 +75,7 @@ class Cell:
     topology: str
     attention: str
     block_size: int  # 0: the config's own
+    fsdp: int = 1  # mesh.fsdp: chips each parameter and optimizer state is sharded over
 
     @property
     def spec(self) -> str:
@@ -87,13 +93,16 @@ class Cell:
         if self.block_size:
             config.data.block_size = self.block_size
         config.train.per_device_batch_size = batch
+        if self.fsdp != 1:
+            config.mesh.fsdp = self.fsdp
         return config
 
     def file(self, cache: pathlib.Path, batch: int) -> pathlib.Path:
         preset = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.preset)
         block = f"n{self.block_size}" if self.block_size else "nconfig"
         topology = self.topology.replace(":", "-")
-        return cache / f"{preset}__{topology}__{self.attention}__b{batch}__{block}.json"
+        fsdp = f"__fsdp{self.fsdp}" if self.fsdp != 1 else ""
+        return cache / f"{preset}__{topology}__{self.attention}__b{batch}__{block}{fsdp}.json"
 
 
 def _provenance() -> dict[str, str]:
@@ -173,10 +182,37 @@ class Search:
     capped: bool = False  # the largest fitting batch is --max_batch
 
 
+def memory(record: dict) -> tuple[float, float] | None:
+    """A compiled record's per-chip GiB and its chip's HBM (None for a refused compile)."""
+    if record["status"] != "ok":
+        return None
+    return record["per_chip_gib"], record["hbm_gib"]
+
+
+def predicted(records: dict[int, dict], best: int) -> int:
+    """The largest power-of-two batch the line through the two largest fitting batches' memory
+    keeps within HBM (memory grows with the batch by its activations): at least ``best``."""
+    points = sorted(
+        (batch, *known) for batch, r in records.items() if fits(r) and (known := memory(r))
+    )[-2:]
+    if len(points) < 2:
+        return best
+    (b0, m0, _), (b1, m1, hbm) = points
+    slope = (m1 - m0) / (b1 - b0)
+    if slope <= 0:
+        return best
+    batch = best
+    while m1 + slope * (batch * 2 - b1) <= hbm:
+        batch *= 2
+    return batch
+
+
 def search(get: Callable[[int], dict | None], max_batch: int) -> Search:
-    """Doubles from 4 (or ``max_batch`` if smaller) while the step fits, halves below it while
-    it does not. ``get(batch)`` gives a batch's record, or None when it is not measured (the
-    search then stops unfinished)."""
+    """The largest power-of-two batch per device that fits, found with few compiles: 4 (or
+    ``max_batch`` if smaller) and 8, then the batch the line through their memory predicts,
+    then a bisection over powers of two until a fitting batch's double does not fit (or is over
+    ``max_batch``); below 4, halving until one fits. ``get(batch)`` gives a batch's record, or
+    None when it is not measured (the search then stops unfinished)."""
     result = Search({})
 
     def tried(batch: int) -> dict | None:
@@ -190,15 +226,21 @@ def search(get: Callable[[int], dict | None], max_batch: int) -> Search:
     if record is None:
         return result
     if fits(record):
-        result.best = batch
-        while result.best * 2 <= max_batch:
-            record = tried(result.best * 2)
+        low, high = batch, None  # fits; smallest known not to fit
+        result.best = low
+        while low * 2 <= max_batch and (high is None or high > low * 2):
+            if high is None:
+                batch = min(max(low * 2, predicted(result.records, low)), max_batch)
+            else:  # the power of two halfway (in exponent) between low and high
+                batch = 2 ** ((low.bit_length() + high.bit_length() - 2) // 2)
+            record = tried(batch)
             if record is None:
                 return result
-            if not fits(record):
-                break
-            result.best *= 2
-        result.capped = result.best * 2 > max_batch
+            if fits(record):
+                low = result.best = batch
+            else:
+                high = batch
+        result.capped = high is None
     else:
         batch //= 2
         while batch >= 1:
@@ -333,6 +375,54 @@ def cell_text(cell: Cell, cache: pathlib.Path, max_batch: int) -> tuple[str, lis
     return "<br>".join(lines), list(found.records.values())
 
 
+def fsdp_table(cache: pathlib.Path, block: int) -> tuple[str, list[dict]]:
+    """Per-chip memory of FSDP_PRESETS on FSDP_TOPOLOGY at START_BATCH, dense, with the state
+    sharded over each of FSDP_SIZES chips (1: replicated, data parallelism alone)."""
+    rows = [
+        "| preset | mesh | parameters and optimizer state | activations and temporaries "
+        "| per chip | FLOPs per chip |",
+        "|---|---|---|---|---|---|",
+    ]
+    used = []
+    for preset in FSDP_PRESETS:
+        for size in FSDP_SIZES:
+            cell = Cell(preset, FSDP_TOPOLOGY, "dense", block, size)
+            record = cached(cell, cache)(START_BATCH)
+            compiled = compiled_slice(record) if record is not None else None
+            if compiled is None:
+                why = "—" if record is None else "refused by the compiler"
+                rows.append(f"| {preset} | fsdp {size} | {why} | | | |")
+                continue
+            used.append(record)
+            mesh = ", ".join(f"{axis} {n}" for axis, n in compiled.mesh.items() if n > 1)
+            verdict = "" if compiled.fits else " ✗"
+            rows.append(
+                f"| {preset} | {mesh} | {compiled.gib(compiled.train.arguments):.3g} GiB | "
+                f"{compiled.gib(compiled.train.temporaries):.3g} GiB | "
+                f"{compiled.per_chip_gib:.3g} GiB{verdict} | "
+                f"{si(record['flops_per_chip'], 'FLOP')} |"
+            )
+    chips = math.prod(int(d) for d in FSDP_TOPOLOGY.partition(":")[2].split("x"))
+    text = (
+        f"## Sharding the state: fsdp on {FSDP_TOPOLOGY}\n\n"
+        + textwrap.fill(
+            f"The same dense train step on all {chips} chips of {FSDP_TOPOLOGY} at "
+            f"{START_BATCH} examples per chip, with the parameters and optimizer state "
+            f"replicated (fsdp 1: data parallelism alone) or sharded over `mesh.fsdp` chips "
+            f"(`--config.mesh.fsdp=N`; the batch is still split over every chip). Train step "
+            f"per chip: arguments (parameters and optimizer state), temporaries (activations, "
+            f"gradients and the rest), and the total as in the tables above.",
+            width=100,
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+        + "\n\n"
+        + "\n".join(rows)
+        + "\n"
+    )
+    return text, used
+
+
 def _shown(path: pathlib.Path) -> str:
     """``path`` relative to the repository where it is inside it."""
     path = path.resolve()
@@ -371,6 +461,9 @@ def write_table(args: argparse.Namespace, failures: Sequence[str]) -> None:
             rows.append(f"| {label} | " + " | ".join(texts) + " |")
         title = "Dense attention" if attention == "dense" else f"{attention.capitalize()} attention"
         tables.append(f"## {title}\n\n" + "\n".join(rows) + "\n")
+    sharded, records = fsdp_table(cache, block)
+    tables.append(sharded)
+    used += records
 
     def seen(key: str) -> str:
         return ", ".join(sorted({r[key] for r in used})) or "none yet"
@@ -397,9 +490,11 @@ def write_table(args: argparse.Namespace, failures: Sequence[str]) -> None:
         f"{seen('commit')}, on {dates}.",
         f"* Each cell: `bB: memory, FLOPs` at B = {START_BATCH} examples per device (the "
         f"reference's batch) and, marked **max**, at the largest power-of-two batch per device "
-        f"that fits: searched by doubling from {START_BATCH} up to {args.max_batch} (`(cap)` "
-        f"when the cap stopped it) or halving below {START_BATCH}; a program the compiler "
-        f"refuses counts as not fitting. Memory: GiB per chip, the larger of the train and eval "
+        f"that fits, up to {args.max_batch} (`(cap)` when the cap stopped it): compiled at "
+        f"{START_BATCH} and {START_BATCH * 2}, then at the batch the line through their memory "
+        f"predicts, then bisected over powers of two until a batch fits and its double does "
+        f"not (or halved below {START_BATCH}); a program the compiler refuses counts as not "
+        f"fitting. Memory: GiB per chip, the larger of the train and eval "
         f"steps (arguments + outputs not aliased to donated arguments + temporaries + code); ✗: "
         f"more than the chip's HBM. FLOPs: per chip and train step as XLA counts them; Pallas "
         f"kernels are opaque to XLA, so Pallas FLOPs leave out attention.",
@@ -519,6 +614,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                         first = (str(error).splitlines() or [""])[0]
                         failures.append(
                             f"{preset} on {topology}, {attention}: {type(error).__name__}: {first}"
+                        )
+                        print(f"error: {failures[-1]}", file=sys.stderr, flush=True)
+                    write_table(args, failures)
+        if FSDP_TOPOLOGY in args.topologies and "dense" in args.attentions:
+            for preset in (p for p in FSDP_PRESETS if p in args.presets):
+                for size in FSDP_SIZES:
+                    cell = Cell(preset, FSDP_TOPOLOGY, "dense", args.block_size, size)
+                    try:
+                        measured(cell, args.cache)(START_BATCH)
+                    except Exception as error:  # a bug, not a verdict: not cached
+                        first = (str(error).splitlines() or [""])[0]
+                        failures.append(
+                            f"{preset} on {FSDP_TOPOLOGY}, fsdp {size}: "
+                            f"{type(error).__name__}: {first}"
                         )
                         print(f"error: {failures[-1]}", file=sys.stderr, flush=True)
                     write_table(args, failures)

@@ -52,16 +52,23 @@ def _direct(batch: int):
 
 def test_one_cell_is_compiled_tabled_and_cached(tmp_path, monkeypatch):
     fit = _script()
+    # The fsdp comparison on the same small cell: the state replicated, then sharded 4 ways.
+    monkeypatch.setattr(fit, "FSDP_TOPOLOGY", "v5e:2x2")
+    monkeypatch.setattr(fit, "FSDP_PRESETS", ("configs/tiny.py",))
+    monkeypatch.setattr(fit, "FSDP_SIZES", (1, 4))
     cache, out = tmp_path / "cache", tmp_path / "TPU.md"
     argv = [
         "--presets=configs/tiny.py", "--topologies=v5e:2x2", "--attentions=dense",
         "--max_batch=8", "--block_size=0", f"--cache={cache}", f"--out={out}",
     ]  # fmt: skip
     assert fit.main(argv) == 0
-    # 4 fits, 8 fits and is the cap: two compiles.
+    # 4 fits, 8 fits and is the cap: two compiles; and 4 with the state sharded 4 ways.
     files = sorted(p.name for p in cache.iterdir())
-    assert files == [f"configs_tiny.py__v5e-2x2__dense__b{b}__nconfig.json" for b in (4, 8)]
-    records = {b: json.loads((cache / files[i]).read_text()) for i, b in enumerate((4, 8))}
+    name = "configs_tiny.py__v5e-2x2__dense__b{}__nconfig{}.json"
+    assert files == [name.format(4, ""), name.format(4, "__fsdp4"), name.format(8, "")]
+    records = {b: json.loads((cache / name.format(b, "")).read_text()) for b in (4, 8)}
+    sharded = json.loads((cache / name.format(4, "__fsdp4")).read_text())
+    assert sharded["compiled"]["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
 
     direct = _direct(8)
     compiled = records[8]["compiled"]
@@ -97,6 +104,17 @@ def test_one_cell_is_compiled_tabled_and_cached(tmp_path, monkeypatch):
     step_s = flops_per_chip / (0.4 * TPU_CHIPS["v5e"][1])
     assert float(match[4]) * SCALE[match[5]] == pytest.approx(8 * 32 / step_s, rel=5e-3)
 
+    section = markdown.split("## Sharding the state: fsdp on v5e:2x2\n", 1)[1]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ")]
+    gib = {}
+    for preset, mesh, arguments, *_ in rows[1:]:
+        assert preset.strip() == "configs/tiny.py"
+        gib[mesh.strip()] = float(arguments.strip().removesuffix(" GiB"))
+    assert gib.keys() == {"data 4", "fsdp 4"}
+    for mesh, record in (("data 4", records[4]), ("fsdp 4", sharded)):
+        assert gib[mesh] == pytest.approx(record["compiled"]["train"]["arguments"] / 2**30, 5e-3)
+    assert gib["fsdp 4"] < gib["data 4"]  # each chip holds a quarter of the state, padded
+
     # A second run compiles nothing: the cache answers, untouched, and the table is the same.
     def no_compile(*args, **kwargs):
         raise AssertionError("compiled again despite the cache")
@@ -117,19 +135,40 @@ def test_one_cell_is_compiled_tabled_and_cached(tmp_path, monkeypatch):
     assert extrapolated and flops == pytest.approx(f8 + (f8 - f4) * (16 - 8) / (8 - 4))
 
 
+def _linear(batch: int) -> float:
+    return 1 + 0.5 * batch  # GiB: fits 16 GiB up to a batch of 30
+
+
+def _roomy(batch: int) -> float:
+    return 1 + 0.01 * batch  # fits 16 GiB up to 1,500
+
+
+def _quadratic(batch: int) -> float:
+    return 1 + 0.01 * batch + 0.001 * batch**2  # fits up to 119; the line through 4, 8 says 683
+
+
 @pytest.mark.parametrize(
-    ("largest", "max_batch", "best", "tried", "capped"),
+    ("gib", "largest", "max_batch", "best", "tried", "capped"),
     [
-        (32, 256, 32, [4, 8, 16, 32, 64], False),  # doubles until 64 does not fit
-        (256, 64, 64, [4, 8, 16, 32, 64], True),  # stopped by the cap
-        (1, 256, 1, [4, 2, 1], False),  # halves below 4
-        (0, 256, None, [4, 2, 1], False),  # nothing fits
-        (8, 2, 2, [2], True),  # a cap below 4 starts there
+        (_linear, 30, 256, 16, [4, 8, 16, 32], False),  # predicted right, its double does not fit
+        (_roomy, 1500, 256, 256, [4, 8, 256], True),  # predicted past the cap: the cap
+        (_roomy, 1500, 2048, 1024, [4, 8, 1024, 2048], False),
+        (_quadratic, 119, 1024, 64, [4, 8, 512, 64, 128], False),  # too far: bisected back
+        (_linear, 100, 256, 64, [4, 8, 16, 32, 64, 128], False),  # too short: doubled on
+        (_linear, 4, 256, 4, [4, 8], False),  # 8 refused by the compiler
+        (_linear, 1, 256, 1, [4, 2, 1], False),  # halves below 4
+        (_linear, 0, 256, None, [4, 2, 1], False),  # nothing fits
+        (_linear, 8, 2, 2, [2], True),  # a cap below 4 starts there
     ],
 )
-def test_the_batch_search(monkeypatch, largest, max_batch, best, tried, capped):
+def test_the_batch_search(monkeypatch, gib, largest, max_batch, best, tried, capped):
+    """Records fit up to ``largest``; the prediction sees ``gib`` of a 16 GiB chip (a compile
+    the compiler refused has no memory)."""
     fit = _script()
     monkeypatch.setattr(fit, "fits", lambda record: record["batch"] <= largest)
+    monkeypatch.setattr(
+        fit, "memory", lambda r: (gib(r["batch"]), 16.0) if r["batch"] <= max(largest, 4) else None
+    )
     found = fit.search(lambda batch: {"batch": batch}, max_batch)
     assert (found.best, list(found.records), found.finished, found.capped) == (
         best, tried, True, capped,
@@ -139,6 +178,7 @@ def test_the_batch_search(monkeypatch, largest, max_batch, best, tried, capped):
 def test_a_search_the_cache_cannot_finish_is_unfinished(monkeypatch):
     fit = _script()
     monkeypatch.setattr(fit, "fits", lambda record: True)
+    monkeypatch.setattr(fit, "memory", lambda record: (_linear(record["batch"]), 16.0))
     found = fit.search(lambda batch: {"batch": batch} if batch <= 8 else None, 256)
     assert (found.best, list(found.records), found.finished) == (8, [4, 8], False)
 
@@ -147,5 +187,5 @@ def test_the_committed_table_is_what_the_script_writes_from_the_committed_cache(
     """docs/TPU.md holds the script's own table: rewritten from benchmarks/tpu_fit_cache with
     the command the document gives, it is unchanged."""
     out = tmp_path / "TPU.md"
-    assert _script().main(["--max_batch", "4", "--no_compile", f"--out={out}"]) == 0
+    assert _script().main(["--no_compile", f"--out={out}"]) == 0
     assert out.read_text() == (REPO / "docs" / "TPU.md").read_text()
