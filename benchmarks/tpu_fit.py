@@ -9,8 +9,9 @@ the table goes to docs/TPU.md.
 
 Each compile (one preset, slice, attention and batch; roberta presets take minutes) is kept as a
 JSON file in ``--cache``, so an interrupted run resumes where it stopped and the whole grid can be
-measured over several invocations; the table is rewritten after every cell from all the cache
-holds for the default grid plus what the flags name (``--no_compile`` only rewrites it).
+measured over several invocations, or at once on a large host with ``--jobs N`` worker
+processes; the table is rewritten after every cell from all the cache holds for the default grid
+plus what the flags name (``--no_compile`` only rewrites it).
 
 The batch search compiles 4 and 8 examples per device, predicts the largest power of two that
 fits the chip's HBM from the line through their memory, and bisects over powers of two (up to
@@ -24,17 +25,20 @@ cannot count inside the kernels).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import datetime
 import importlib.metadata
 import json
 import math
+import multiprocessing
+import os
 import pathlib
 import re
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 
@@ -274,11 +278,10 @@ def measured(cell: Cell, cache: pathlib.Path) -> Callable[[int], dict]:
         record = measure(cell, batch)
         path = cell.file(cache, batch)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".json.tmp")
+        partial = path.with_suffix(f".{os.getpid()}.tmp")  # --jobs may race to write it
         partial.write_text(json.dumps(record, indent=1) + "\n")
         partial.replace(path)  # a killed run leaves no half-written record
-        print(f"{cell.preset} {cell.topology} {cell.attention} b{batch}: {summary(record)}",
-              flush=True)  # fmt: skip
+        print(f"{Job(cell).label}, b{batch}: {summary(record)}", flush=True)
         return record
 
     return get
@@ -518,7 +521,8 @@ def write_table(args: argparse.Namespace, failures: Sequence[str]) -> None:
         f"Regenerate it with the command below. Each compile is cached in `{cache_name}/` (one "
         f"JSON file per preset, slice, attention and batch), so a run can stop and resume, and "
         f"the grid can be measured over several invocations with `--presets`, `--topologies` "
-        f"and `--attentions`:"
+        f"and `--attentions`, or at once on a many-core host with `--jobs N` (N compiles in "
+        f"worker processes; each keeps about 1.5 cores and 4-10 GiB of memory busy):"
     )
     wrap = {"width": 100, "break_long_words": False, "break_on_hyphens": False}
     parts = [
@@ -579,7 +583,14 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no_compile", action="store_true", help="only rewrite --out from the cache"
     )
+    parser.add_argument(
+        "--jobs", type=int, default=1,
+        help="cells compiled at once, each in its own process (a compile keeps about 1.5 "
+        "cores and 4-10 GiB of memory busy: cores / 2 on a large host)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     if args.max_batch < 1 or args.max_batch & (args.max_batch - 1):
         parser.error(f"--max_batch must be a power of two, got {args.max_batch}")
     if unknown := sorted(set(args.attentions) - set(ATTENTIONS)):
@@ -593,44 +604,83 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One unit of work: a cell's batch search, or one batch of it (the fsdp comparison)."""
+
+    cell: Cell
+    batch: int = 0  # 0: search the largest batch that fits
+
+    @property
+    def label(self) -> str:
+        cell = self.cell
+        sharded = f", fsdp {cell.fsdp}" if cell.fsdp != 1 else ""
+        return f"{cell.preset} on {cell.topology}, {cell.attention}{sharded}"
+
+
+def jobs(args: argparse.Namespace) -> list[Job]:
+    """What the flags ask for, dense before Pallas (Pallas cells' tokens/s use dense FLOPs)."""
+    todo = [
+        Job(Cell(preset, topology, attention, args.block_size))
+        for preset in args.presets
+        for topology in args.topologies
+        for attention in sorted(args.attentions, key=lambda a: a != "dense")
+    ]
+    if FSDP_TOPOLOGY in args.topologies and "dense" in args.attentions:
+        todo += [
+            Job(Cell(preset, FSDP_TOPOLOGY, "dense", args.block_size, size), START_BATCH)
+            for preset in FSDP_PRESETS
+            if preset in args.presets
+            for size in FSDP_SIZES
+        ]
+    return todo
+
+
+def run_job(job: Job, cache: pathlib.Path, max_batch: int) -> str | None:
+    """Compiles what the cache lacks for ``job``; the failure (a bug, not a verdict: nothing
+    is cached for it), or None."""
+    try:
+        if job.batch:
+            measured(job.cell, cache)(job.batch)
+        else:
+            found = search(measured(job.cell, cache), max_batch)
+            if job.cell.attention != "dense" and found.best is not None:
+                # The projection's FLOPs: XLA counts none inside Pallas kernels.
+                dense = dataclasses.replace(job.cell, attention="dense")
+                measured(dense, cache)(found.best)
+    except Exception as error:
+        first = (str(error).splitlines() or [""])[0]
+        return f"{job.label}: {type(error).__name__}: {first}"
+    return None
+
+
+def run_jobs(todo: Sequence[Job], args: argparse.Namespace) -> Iterator[str | None]:
+    """Each job's outcome as it ends: in this process, or in ``--jobs`` worker processes
+    (each compile is its own XLA:TPU program; they share nothing but the cache directory)."""
+    if args.jobs == 1:
+        yield from (run_job(job, args.cache, args.max_batch) for job in todo)
+        return
+    spawn = multiprocessing.get_context("spawn")  # jax in a forked process is unsafe
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:
+        running = {pool.submit(run_job, job, args.cache, args.max_batch): job for job in todo}
+        for future in concurrent.futures.as_completed(running):
+            try:
+                yield future.result()
+            except Exception as error:  # the worker died (killed for memory, say)
+                yield f"{running[future].label}: worker process failed: {error}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Measures what the cache lacks, cell by cell, rewriting the table after each; 1 if a
     cell failed other than by not fitting."""
     args = parse(argv)
     failures: list[str] = []
     if not args.no_compile:
-        for preset in args.presets:
-            for topology in args.topologies:
-                # Dense first: Pallas cells' tokens/s use its FLOPs.
-                for attention in sorted(args.attentions, key=lambda a: a != "dense"):
-                    cell = Cell(preset, topology, attention, args.block_size)
-                    try:
-                        found = search(measured(cell, args.cache), args.max_batch)
-                        if attention != "dense" and found.best is not None:
-                            # The projection's FLOPs: XLA counts none inside Pallas kernels.
-                            dense = dataclasses.replace(cell, attention="dense")
-                            measured(dense, args.cache)(found.best)
-                    except Exception as error:  # a bug, not a verdict: not cached
-                        first = (str(error).splitlines() or [""])[0]
-                        failures.append(
-                            f"{preset} on {topology}, {attention}: {type(error).__name__}: {first}"
-                        )
-                        print(f"error: {failures[-1]}", file=sys.stderr, flush=True)
-                    write_table(args, failures)
-        if FSDP_TOPOLOGY in args.topologies and "dense" in args.attentions:
-            for preset in (p for p in FSDP_PRESETS if p in args.presets):
-                for size in FSDP_SIZES:
-                    cell = Cell(preset, FSDP_TOPOLOGY, "dense", args.block_size, size)
-                    try:
-                        measured(cell, args.cache)(START_BATCH)
-                    except Exception as error:  # a bug, not a verdict: not cached
-                        first = (str(error).splitlines() or [""])[0]
-                        failures.append(
-                            f"{preset} on {FSDP_TOPOLOGY}, fsdp {size}: "
-                            f"{type(error).__name__}: {first}"
-                        )
-                        print(f"error: {failures[-1]}", file=sys.stderr, flush=True)
-                    write_table(args, failures)
+        for failure in run_jobs(jobs(args), args):
+            if failure is not None:
+                failures.append(failure)
+                print(f"error: {failure}", file=sys.stderr, flush=True)
+            write_table(args, failures)
     write_table(args, failures)
     print(f"wrote {args.out}")
     return 1 if failures else 0

@@ -1,7 +1,8 @@
-"""benchmarks/tpu_fit.py on one small cell (configs/tiny.py on v5e:2x2, dense, batches 4 and 8):
-its table holds XLA:TPU's numbers in the slice's column, they agree with a direct compile, and
-a second run reads its cache instead of compiling; the batch search doubles, halves and stops
-where it should."""
+"""benchmarks/tpu_fit.py on one small cell (configs/tiny.py on v5e:2x2, dense, batches 4 and 8,
+and 4 with the state sharded 4 ways): its tables hold XLA:TPU's numbers in the slice's column,
+they agree with a direct compile, and a second run reads its cache instead of compiling; worker
+processes fill the same cache; the batch search predicts, bisects, halves and stops where it
+should."""
 
 import dataclasses
 import importlib.util
@@ -181,6 +182,37 @@ def test_a_search_the_cache_cannot_finish_is_unfinished(monkeypatch):
     monkeypatch.setattr(fit, "memory", lambda record: (_linear(record["batch"]), 16.0))
     found = fit.search(lambda batch: {"batch": batch} if batch <= 8 else None, 256)
     assert (found.best, list(found.records), found.finished) == (8, [4, 8], False)
+
+
+def test_worker_processes_fill_the_cache_the_table_is_written_from(tmp_path, monkeypatch):
+    """--jobs 2: the dense and Pallas cells compile at once, each in a worker process (this
+    process cannot compile here), both writing the dense batch the Pallas projection needs;
+    the cache they leave holds every record, complete, for the table."""
+    fit = _script()
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # the workers import the script
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("compiled in the parent process")
+
+    monkeypatch.setattr(fit, "compile_for_topology", no_compile)
+    cache, out = tmp_path / "cache", tmp_path / "TPU.md"
+    argv = [
+        "--presets=configs/tiny.py", "--topologies=v5e:2x2", "--attentions=dense,pallas",
+        "--max_batch=4", "--block_size=0", f"--cache={cache}", f"--out={out}",
+    ]  # fmt: skip
+    assert fit.main([*argv, "--jobs=2"]) == 0
+    files = sorted(p.name for p in cache.iterdir())
+    name = "configs_tiny.py__v5e-2x2__{}__b4__nconfig.json"
+    assert files == [name.format("dense"), name.format("pallas")]  # no partial file left
+    for attention in ("dense", "pallas"):
+        record = json.loads((cache / name.format(attention)).read_text())
+        assert record["status"] == "ok" and record["compiled"]["attention"] == attention
+    markdown = out.read_text()
+    pallas = _table_row(markdown, "Pallas attention", "configs/tiny.py")
+    assert pallas["v5e:2x2 (4 chips, 16 GiB)"].startswith("**max** b4")
+    out.unlink()
+    assert fit.main(argv) == 0  # in this process, from the cache alone
+    assert out.read_text() == markdown
 
 
 def test_the_committed_table_is_what_the_script_writes_from_the_committed_cache(tmp_path):
