@@ -19,7 +19,8 @@
 #   bash launch/tpu_vm.sh train --help    # a subcommand's options and environment variables
 #
 # train without --detach runs in the foreground and shows the output of every worker. Either way
-# each worker records the training process's pid in ~/guided_jax/train.pid, which stop signals.
+# each worker writes the run's output to ~/guided_jax/train.log, which logs reads, and records the
+# training process's pid in ~/guided_jax/train.pid, which stop signals.
 #
 # train first runs, on this machine and in this checkout (as the workers run it in theirs),
 #   python -m guided_jax.lower --config CONFIG --topology ACCELERATOR_TYPE [--config.key=value ...]
@@ -161,7 +162,8 @@ command_help() {
       ;;
     logs)
       echo "usage: tpu_vm.sh logs [OPTIONS]"
-      echo "Prints the end of ~/guided_jax/train.log (the output of train --detach) on one worker."
+      echo "Prints the end of ~/guided_jax/train.log (the output of train, with or without"
+      echo "--detach) on one worker."
       settings+=(worker)
       ;;
     stop)
@@ -443,11 +445,13 @@ case $command in
     args=(-m guided_jax.main --config "$config" --workdir "$workdir" --distributed "$@")
     train=".venv/bin/python $(printf '%q ' "${args[@]}")"
     # Either way train.pid holds the pid of the training process itself (nohup and the shell
-    # exec it), for stop.
+    # exec it), for stop, and train.log its output, for logs: in the foreground through a FIFO
+    # to tee, which also shows it here (a pipe would put the trainer in a subshell).
     if [[ $detach == 1 ]]; then
       line="cd $remote_dir && { nohup $train> train.log 2>&1 < /dev/null & echo \$! > train.pid; }"
     else
-      line="cd $remote_dir && echo \$\$ > train.pid && exec $train"
+      line="cd $remote_dir && rm -f train.out && mkfifo train.out && { tee train.log < train.out & }"
+      line+=" && echo \$\$ > train.pid && exec $train> train.out 2>&1"
     fi
     [[ -z $mount_bucket ]] || line="$mount_bucket && $line"
     on_workers "$line"

@@ -293,10 +293,12 @@ def test_tpu_train_runs_the_distributed_command_on_every_worker():
                           WORKDIR="/nfs/runs/r12")  # fmt: skip
     assert ssh[:6] == [*GCLOUD_TPU, "ssh", "guided-jax"] and "--worker=all" in ssh
     assert shlex.split(remote_command(ssh)) == [
-        "cd", "guided_jax", "&&", "echo", "$$", ">", "train.pid", "&&",  # the pid, for stop
+        "cd", "guided_jax", "&&", "rm", "-f", "train.out", "&&", "mkfifo", "train.out", "&&",
+        "{", "tee", "train.log", "<", "train.out", "&", "}", "&&",  # the output, for logs
+        "echo", "$$", ">", "train.pid", "&&",  # the pid, for stop
         "exec", ".venv/bin/python", "-m", "guided_jax.main",
         "--config", "configs/reference.py:roberta_12", "--workdir", "/nfs/runs/r12",
-        "--distributed", *extra,
+        "--distributed", *extra, ">", "train.out", "2>&1",
     ]  # fmt: skip
 
 
@@ -345,7 +347,7 @@ def test_tpu_train_compiles_for_the_slice_before_the_workers_start():
         "python", "-m", "guided_jax.lower", "--config", "configs/reference.py:roberta_12",
         "--topology", "v5litepod-16", *extra,
     ]  # fmt: skip
-    assert shlex.split(remote_command(ssh))[-2:] == extra
+    assert shlex.split(remote_command(ssh))[-5:-3] == extra
 
 
 def test_tpu_train_compile_check_follows_type_flag_and_python():
@@ -472,6 +474,7 @@ def test_tpu_unknown_storage_is_refused(args, env, value):
 
 FAKE_PYTHON = """#!/usr/bin/env bash
 trap 'echo TERM >> signals; exit 0' TERM
+echo "training with $# arguments"
 printf '%s\\n' "$@" > args
 while [ -e keep-running ] && [ $((n += 1)) -le 200 ]; do sleep 0.05; done  # at most 10 s
 """
@@ -497,6 +500,17 @@ def wait_for(path: pathlib.Path, text: str) -> None:
     raise AssertionError(f"{path} never held {text!r}")
 
 
+def recorded_pid(home: pathlib.Path) -> int:
+    """train.pid's pid, once written: a detached trainer may start before its launcher's shell
+    has written it."""
+    path = home / "train.pid"
+    for _ in range(200):
+        if path.exists() and (text := path.read_text()).endswith("\n"):
+            return int(text)
+        time.sleep(0.05)
+    raise AssertionError(f"{path} was never written")
+
+
 def stop_on_worker(home: pathlib.Path) -> subprocess.CompletedProcess:
     """`tpu_vm.sh stop`'s command, run in the worker's home."""
     [stop] = dry_run(TPU_VM, "stop")
@@ -506,13 +520,20 @@ def stop_on_worker(home: pathlib.Path) -> subprocess.CompletedProcess:
 
 def test_tpu_remote_train_passes_the_arguments_intact(tmp_path):
     """The worker's side of a foreground run: the arguments arrive intact through both shells,
-    and train.pid names the training process itself (the shell execs it)."""
+    train.pid names the training process itself (the shell execs it), and its output is both
+    shown (on the ssh command's stdout) and kept in train.log, which `logs` reads."""
     home = worker_home(tmp_path)
     _, ssh = train_dry_run("configs/default.py", *TRAIN_EXTRA, WORKDIR="/w")
-    run = subprocess.Popen(["bash", "-c", remote_command(ssh)], cwd=tmp_path)
-    assert run.wait(timeout=30) == 0
+    run = subprocess.Popen(
+        ["bash", "-c", remote_command(ssh)], cwd=tmp_path, stdout=subprocess.PIPE, text=True
+    )
+    shown, _ = run.communicate(timeout=30)  # to the end: tee, too, has closed its stdout
+    assert run.returncode == 0
     assert (home / "args").read_text().splitlines() == TRAIN_ARGS
     assert int((home / "train.pid").read_text()) == run.pid
+    expected = f"training with {len(TRAIN_ARGS)} arguments\n"
+    assert shown == expected
+    wait_for(home / "train.log", expected)
 
 
 @pytest.mark.parametrize("detach", [False, True], ids=["foreground", "detached"])
@@ -525,7 +546,7 @@ def test_tpu_stop_sends_sigterm_to_the_run(tmp_path, detach):
     run = subprocess.Popen(["bash", "-c", remote_command(ssh)], cwd=tmp_path)
     try:
         wait_for(home / "args", "\n".join(TRAIN_ARGS) + "\n")  # running, SIGTERM trapped
-        pid = int((home / "train.pid").read_text())
+        pid = recorded_pid(home)
         if not detach:
             assert pid == run.pid  # the foreground run is the ssh command's own process
         stop = stop_on_worker(home)
