@@ -504,10 +504,11 @@ def write_table(args: argparse.Namespace, failures: Sequence[str]) -> None:
         f"* tokens/s (at **max**) is a **projection**, not a measurement: the tokens each chip "
         f"trains per step over the time the step's FLOPs take at {UTILISATION:.0%} of the "
         f"chip's bf16 peak. †: a Pallas cell's projection uses the dense step's FLOPs at the "
-        f"same batch (the dense step is compiled at that batch for it); ‡: where that compile "
-        f"is missing, the dense FLOPs extrapolated along the line through the two nearest "
-        f"measured dense batches (an estimate: XLA's count is close to, not exactly, linear in "
-        f"the batch).",
+        f"same batch (the dense step is compiled at that batch for it); ‡: where the dense "
+        f"step has no compile at that batch (Pallas fits a batch dense does not), the dense "
+        f"FLOPs extrapolated along the line through the two nearest compiled dense batches (an "
+        f"estimate: XLA's count is close to, not exactly, linear in the batch, and grows where "
+        f"the compiler recomputes activations to fit).",
         "* —: not measured (no compile of it in the cache); `search unfinished`: the cache "
         "holds only the search's first batches.",
         "HBM and dense bf16 peak per chip (`TPU_CHIPS` in guided_jax/train/lowering.py, as Cloud "
