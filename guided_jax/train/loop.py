@@ -34,6 +34,7 @@ from guided_jax.data.packing import eval_batches
 from guided_jax.data.pipeline import BlocksWithStarts, train_iterator
 from guided_jax.model.params import place_params
 from guided_jax.storage import check_location
+from guided_jax.train import verdict
 from guided_jax.train.checkpoints import checkpoint_manager, restore_latest, save
 from guided_jax.train.inputs import RunInputs, prepare
 from guided_jax.train.metrics import MetricsLog, check_finite
@@ -47,6 +48,10 @@ from guided_jax.train.step import (
     make_diagnostics_step,
 )
 from guided_jax.weights.hf import load_init_params
+
+# How long the other processes wait for process 0 to tokenize and write the workdir's files (a
+# corpus larger than data.max_inline_bytes is prepared beforehand with guided_jax.prepare).
+PREPARE_WAIT_S = 3 * 3600.0
 
 
 def train_and_evaluate(
@@ -70,12 +75,19 @@ def train_and_evaluate(
 
 def _prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunInputs:
     """Process 0 checks, tokenizes and writes WORKDIR's files; the others then read them
-    (WORKDIR must be on storage every host sees)."""
+    (WORKDIR must be on storage every host sees), or stop with process 0's reason."""
     if jax.process_count() == 1:
         return prepare(config, workdir)
-    inputs = prepare(config, workdir) if jax.process_index() == 0 else None
-    multihost_utils.sync_global_devices("guided_jax: workdir prepared")
-    return inputs or prepare(config, workdir, write=False)
+    if jax.process_index() == 0:
+        try:
+            inputs = prepare(config, workdir)
+        except BaseException as error:
+            verdict.share("workdir_prepared", error)
+            raise
+        verdict.share("workdir_prepared", None)
+        return inputs
+    verdict.wait_for("workdir_prepared", "prepare the workdir", PREPARE_WAIT_S)
+    return prepare(config, workdir, write=False)
 
 
 def _data_position(inputs: RunInputs, step: int) -> dict[str, int]:

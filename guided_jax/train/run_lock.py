@@ -41,6 +41,7 @@ from typing import Any
 
 from guided_jax import storage
 from guided_jax.config.resolve import ConfigError
+from guided_jax.train import verdict
 
 LEASE_FILE = "lease.json"
 HEARTBEAT_S = 30.0
@@ -74,15 +75,26 @@ class Held:
 
 @contextlib.contextmanager
 def one_run_per_workdir(workdir: str | os.PathLike, *, chief: bool = True) -> Iterator[Held]:
-    """Holds ``workdir`` for the body (only the ``chief`` process takes it)."""
+    """Holds ``workdir`` for the body. Only the ``chief`` process takes it; in a multi-process
+    run the others wait for its verdict and stop with its reason when it could not."""
     if not chief:
+        verdict.wait_for("workdir_held", "take the workdir", 2 * STALE_AFTER_S)
         yield Held()
-    elif storage.is_remote(workdir):
-        with ObjectLease(workdir, heartbeat_s=HEARTBEAT_S, stale_after_s=STALE_AFTER_S) as lease:
-            yield lease
-    else:
-        with _file_lock(workdir):
-            yield Held()
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            if storage.is_remote(workdir):
+                held: Held = stack.enter_context(
+                    ObjectLease(workdir, heartbeat_s=HEARTBEAT_S, stale_after_s=STALE_AFTER_S)
+                )
+            else:
+                stack.enter_context(_file_lock(workdir))
+                held = Held()
+        except BaseException as error:  # refused, or interrupted while waiting out a lease
+            verdict.share("workdir_held", error)
+            raise
+        verdict.share("workdir_held", None)
+        yield held
 
 
 def check_on_every_process(held: Held) -> None:

@@ -173,9 +173,9 @@ def test_a_takeover_during_training_stops_the_old_run_before_it_writes_again(
 
 
 _PROCESS = """
-import sys, time
+import pathlib, sys, time
 import jax
-index, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+index, port, workdir, marks = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 jax.distributed.initialize(f"127.0.0.1:{port}", 2, index)
 from guided_jax.config.resolve import ConfigError
 from guided_jax.train import run_lock
@@ -183,6 +183,7 @@ run_lock.HEARTBEAT_S = 0.05
 with run_lock.one_run_per_workdir(workdir, chief=index == 0) as held:
     run_lock.check_on_every_process(held)
     print("holding", flush=True)
+    pathlib.Path(marks, f"holding.{index}").touch()
     deadline = time.monotonic() + 120
     while index == 0 and held.lost() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -200,13 +201,13 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_every_process_stops_before_a_save_once_process_0_lost_the_lease(gcs_dir):
+def test_every_process_stops_before_a_save_once_process_0_lost_the_lease(gcs_dir, tmp_path):
     workdir = f"{gcs_dir}/run"
     port = _free_port()
     command = [sys.executable, "-c", _PROCESS]
     processes = [
         subprocess.Popen(
-            [*command, str(index), str(port), workdir],
+            [*command, str(index), str(port), workdir, str(tmp_path)],
             cwd=REPO,
             env=cli_env(),
             stdout=subprocess.PIPE,
@@ -217,10 +218,14 @@ def test_every_process_stops_before_a_save_once_process_0_lost_the_lease(gcs_dir
     ]
     try:
         deadline = time.monotonic() + 120
-        while (held := _lease(workdir)) is None:
+        # Both processes hold the run (past the first check on every process) before the
+        # takeover.
+        while not all((tmp_path / f"holding.{index}").exists() for index in range(2)):
             assert all(p.poll() is None for p in processes), [p.communicate() for p in processes]
-            assert time.monotonic() < deadline, "process 0 never took the lease"
+            assert time.monotonic() < deadline, "the processes never held the workdir"
             time.sleep(0.05)
+        held = _lease(workdir)
+        assert held is not None
         bucket, _, prefix = workdir[len("gs://") :].partition("/")
         other = {**held, "owner": "pid 4242 on another-host", "token": "other"}
         gcs.Client().bucket(bucket).blob(f"{prefix}/{LEASE_FILE}").upload_from_string(
@@ -233,7 +238,7 @@ def test_every_process_stops_before_a_save_once_process_0_lost_the_lease(gcs_dir
     (out0, err0), (out1, err1) = results
     assert [p.returncode for p in processes] == [1, 1], (err0[-2000:], err1[-2000:])
     for out in (out0, out1):  # (stdout also has the collectives library's own lines)
-        assert out.splitlines()[-1] == "holding", out
+        assert "holding" in out.splitlines() and "would save" not in out, out
     assert (
         f"stopped: workdir {workdir} is no longer this run's ({workdir}/{LEASE_FILE}: it was "
         f"taken over by pid 4242 on another-host); stopping without saving"

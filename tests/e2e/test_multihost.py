@@ -1,5 +1,6 @@
 """A real multi-process run: two processes on localhost, four CPU devices each, one mesh."""
 
+import fcntl
 import re
 import signal
 import socket
@@ -54,11 +55,11 @@ def _launch(workdir, corpus_file, steps):
     ]
 
 
-def _wait(processes):
+def _wait(processes, timeout=480):
     outputs = []
     try:
         for process in processes:
-            outputs.append(process.communicate(timeout=480))
+            outputs.append(process.communicate(timeout=timeout))
     finally:
         for process in processes:
             process.kill()
@@ -95,3 +96,37 @@ def test_two_processes_survive_preemption_and_train_like_one(run_corpus, sharded
     # Only process 0 reports (stdout may still carry the collectives library's own lines).
     assert "over 8 devices" not in results[1][1] and "finished" not in results[1][1]
     assert_runs_match(sharded_run, workdir)
+
+
+def test_a_workdir_another_run_holds_stops_every_process_with_the_reason(run_corpus, tmp_path):
+    """Only process 0 takes the workdir; when another run holds it, the other processes stop
+    too, at once and saying why, instead of waiting for process 0 at the first barrier."""
+    workdir = tmp_path / "held"
+    workdir.mkdir()
+    with open(workdir / ".lock", "a+") as lock:  # another run's hold, as _file_lock takes it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("pid 4242 on another-host\n")
+        lock.flush()
+        processes = _launch(workdir, run_corpus, STEPS)
+        start = time.monotonic()
+        results = _wait(processes, timeout=120)
+    assert time.monotonic() - start < 120
+    (code0, _, err0), (code1, _, err1) = results
+    assert code0 != 0 and "is in use by another run (pid 4242 on another-host)" in err0, err0
+    assert code1 != 0, err1
+    assert "error: process 0 could not take the workdir: workdir " in err1, err1
+    assert "is in use by another run (pid 4242 on another-host)" in err1, err1
+
+
+def test_a_corpus_process_0_refuses_stops_every_process_with_the_reason(tmp_path):
+    """Only process 0 reads the corpus; when it refuses it (bad UTF-8 here), the other process
+    stops with the same reason instead of timing out in the barrier after preparation."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(b"a first line of text\n" * 50 + b"caf\xe9 is not UTF-8\n")
+    results = _wait(_launch(tmp_path / "run", corpus, STEPS), timeout=120)
+    (code0, _, err0), (code1, _, err1) = results
+    reason = [line for line in err0.splitlines() if "UTF-8" in line]
+    assert code0 != 0 and reason, err0
+    assert code1 != 0, err1
+    why = reason[0].split("error: ", 1)[1]  # "guided_jax.main: error: corpus file ..."
+    assert f"error: process 0 could not prepare the workdir: {why}\n" in err1, err1
