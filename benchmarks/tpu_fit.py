@@ -28,6 +28,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import datetime
+import functools
 import importlib.metadata
 import json
 import math
@@ -109,12 +110,10 @@ class Cell:
         return cache / f"{preset}__{topology}__{self.attention}__b{batch}__{block}{fsdp}.json"
 
 
-def _provenance() -> dict[str, str]:
-    """Versions, commit and date a compile is recorded with."""
-    try:
-        libtpu = importlib.metadata.version("libtpu")
-    except importlib.metadata.PackageNotFoundError:
-        libtpu = "unknown"
+@functools.cache
+def code_commit() -> str:
+    """The commit of the code this process compiles with, taken once, when it starts (main and
+    each worker call it first): the checkout may change while a long run goes on."""
 
     def git(*args: str) -> str:
         result = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
@@ -123,10 +122,19 @@ def _provenance() -> dict[str, str]:
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
     if git("status", "--porcelain", "--", "guided_jax", "configs"):
         commit += " with uncommitted changes"
+    return commit
+
+
+def _provenance() -> dict[str, str]:
+    """Versions, commit and date a compile is recorded with."""
+    try:
+        libtpu = importlib.metadata.version("libtpu")
+    except importlib.metadata.PackageNotFoundError:
+        libtpu = "unknown"
     return {
         "jax": jax.__version__,
         "libtpu": libtpu,
-        "commit": commit,
+        "commit": code_commit(),
         "date": datetime.date.today().isoformat(),
     }
 
@@ -640,6 +648,7 @@ def jobs(args: argparse.Namespace) -> list[Job]:
 def run_job(job: Job, cache: pathlib.Path, max_batch: int) -> str | None:
     """Compiles what the cache lacks for ``job``; the failure (a bug, not a verdict: nothing
     is cached for it), or None."""
+    code_commit()  # a worker process's code is what it imported at its start
     try:
         if job.batch:
             measured(job.cell, cache)(job.batch)
@@ -677,6 +686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     failures: list[str] = []
     if not args.no_compile:
+        code_commit()
         for failure in run_jobs(jobs(args), args):
             if failure is not None:
                 failures.append(failure)

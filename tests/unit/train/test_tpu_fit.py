@@ -8,6 +8,7 @@ import dataclasses
 import importlib.util
 import json
 import re
+import subprocess
 import sys
 
 import pytest
@@ -213,6 +214,28 @@ def test_worker_processes_fill_the_cache_the_table_is_written_from(tmp_path, mon
     out.unlink()
     assert fit.main(argv) == 0  # in this process, from the cache alone
     assert out.read_text() == markdown
+
+
+def test_a_compile_records_the_commit_its_process_started_from(monkeypatch):
+    """The checkout may change under a run of hours: its records name the commit, clean or
+    not, the code was imported from, not the checkout's state when each compile ends."""
+    fit = _script()
+    tree = {"HEAD": "abc1234\n", "status": ""}
+
+    def git(argv, **kwargs):
+        out = tree["HEAD"] if argv[1] == "rev-parse" else tree["status"]
+        return subprocess.CompletedProcess(argv, 0, stdout=out, stderr="")
+
+    monkeypatch.setattr(fit.subprocess, "run", git)
+    fit.code_commit.cache_clear()
+    try:
+        assert fit._provenance()["commit"] == "abc1234"
+        tree.update(HEAD="def5678\n", status=" M guided_jax/train/loop.py\n")
+        assert fit._provenance()["commit"] == "abc1234"
+        fit.code_commit.cache_clear()  # a new process
+        assert fit._provenance()["commit"] == "def5678 with uncommitted changes"
+    finally:
+        fit.code_commit.cache_clear()
 
 
 def test_the_committed_table_is_what_the_script_writes_from_the_committed_cache(tmp_path):
