@@ -53,14 +53,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     import jax  # after flag parsing: --help stays fast
 
-    explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    if _DISTRIBUTED.value or any(v is not None for v in explicit):
-        jax.distributed.initialize(*explicit)  # before any other JAX call
     from guided_jax.train import loop as train
     from guided_jax.train.metrics import summary
     from guided_jax.train.plan import plan_run
 
-    with cli.command("main", argv):
+    with cli.command("main", argv):  # quiet from here: jax logs its connecting at INFO
+        explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        if _DISTRIBUTED.value or any(v is not None for v in explicit):
+            jax.distributed.initialize(*explicit)  # before any other JAX call
         if _PRINT_CONFIG.value:
             print("\n".join(plan_run(_CONFIG.value, _WORKDIR.value).lines()))
             return

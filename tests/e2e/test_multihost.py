@@ -130,3 +130,5 @@ def test_a_corpus_process_0_refuses_stops_every_process_with_the_reason(tmp_path
     assert code1 != 0, err1
     why = reason[0].split("error: ", 1)[1]  # "guided_jax.main: error: corpus file ..."
     assert f"error: process 0 could not prepare the workdir: {why}\n" in err1, err1
+    for err in (err0, err1):  # no library INFO lines (jax's "Connecting to ...")
+        assert not re.search(r"^I\d{4} ", err, re.MULTILINE), err
