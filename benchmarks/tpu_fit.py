@@ -63,6 +63,7 @@ DEFAULT_MAX_BATCH = 256
 DEFAULT_BLOCK_SIZE = 512
 DEFAULT_CACHE = REPO / "benchmarks" / "tpu_fit_cache"
 UTILISATION = 0.4  # of the chip's bf16 peak, for the tokens/s projection
+WRAP = {"width": 100, "break_long_words": False, "break_on_hyphens": False}  # the doc's prose
 # Sharding the state (mesh.fsdp) against data parallelism alone, on the pod slice, dense, batch 4
 FSDP_TOPOLOGY = "v5e:16x16"
 FSDP_PRESETS = ("roberta_12", "bert_48")
@@ -112,8 +113,9 @@ class Cell:
 
 @functools.cache
 def code_commit() -> str:
-    """The commit of the code this process compiles with, taken once, when it starts (main and
-    each worker call it first): the checkout may change while a long run goes on."""
+    """The commit of the code this process compiles with, taken once, when it starts (each job
+    calls it first, in this process or a worker): the checkout may change while a long run goes
+    on."""
 
     def git(*args: str) -> str:
         result = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
@@ -423,9 +425,7 @@ def fsdp_table(cache: pathlib.Path, block: int) -> tuple[str, list[dict]]:
             f"(`--config.mesh.fsdp=N`; the batch is still split over every chip). Train step "
             f"per chip: arguments (parameters and optimizer state), temporaries (activations, "
             f"gradients and the rest), and the total as in the tables above.",
-            width=100,
-            break_long_words=False,
-            break_on_hyphens=False,
+            **WRAP,
         )
         + "\n\n"
         + "\n".join(rows)
@@ -533,14 +533,13 @@ def write_table(args: argparse.Namespace, failures: Sequence[str]) -> None:
         f"and `--attentions`, or at once on a many-core host with `--jobs N` (N compiles in "
         f"worker processes; each keeps about 1.5 cores and 4-10 GiB of memory busy):"
     )
-    wrap = {"width": 100, "break_long_words": False, "break_on_hyphens": False}
     parts = [
         "# What fits on which TPU slice",
-        textwrap.fill(intro[0], **wrap),
-        "\n".join(textwrap.fill(item, subsequent_indent="  ", **wrap) for item in intro[1:-1]),
-        textwrap.fill(intro[-1], **wrap),
+        textwrap.fill(intro[0], **WRAP),
+        "\n".join(textwrap.fill(item, subsequent_indent="  ", **WRAP) for item in intro[1:-1]),
+        textwrap.fill(intro[-1], **WRAP),
         "\n".join(chips),
-        textwrap.fill(regenerate, **wrap),
+        textwrap.fill(regenerate, **WRAP),
         f"    {command}",
         *tables,
     ]
@@ -648,7 +647,7 @@ def jobs(args: argparse.Namespace) -> list[Job]:
 def run_job(job: Job, cache: pathlib.Path, max_batch: int) -> str | None:
     """Compiles what the cache lacks for ``job``; the failure (a bug, not a verdict: nothing
     is cached for it), or None."""
-    code_commit()  # a worker process's code is what it imported at its start
+    code_commit()  # the code this process imported at its start
     try:
         if job.batch:
             measured(job.cell, cache)(job.batch)
@@ -686,7 +685,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     failures: list[str] = []
     if not args.no_compile:
-        code_commit()
         for failure in run_jobs(jobs(args), args):
             if failure is not None:
                 failures.append(failure)

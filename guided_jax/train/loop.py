@@ -79,13 +79,8 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> R
     if jax.process_count() == 1:
         return prepare(config, workdir)
     if jax.process_index() == 0:
-        try:
-            inputs = prepare(config, workdir)
-        except BaseException as error:
-            verdict.share("workdir_prepared", error)
-            raise
-        verdict.share("workdir_prepared", None)
-        return inputs
+        with verdict.shared("workdir_prepared"):
+            return prepare(config, workdir)
     verdict.wait_for("workdir_prepared", "prepare the workdir", PREPARE_WAIT_S)
     return prepare(config, workdir, write=False)
 

@@ -82,7 +82,7 @@ def one_run_per_workdir(workdir: str | os.PathLike, *, chief: bool = True) -> It
         yield Held()
         return
     with contextlib.ExitStack() as stack:
-        try:
+        with verdict.shared("workdir_held"):  # refused, or interrupted waiting out a lease
             if storage.is_remote(workdir):
                 held: Held = stack.enter_context(
                     ObjectLease(workdir, heartbeat_s=HEARTBEAT_S, stale_after_s=STALE_AFTER_S)
@@ -90,10 +90,6 @@ def one_run_per_workdir(workdir: str | os.PathLike, *, chief: bool = True) -> It
             else:
                 stack.enter_context(_file_lock(workdir))
                 held = Held()
-        except BaseException as error:  # refused, or interrupted while waiting out a lease
-            verdict.share("workdir_held", error)
-            raise
-        verdict.share("workdir_held", None)
         yield held
 
 

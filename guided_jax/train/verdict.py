@@ -6,6 +6,8 @@ of a timeout in a barrier."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from guided_jax.config.resolve import ConfigError
@@ -22,13 +24,22 @@ def _client() -> Any:
     return multihost.get_jax_distributed_client()
 
 
-def share(key: str, error: BaseException | None) -> None:
-    """Process 0: ``key`` done (``error`` None) or failed, with the error's first line."""
+@contextlib.contextmanager
+def shared(key: str) -> Iterator[None]:
+    """Process 0, around the work: ``key`` done when the body ends, or failed with the first
+    line of what it raised (raised on here too)."""
+    try:
+        yield
+    except BaseException as error:
+        _share(key, (str(error).splitlines() or [""])[0] or type(error).__name__)
+        raise
+    _share(key, OK)
+
+
+def _share(key: str, why: str) -> None:
     client = _client()
-    if client is None:
-        return
-    why = OK if error is None else (str(error).splitlines() or [""])[0] or type(error).__name__
-    client.key_value_set(f"guided_jax/{key}", why)
+    if client is not None:
+        client.key_value_set(f"guided_jax/{key}", why)
 
 
 def wait_for(key: str, what: str, timeout_s: float) -> None:
