@@ -16,6 +16,9 @@ plus what the flags name (``--no_compile`` only rewrites it).
 The batch search compiles 4 and 8 examples per device, predicts the largest power of two that
 fits the chip's HBM from the line through their memory, and bisects over powers of two (up to
 ``--max_batch``) until a batch fits and its double does not; below 4 it halves until one fits.
+Where the same chip in another slice has a finished search, its largest batch is tried instead
+of 8 (data parallelism compiles the same program per chip), so a pod slice often needs only 4,
+that batch and its double.
 A program XLA:TPU or Mosaic refuses counts as not fitting. Memory and FLOPs are XLA's estimates
 from the compiled program (:func:`guided_jax.train.lowering.compile_for_topology`); tokens/s is a
 projection at 40% of the chip's bf16 peak, from the dense step's FLOPs also for Pallas (XLA
@@ -221,12 +224,14 @@ def predicted(records: dict[int, dict], best: int) -> int:
     return batch
 
 
-def search(get: Callable[[int], dict | None], max_batch: int) -> Search:
+def search(get: Callable[[int], dict | None], max_batch: int, guess: int | None = None) -> Search:
     """The largest power-of-two batch per device that fits, found with few compiles: 4 (or
-    ``max_batch`` if smaller) and 8, then the batch the line through their memory predicts,
-    then a bisection over powers of two until a fitting batch's double does not fit (or is over
-    ``max_batch``); below 4, halving until one fits. ``get(batch)`` gives a batch's record, or
-    None when it is not measured (the search then stops unfinished)."""
+    ``max_batch`` if smaller), then ``guess`` (the largest batch that fits a chip of the same
+    kind in another slice: data parallelism gives each chip the same program) or else 8 and the
+    batch the line through their memory predicts, then a bisection over powers of two until a
+    fitting batch's double does not fit (or is over ``max_batch``); below 4, halving until one
+    fits. ``get(batch)`` gives a batch's record, or None when it is not measured (the search
+    then stops unfinished)."""
     result = Search({})
 
     def tried(batch: int) -> dict | None:
@@ -243,7 +248,9 @@ def search(get: Callable[[int], dict | None], max_batch: int) -> Search:
         low, high = batch, None  # fits; smallest known not to fit
         result.best = low
         while low * 2 <= max_batch and (high is None or high > low * 2):
-            if high is None:
+            if high is None and guess is not None and low < guess <= max_batch:
+                batch, guess = guess, None
+            elif high is None:
                 batch = min(max(low * 2, predicted(result.records, low)), max_batch)
             else:  # the power of two halfway (in exponent) between low and high
                 batch = 2 ** ((low.bit_length() + high.bit_length() - 2) // 2)
@@ -267,6 +274,43 @@ def search(get: Callable[[int], dict | None], max_batch: int) -> Search:
             batch //= 2
     result.finished = True
     return result
+
+
+def settled(records: dict[int, dict], max_batch: int) -> Search:
+    """What a cell's records show, in whatever order they were compiled (with or without a
+    guess): the largest batch that fits, final once its double is known not to fit or would be
+    over ``max_batch`` (a power of two), or once nothing down to 1 fits."""
+    records = dict(sorted(records.items()))
+    fitting = [batch for batch, record in records.items() if fits(record)]
+    if not fitting:
+        return Search(records, finished=1 in records)
+    best = max(fitting)
+    if best >= max_batch:
+        return Search(records, best, finished=True, capped=True)
+    return Search(records, best, finished=best * 2 in records)  # which cannot fit: best is max
+
+
+def batches(max_batch: int) -> list[int]:
+    """The batches a search may compile: powers of two up to ``max_batch``."""
+    return [2**i for i in range(max_batch.bit_length())]
+
+
+def cached_records(cell: Cell, cache: pathlib.Path, max_batch: int) -> dict[int, dict]:
+    read = cached(cell, cache)
+    return {batch: record for batch in batches(max_batch) if (record := read(batch)) is not None}
+
+
+def sibling_best(cell: Cell, cache: pathlib.Path, max_batch: int) -> int | None:
+    """The largest batch that fits, by a finished search, for ``cell`` on another slice of the
+    same chip in TOPOLOGIES (its guess), or None."""
+    generation = cell.topology.partition(":")[0]
+    for topology in TOPOLOGIES:
+        if topology != cell.topology and topology.partition(":")[0] == generation:
+            sibling = dataclasses.replace(cell, topology=topology)
+            found = settled(cached_records(sibling, cache, max_batch), max_batch)
+            if found.finished and found.best is not None:
+                return found.best
+    return None
 
 
 def cached(cell: Cell, cache: pathlib.Path) -> Callable[[int], dict | None]:
@@ -352,7 +396,7 @@ def dense_flops(cell: Cell, cache: pathlib.Path, batch: int) -> tuple[float, boo
 def cell_text(cell: Cell, cache: pathlib.Path, max_batch: int) -> tuple[str, list[dict]]:
     """A table cell (the start batch, then the largest batch that fits) and the records it
     shows."""
-    found = search(cached(cell, cache), max_batch)
+    found = settled(cached_records(cell, cache, max_batch), max_batch)
     start = min(START_BATCH, max_batch)
     if start not in found.records:
         return "—", []
@@ -652,7 +696,8 @@ def run_job(job: Job, cache: pathlib.Path, max_batch: int) -> str | None:
         if job.batch:
             measured(job.cell, cache)(job.batch)
         else:
-            found = search(measured(job.cell, cache), max_batch)
+            guess = sibling_best(job.cell, cache, max_batch)
+            found = search(measured(job.cell, cache), max_batch, guess)
             if job.cell.attention != "dense" and found.best is not None:
                 # The projection's FLOPs: XLA counts none inside Pallas kernels.
                 dense = dataclasses.replace(job.cell, attention="dense")

@@ -150,31 +150,67 @@ def _quadratic(batch: int) -> float:
 
 
 @pytest.mark.parametrize(
-    ("gib", "largest", "max_batch", "best", "tried", "capped"),
+    ("gib", "largest", "max_batch", "guess", "best", "tried", "capped"),
     [
-        (_linear, 30, 256, 16, [4, 8, 16, 32], False),  # predicted right, its double does not fit
-        (_roomy, 1500, 256, 256, [4, 8, 256], True),  # predicted past the cap: the cap
-        (_roomy, 1500, 2048, 1024, [4, 8, 1024, 2048], False),
-        (_quadratic, 119, 1024, 64, [4, 8, 512, 64, 128], False),  # too far: bisected back
-        (_linear, 100, 256, 64, [4, 8, 16, 32, 64, 128], False),  # too short: doubled on
-        (_linear, 4, 256, 4, [4, 8], False),  # 8 refused by the compiler
-        (_linear, 1, 256, 1, [4, 2, 1], False),  # halves below 4
-        (_linear, 0, 256, None, [4, 2, 1], False),  # nothing fits
-        (_linear, 8, 2, 2, [2], True),  # a cap below 4 starts there
+        (_linear, 30, 256, None, 16, [4, 8, 16, 32], False),  # predicted right, 2x does not fit
+        (_roomy, 1500, 256, None, 256, [4, 8, 256], True),  # predicted past the cap: the cap
+        (_roomy, 1500, 2048, None, 1024, [4, 8, 1024, 2048], False),
+        (_quadratic, 119, 1024, None, 64, [4, 8, 512, 64, 128], False),  # too far: bisected back
+        (_linear, 100, 256, None, 64, [4, 8, 16, 32, 64, 128], False),  # too short: doubled on
+        (_linear, 4, 256, None, 4, [4, 8], False),  # 8 refused by the compiler
+        (_linear, 1, 256, None, 1, [4, 2, 1], False),  # halves below 4
+        (_linear, 0, 256, None, None, [4, 2, 1], False),  # nothing fits
+        (_linear, 8, 2, None, 2, [2], True),  # a cap below 4 starts there
+        # The same chip's largest batch in another slice, tried in place of 8:
+        (_linear, 30, 256, 16, 16, [4, 16, 32], False),  # right: its double does not fit
+        (_quadratic, 119, 1024, 128, 64, [4, 128, 16, 32, 64], False),  # too large: bisected
+        (_linear, 100, 256, 32, 64, [4, 32, 64, 128], False),  # too small: the line goes on
+        (_roomy, 1500, 256, 256, 256, [4, 256], True),  # the cap
+        (_linear, 30, 256, 4, 16, [4, 8, 16, 32], False),  # not above 4: 8 as without one
     ],
 )
-def test_the_batch_search(monkeypatch, gib, largest, max_batch, best, tried, capped):
+def test_the_batch_search(monkeypatch, gib, largest, max_batch, guess, best, tried, capped):
     """Records fit up to ``largest``; the prediction sees ``gib`` of a 16 GiB chip (a compile
-    the compiler refused has no memory)."""
+    the compiler refused has no memory). The records alone, in any order, settle the same
+    verdict (the table reads them so)."""
     fit = _script()
     monkeypatch.setattr(fit, "fits", lambda record: record["batch"] <= largest)
     monkeypatch.setattr(
         fit, "memory", lambda r: (gib(r["batch"]), 16.0) if r["batch"] <= max(largest, 4) else None
     )
-    found = fit.search(lambda batch: {"batch": batch}, max_batch)
+    found = fit.search(lambda batch: {"batch": batch}, max_batch, guess)
     assert (found.best, list(found.records), found.finished, found.capped) == (
         best, tried, True, capped,
     )  # fmt: skip
+    records = dict(reversed(found.records.items()))
+    settled = fit.settled(records, max_batch)
+    assert (settled.best, settled.finished, settled.capped) == (best, True, capped)
+    for batch in tried[1:]:  # without any one of them, unfinished (where it was needed)
+        rest = {b: r for b, r in records.items() if b != batch}
+        if batch == 2 * (best or 0) or (best is None and batch == 1):
+            assert not fit.settled(rest, max_batch).finished
+
+
+def test_a_finished_search_on_the_same_chip_is_the_guess(tmp_path, monkeypatch):
+    """A pod slice's search starts from the 4-chip slice's largest batch (same generation),
+    not from another generation's, and not from an unfinished search."""
+    fit = _script()
+    monkeypatch.setattr(fit, "fits", lambda record: record["batch"] <= 16)
+
+    def cache_for(topology: str, batches: list[int]) -> None:
+        cell = fit.Cell("roberta_4", topology, "dense", 512)
+        for batch in batches:
+            path = cell.file(tmp_path, batch)
+            path.write_text(json.dumps({"batch": batch}))
+
+    pod = fit.Cell("roberta_4", "v5e:16x16", "dense", 512)
+    cache_for("v6e:2x2", [4, 8, 16, 32])  # finished, but another chip
+    assert fit.sibling_best(pod, tmp_path, 256) is None
+    cache_for("v5e:2x2", [4, 8, 16])  # the same chip, unfinished (32 not compiled)
+    assert fit.sibling_best(pod, tmp_path, 256) is None
+    cache_for("v5e:2x2", [32])
+    assert fit.sibling_best(pod, tmp_path, 256) == 16
+    assert fit.sibling_best(dataclasses.replace(pod, attention="pallas"), tmp_path, 256) is None
 
 
 def test_a_search_the_cache_cannot_finish_is_unfinished(monkeypatch):
