@@ -341,7 +341,11 @@ def run(
             task, rates, lambda rate: one_run(seeds[0], rate, score_eval=False)
         )
         runs = [first]
-        print(_format_selection(selection))
+        later = ", ".join(str(seed) for seed in seeds[1:])
+        print(  # the whole table comes with the results (format_results)
+            f"learning rate {selection['chosen']:g}, chosen on validation {selection['metric']}"
+            f" (seed {selection['seed']})" + (f"; now seeds {later}" if later else "")
+        )
     else:
         runs = []
     chosen = rates[0] if selection is None else selection["chosen"]

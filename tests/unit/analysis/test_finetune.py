@@ -593,11 +593,15 @@ def test_the_rate_is_chosen_on_validation_with_the_first_seed_then_run_with_ever
     ]
     assert [r["eval"]["accuracy"] for r in results["runs"]] == pytest.approx([0.14, 0.15, 0.16])
     assert json.loads((tmp_path / "ft" / "results.json").read_text()) == results
+    # The choice as soon as it is made (one line), the candidates' table once, with the results
     printed = capsys.readouterr().out
+    assert printed.splitlines()[0] == (
+        "learning rate 3e-05, chosen on validation accuracy (seed 4); now seeds 5, 6"
+    )
     table = finetune.format_results(results)
-    for text in (printed, table):
-        assert "learning rate, chosen on validation accuracy (seed 4):" in text
-        assert "     3e-05: 0.9000 <- chosen" in text and "    0.0003: 0.7000\n" in text
+    assert "learning rate, chosen on validation accuracy (seed 4):" in table
+    assert "     3e-05: 0.9000 <- chosen" in table and "    0.0003: 0.7000\n" in table
+    assert "<- chosen" not in printed
 
 
 @pytest.mark.parametrize(
