@@ -16,9 +16,10 @@ plus what the flags name (``--no_compile`` only rewrites it).
 The batch search compiles 4 and 8 examples per device, predicts the largest power of two that
 fits the chip's HBM from the line through their memory, and bisects over powers of two (up to
 ``--max_batch``) until a batch fits and its double does not; below 4 it halves until one fits.
-Where the same chip in another slice has a finished search, its largest batch is tried instead
-of 8 (data parallelism compiles the same program per chip), so a pod slice often needs only 4,
-that batch and its double.
+Where another slice has a finished search, the batch after 4 comes from it instead of from 8: on
+the same chip, its largest batch (data parallelism compiles the same program per chip, so a pod
+slice often needs only 4, that batch and its double); on another chip, the largest power of two
+its memory growth per example keeps within this chip's HBM, from this chip's memory at 4.
 A program XLA:TPU or Mosaic refuses counts as not fitting. Memory and FLOPs are XLA's estimates
 from the compiled program (:func:`guided_jax.train.lowering.compile_for_topology`); tokens/s is a
 projection at 40% of the chip's bf16 peak, from the dense step's FLOPs also for Pallas (XLA
@@ -206,6 +207,11 @@ def memory(record: dict) -> tuple[float, float] | None:
     return record["per_chip_gib"], record["hbm_gib"]
 
 
+def devices_per_chip(record: dict) -> int:
+    """TPU devices JAX shows per chip in a compiled record's slice (2 on v4: its two cores)."""
+    return record["compiled"]["cores_per_chip"]
+
+
 def predicted(records: dict[int, dict], best: int) -> int:
     """The largest power-of-two batch the line through the two largest fitting batches' memory
     keeps within HBM (memory grows with the batch by its activations): at least ``best``."""
@@ -224,14 +230,16 @@ def predicted(records: dict[int, dict], best: int) -> int:
     return batch
 
 
-def search(get: Callable[[int], dict | None], max_batch: int, guess: int | None = None) -> Search:
+Guess = Callable[[dict], int]  # the start batch's record -> the batch to try next
+
+
+def search(get: Callable[[int], dict | None], max_batch: int, guess: Guess | None = None) -> Search:
     """The largest power-of-two batch per device that fits, found with few compiles: 4 (or
-    ``max_batch`` if smaller), then ``guess`` (the largest batch that fits a chip of the same
-    kind in another slice: data parallelism gives each chip the same program) or else 8 and the
-    batch the line through their memory predicts, then a bisection over powers of two until a
-    fitting batch's double does not fit (or is over ``max_batch``); below 4, halving until one
-    fits. ``get(batch)`` gives a batch's record, or None when it is not measured (the search
-    then stops unfinished)."""
+    ``max_batch`` if smaller), then what ``guess`` makes of its record (:func:`guess_for`) or
+    else 8 and the batch the line through their memory predicts, then a bisection over powers
+    of two until a fitting batch's double does not fit (or is over ``max_batch``); below 4,
+    halving until one fits. ``get(batch)`` gives a batch's record, or None when it is not
+    measured (the search then stops unfinished)."""
     result = Search({})
 
     def tried(batch: int) -> dict | None:
@@ -247,9 +255,10 @@ def search(get: Callable[[int], dict | None], max_batch: int, guess: int | None 
     if fits(record):
         low, high = batch, None  # fits; smallest known not to fit
         result.best = low
+        first = min(guess(record), max_batch) if guess is not None else None
         while low * 2 <= max_batch and (high is None or high > low * 2):
-            if high is None and guess is not None and low < guess <= max_batch:
-                batch, guess = guess, None
+            if high is None and first is not None and first > low:
+                batch, first = first, None
             elif high is None:
                 batch = min(max(low * 2, predicted(result.records, low)), max_batch)
             else:  # the power of two halfway (in exponent) between low and high
@@ -300,17 +309,46 @@ def cached_records(cell: Cell, cache: pathlib.Path, max_batch: int) -> dict[int,
     return {batch: record for batch in batches(max_batch) if (record := read(batch)) is not None}
 
 
-def sibling_best(cell: Cell, cache: pathlib.Path, max_batch: int) -> int | None:
-    """The largest batch that fits, by a finished search, for ``cell`` on another slice of the
-    same chip in TOPOLOGIES (its guess), or None."""
+def guess_for(cell: Cell, cache: pathlib.Path, max_batch: int) -> Guess | None:
+    """What ``cell``'s search tries after 4, from finished searches on the other slices in
+    TOPOLOGIES: the largest batch the same chip fits in another slice (data parallelism compiles
+    the same program per chip); else the largest power of two that another chip's growth in
+    memory per example, added to this chip's memory at 4, keeps within its HBM; else None."""
     generation = cell.topology.partition(":")[0]
+    growth = None  # GiB per example per device, on another chip
     for topology in TOPOLOGIES:
-        if topology != cell.topology and topology.partition(":")[0] == generation:
-            sibling = dataclasses.replace(cell, topology=topology)
-            found = settled(cached_records(sibling, cache, max_batch), max_batch)
-            if found.finished and found.best is not None:
-                return found.best
-    return None
+        if topology == cell.topology:
+            continue
+        other = dataclasses.replace(cell, topology=topology)
+        found = settled(cached_records(other, cache, max_batch), max_batch)
+        if not found.finished or found.best is None:
+            continue
+        if topology.partition(":")[0] == generation:
+            best = found.best
+            return lambda start: best
+        points = [
+            (batch, known[0] / devices_per_chip(record))
+            for batch, record in found.records.items()
+            if fits(record) and (known := memory(record))
+        ][:2]
+        if growth is None and len(points) == 2:
+            (b0, m0), (b1, m1) = points
+            growth = (m1 - m0) / (b1 - b0)
+    if growth is None or growth <= 0:
+        return None
+    per_example = growth  # a float from here on, for the closure
+
+    def from_growth(start: dict) -> int:
+        first = batch = start["per_device_batch"]
+        if (known := memory(start)) is None:
+            return batch
+        gib, hbm = known
+        slope = per_example * devices_per_chip(start)  # GiB per chip per example per device
+        while gib + slope * (batch * 2 - first) <= hbm:
+            batch *= 2
+        return batch
+
+    return from_growth
 
 
 def cached(cell: Cell, cache: pathlib.Path) -> Callable[[int], dict | None]:
@@ -696,7 +734,7 @@ def run_job(job: Job, cache: pathlib.Path, max_batch: int) -> str | None:
         if job.batch:
             measured(job.cell, cache)(job.batch)
         else:
-            guess = sibling_best(job.cell, cache, max_batch)
+            guess = guess_for(job.cell, cache, max_batch)
             found = search(measured(job.cell, cache), max_batch, guess)
             if job.cell.attention != "dense" and found.best is not None:
                 # The projection's FLOPs: XLA counts none inside Pallas kernels.

@@ -178,7 +178,9 @@ def test_the_batch_search(monkeypatch, gib, largest, max_batch, guess, best, tri
     monkeypatch.setattr(
         fit, "memory", lambda r: (gib(r["batch"]), 16.0) if r["batch"] <= max(largest, 4) else None
     )
-    found = fit.search(lambda batch: {"batch": batch}, max_batch, guess)
+    found = fit.search(
+        lambda batch: {"batch": batch}, max_batch, None if guess is None else lambda _: guess
+    )
     assert (found.best, list(found.records), found.finished, found.capped) == (
         best, tried, True, capped,
     )  # fmt: skip
@@ -191,26 +193,55 @@ def test_the_batch_search(monkeypatch, gib, largest, max_batch, guess, best, tri
             assert not fit.settled(rest, max_batch).finished
 
 
-def test_a_finished_search_on_the_same_chip_is_the_guess(tmp_path, monkeypatch):
-    """A pod slice's search starts from the 4-chip slice's largest batch (same generation),
-    not from another generation's, and not from an unfinished search."""
+def test_the_guess_comes_from_the_same_chip_else_from_another_chips_growth(tmp_path, monkeypatch):
+    """A pod slice's search tries the 4-chip slice's largest batch (same chip); another
+    generation's finished search gives its memory growth per example per device, which this
+    chip's memory at 4 extends to its own HBM (a v4 chip holds two devices); an unfinished
+    search gives nothing."""
     fit = _script()
-    monkeypatch.setattr(fit, "fits", lambda record: record["batch"] <= 16)
+    monkeypatch.setattr(fit, "fits", lambda r: r["gib"] <= r["hbm"])
+    monkeypatch.setattr(fit, "memory", lambda r: (r["gib"], r["hbm"]))
+    monkeypatch.setattr(fit, "devices_per_chip", lambda r: r["cores"])
 
-    def cache_for(topology: str, batches: list[int]) -> None:
+    def record(batch: int, gib: float, hbm: float, cores: int = 1) -> dict:
+        return {"per_device_batch": batch, "gib": gib, "hbm": hbm, "cores": cores}
+
+    def cache(topology: str, records: list[dict]) -> None:
         cell = fit.Cell("roberta_4", topology, "dense", 512)
-        for batch in batches:
-            path = cell.file(tmp_path, batch)
-            path.write_text(json.dumps({"batch": batch}))
+        for r in records:
+            cell.file(tmp_path, r["per_device_batch"]).write_text(json.dumps(r))
 
-    pod = fit.Cell("roberta_4", "v5e:16x16", "dense", 512)
-    cache_for("v6e:2x2", [4, 8, 16, 32])  # finished, but another chip
-    assert fit.sibling_best(pod, tmp_path, 256) is None
-    cache_for("v5e:2x2", [4, 8, 16])  # the same chip, unfinished (32 not compiled)
-    assert fit.sibling_best(pod, tmp_path, 256) is None
-    cache_for("v5e:2x2", [32])
-    assert fit.sibling_best(pod, tmp_path, 256) == 16
-    assert fit.sibling_best(dataclasses.replace(pod, attention="pallas"), tmp_path, 256) is None
+    def guess(topology: str, start: dict) -> int | None:
+        found = fit.guess_for(fit.Cell("roberta_4", topology, "dense", 512), tmp_path, 256)
+        return None if found is None else found(start)
+
+    assert guess("v5e:16x16", record(4, 12, 16)) is None  # nothing measured
+    # v5e:2x2 unfinished: 16 fits (1 + 0.5 GiB per example), 32 not compiled
+    cache("v5e:2x2", [record(b, 1 + 0.5 * b, 16) for b in (4, 8, 16)])
+    assert guess("v5e:16x16", record(4, 12, 16)) is None
+    cache("v5e:2x2", [record(32, 17, 16)])  # finished: 16, what the same chip fits
+    assert guess("v5e:16x16", record(4, 12, 16)) == 16
+    # Other chips grow by 0.5 GiB per example per device from their own memory at 4:
+    # v6e: 3 + 0.5 (b - 4) <= 32 up to b = 62; v4 (2 devices): 6 + 1.0 (b - 4) <= 32 up to 30
+    assert guess("v6e:2x2", record(4, 3, 32)) == 32
+    assert guess("v4:2x2x1", record(4, 6, 32, cores=2)) == 16
+    assert guess("v5p:2x2x1", record(4, 3, 95)) == 128
+
+
+def test_a_v4_search_gives_the_growth_per_device(tmp_path, monkeypatch):
+    """v4's records are per chip of two devices: 6 and 10 GiB at 4 and 8 per device is 0.5 GiB
+    per example per device, so v5p (one device per chip) reaches 3 + 0.5 (b - 4) <= 95."""
+    fit = _script()
+    monkeypatch.setattr(fit, "fits", lambda r: r["gib"] <= r["hbm"])
+    monkeypatch.setattr(fit, "memory", lambda r: (r["gib"], r["hbm"]))
+    monkeypatch.setattr(fit, "devices_per_chip", lambda r: r["cores"])
+    v4 = fit.Cell("roberta_4", "v4:2x2x1", "dense", 512)
+    for batch, gib in ((4, 6), (8, 10), (16, 33)):
+        record = {"per_device_batch": batch, "gib": gib, "hbm": 32, "cores": 2}
+        v4.file(tmp_path, batch).write_text(json.dumps(record))
+    found = fit.guess_for(fit.Cell("roberta_4", "v5p:2x2x1", "dense", 512), tmp_path, 256)
+    assert found is not None
+    assert found({"per_device_batch": 4, "gib": 3, "hbm": 95, "cores": 1}) == 128
 
 
 def test_a_search_the_cache_cannot_finish_is_unfinished(monkeypatch):
