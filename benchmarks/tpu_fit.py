@@ -10,8 +10,9 @@ the table goes to docs/TPU.md.
 Each compile (one preset, slice, attention and batch; roberta presets take minutes) is kept as a
 JSON file in ``--cache``, so an interrupted run resumes where it stopped and the whole grid can be
 measured over several invocations, or at once on a large host with ``--jobs N`` worker
-processes; the table is rewritten after every cell from all the cache holds for the default grid
-plus what the flags name (``--no_compile`` only rewrites it).
+processes (one per cell: a worker the system kills for memory fails its own cell only); the table
+is rewritten after every cell from all the cache holds for the default grid plus what the flags
+name (``--no_compile`` only rewrites it).
 
 The batch search compiles 4 and 8 examples per device, predicts the largest power of two that
 fits the chip's HBM from the line through their memory, and bisects over powers of two (up to
@@ -36,10 +37,10 @@ import functools
 import importlib.metadata
 import json
 import math
-import multiprocessing
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -615,7 +616,7 @@ def write_table(args: argparse.Namespace, failures: Sequence[str]) -> None:
         f"JSON file per preset, slice, attention and batch), so a run can stop and resume, and "
         f"the grid can be measured over several invocations with `--presets`, `--topologies` "
         f"and `--attentions`, or at once on a many-core host with `--jobs N` (N compiles in "
-        f"worker processes; each keeps about 1.5 cores and 4-10 GiB of memory busy):"
+        f"worker processes; each keeps about 1.5 cores and 4-14 GiB of memory busy):"
     )
     parts = [
         "# What fits on which TPU slice",
@@ -678,8 +679,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--jobs", type=int, default=1,
         help="cells compiled at once, each in its own process (a compile keeps about 1.5 "
-        "cores and 4-10 GiB of memory busy: cores / 2 on a large host)",
+        "cores and 4-14 GiB of memory busy: cores / 2 on a large host)",
     )  # fmt: skip
+    parser.add_argument("--job", help=argparse.SUPPRESS)  # one job, in a worker process
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
@@ -702,6 +704,13 @@ class Job:
 
     cell: Cell
     batch: int = 0  # 0: search the largest batch that fits
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, fields: dict) -> Job:
+        return cls(Cell(**fields["cell"]), fields["batch"])
 
     @property
     def label(self) -> str:
@@ -748,26 +757,48 @@ def run_job(job: Job, cache: pathlib.Path, max_batch: int) -> str | None:
     return None
 
 
+def run_in_child(job: Job, args: argparse.Namespace) -> str | None:
+    """:func:`run_job` in a Python process of its own: a worker the system kills, for memory
+    say, fails its own job only, and each job's compiles start from a fresh heap. Its progress
+    lines pass through; its failure is its last line."""
+    command = [
+        sys.executable, str(pathlib.Path(__file__).resolve()), "--job", json.dumps(job.to_json()),
+        f"--cache={args.cache}", f"--max_batch={args.max_batch}",
+    ]  # fmt: skip
+    child = subprocess.run(command, stdout=None, stderr=subprocess.PIPE, text=True)
+    if child.returncode == 0:
+        return None
+    if child.returncode < 0:
+        killer = signal.Signals(-child.returncode).name
+        return (
+            f"{job.label}: worker process killed by {killer} (out of memory, say: fewer "
+            "--jobs leave each compile more); its finished compiles are cached"
+        )
+    lines = [line for line in child.stderr.splitlines() if line.strip()]
+    return (lines or [f"{job.label}: worker process exited with {child.returncode}"])[-1]
+
+
 def run_jobs(todo: Sequence[Job], args: argparse.Namespace) -> Iterator[str | None]:
-    """Each job's outcome as it ends: in this process, or in ``--jobs`` worker processes
-    (each compile is its own XLA:TPU program; they share nothing but the cache directory)."""
+    """Each job's outcome as it ends: in this process, or ``--jobs`` at a time in worker
+    processes (each compile is its own XLA:TPU program; they share nothing but the cache)."""
     if args.jobs == 1:
         yield from (run_job(job, args.cache, args.max_batch) for job in todo)
         return
-    spawn = multiprocessing.get_context("spawn")  # jax in a forked process is unsafe
-    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:
-        running = {pool.submit(run_job, job, args.cache, args.max_batch): job for job in todo}
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as workers:
+        running = [workers.submit(run_in_child, job, args) for job in todo]
         for future in concurrent.futures.as_completed(running):
-            try:
-                yield future.result()
-            except Exception as error:  # the worker died (killed for memory, say)
-                yield f"{running[future].label}: worker process failed: {error}"
+            yield future.result()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Measures what the cache lacks, cell by cell, rewriting the table after each; 1 if a
     cell failed other than by not fitting."""
     args = parse(argv)
+    if args.job:  # a worker of run_in_child
+        failure = run_job(Job.from_json(json.loads(args.job)), args.cache, args.max_batch)
+        if failure is not None:
+            print(failure, file=sys.stderr)
+        return 1 if failure else 0
     failures: list[str] = []
     if not args.no_compile:
         for failure in run_jobs(jobs(args), args):
