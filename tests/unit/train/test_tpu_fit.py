@@ -297,7 +297,9 @@ def test_worker_processes_fill_the_cache_the_table_is_written_from(tmp_path, mon
     assert f"* {errors[0].removeprefix('error: ')}" in markdown  # the table says why
     out.unlink()
     assert fit.main(argv) == 0  # in this process, from the cache alone
-    assert _tiny_rows(out.read_text()) == rows
+    rewritten = out.read_text()  # the killed cells' rows and failures aside, the same table
+    assert rewritten.split("\n## ")[0] == markdown.split("\n## ")[0]
+    assert _tiny_rows(rewritten) == rows
 
 
 def test_a_compile_records_the_commit_its_process_started_from(monkeypatch):
